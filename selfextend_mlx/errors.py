@@ -23,3 +23,7 @@ class InputTooLongError(SelfExtendError):
 
 class DocumentError(SelfExtendError):
     """A document that cannot be read as text: missing, empty, binary, undecodable."""
+
+
+class EvaluationError(SelfExtendError, ValueError):
+    """Evaluation settings or inputs that cannot be run: bad lengths, depths, buckets, too short a text."""
