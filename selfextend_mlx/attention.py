@@ -1,0 +1,150 @@
+"""SelfExtend attention in plain MLX: the tested reference path.
+
+For a query at position i and a key at position j <= i (distance d = i - j):
+  d <  W: score = scale * <rope(q, i), rope(k, j)>                      (neighbor)
+  d >= W: score = scale * <rope(q, i // G + W - W // G), rope(k, j // G)>  (grouped)
+and one softmax over both. Keys arrive already rotated from the cache (grouped for all
+positions, neighbor for a window), so only the queries are rotated here, twice.
+
+Queries are taken in chunks of `config.chunk_size`. For a chunk [a, b), every key
+j <= a - W is grouped for every query, so it needs only the grouped score; only the band
+a - W < j < b computes both. Scores per layer stay O(heads x chunk x N).
+"""
+
+import mlx.core as mx
+
+from .config import SelfExtendConfig
+
+
+def rope_at(rope, x: mx.array, positions) -> mx.array:
+    """Rotate x (B, H, L, D) with the model's own rope: at `positions` + t for an int, or at
+    each given position for an (L,) array."""
+    if isinstance(positions, int):
+        return rope(x, offset=positions)
+    B, H, L, D = x.shape
+    # mx.fast.rope takes one offset per leading row: put each token on its own row.
+    rows = x.transpose(2, 0, 1, 3).reshape(L, B * H, 1, D)
+    rows = rope(rows, offset=positions)
+    return rows.reshape(L, B, H, D).transpose(1, 2, 0, 3)
+
+
+def rotate_further(rope, x: mx.array, deltas: mx.array) -> mx.array:
+    """Rotate already-rotated x by `deltas` more positions (rotations add up). Ropes that also
+    scale their input (yarn, longrope mscale) would scale twice: divide that back out."""
+    amplitude = rope(mx.ones((1, 1, 1, x.shape[-1]), x.dtype), offset=0)
+    return rope_at(rope, x, deltas) / amplitude
+
+
+def grouped_positions(start: int, length: int, group_size: int, shift: int = 0) -> mx.array:
+    return mx.arange(start, start + length) // group_size + shift
+
+
+def rope_grouped(rope, x: mx.array, start: int, group_size: int, shift: int = 0) -> mx.array:
+    """Rotate tokens at absolute positions start.. to their grouped positions p // G + shift."""
+    L = x.shape[2]
+    if group_size == 1 or L == 1:
+        return rope_at(rope, x, start // group_size + shift)
+    return rope_at(rope, x, grouped_positions(start, L, group_size, shift))
+
+
+# Keys and values are plain arrays, or (packed, scales, biases) triples in a quantized cache.
+
+
+def seq_slice(x, start: int, end: int):
+    if isinstance(x, tuple):
+        return tuple(part[..., start:end, :] for part in x)
+    return x[..., start:end, :]
+
+
+def _scores(q, keys, quant):
+    """q (B, Hkv, rep, C, D) against keys (B, Hkv, N, D) -> (B, Hkv, rep, C, N) in fp32."""
+    if isinstance(keys, tuple):
+        keys = tuple(mx.expand_dims(part, 2) for part in keys)
+        s = mx.quantized_matmul(q, *keys, transpose=True, group_size=quant[0], bits=quant[1])
+    else:
+        s = q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)
+    return s.astype(mx.float32)
+
+
+def _weighted(p, values, quant):
+    if isinstance(values, tuple):
+        values = tuple(mx.expand_dims(part, 2) for part in values)
+        return mx.quantized_matmul(p, *values, transpose=False, group_size=quant[0], bits=quant[1])
+    return p @ mx.expand_dims(values, 2)
+
+
+def _softcap(s, cap):
+    return s if cap is None else mx.tanh(s / cap) * cap
+
+
+def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant):
+    """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep, C, D), pre-scaled."""
+    W = config.window
+    far = max(0, a - W + 1)  # keys before this are grouped for every query of the chunk
+    d = mx.arange(a, b)[:, None] - mx.arange(far, b)[None]
+    band_n = _scores(qn, seq_slice(k_neighbor, far - neighbor_start, b - neighbor_start), None)
+    band_g = _scores(qg, seq_slice(k_grouped, far, b), quant)
+    band = _softcap(mx.where(d < W, band_n, band_g), softcap)
+    band = mx.where(d >= 0, band, -mx.inf)
+    blocks = [(band, seq_slice(values, far, b))]
+    if far > 0:
+        far_scores = _softcap(_scores(qg, seq_slice(k_grouped, 0, far), quant), softcap)
+        blocks.append((far_scores, seq_slice(values, 0, far)))
+    # One softmax over both blocks, without concatenating the scores.
+    m = blocks[0][0].max(axis=-1, keepdims=True)
+    for s, _ in blocks[1:]:
+        m = mx.maximum(m, s.max(axis=-1, keepdims=True))
+    total, out = 0.0, 0.0
+    dtype = qn.dtype if quant is None else mx.float32
+    for s, v in blocks:
+        e = mx.exp(s - m)
+        total = total + e.sum(axis=-1, keepdims=True)
+        out = out + _weighted(e.astype(dtype), v, quant)
+    return (out / total).astype(qn.dtype)
+
+
+def selfextend_attention(
+    queries: mx.array,
+    k_grouped,
+    k_neighbor: mx.array,
+    neighbor_start: int,
+    values,
+    *,
+    q_start: int,
+    config: SelfExtendConfig,
+    rope,
+    scale: float,
+    softcap=None,
+    quant=None,
+) -> mx.array:
+    """Attention output (B, Hq, L, Dv) for queries at positions q_start.. (not yet rotated).
+
+    k_grouped, values: keys rotated at j // G and values for positions [0, q_start + L).
+    k_neighbor: keys rotated at j for positions [neighbor_start, q_start + L), where
+        neighbor_start <= max(0, q_start - W + 1).
+    quant: (group_size, bits) when k_grouped and values are quantized triples.
+    """
+    B, Hq, L, D = queries.shape
+    Hkv = k_neighbor.shape[1]
+    rep = Hq // Hkv
+    G, shift = config.group_size, config.shift
+    end = q_start + L
+    if neighbor_start > max(0, q_start - config.window + 1):
+        raise ValueError("the neighbor keys do not reach back a full window")
+
+    if quant is None and softcap is None and (G == 1 or end <= config.window):
+        # Every distance is neighbor (or G == 1 makes both the same): plain attention.
+        keys = k_grouped if G == 1 else k_neighbor
+        q = rope_at(rope, queries, q_start)
+        mask = "causal" if L > 1 else None
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+    outputs = []
+    for a in range(q_start, end, config.chunk_size):
+        b = min(end, a + config.chunk_size)
+        q = queries[:, :, a - q_start : b - q_start, :] * scale
+        qn = rope_at(rope, q, a).reshape(B, Hkv, rep, b - a, D)
+        qg = rope_grouped(rope, q, a, G, shift).reshape(B, Hkv, rep, b - a, D)
+        out = _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant)
+        outputs.append(out.reshape(B, Hq, b - a, -1))
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)

@@ -1,0 +1,133 @@
+"""Apply SelfExtend to an already-loaded mlx-lm model, in place.
+
+Each global attention module gets a subclass of its own class whose __call__ runs SelfExtend:
+the parameter tree is untouched, so quantized weights and LoRA adapters keep working, and
+`remove_selfextend` puts the original class back.
+"""
+
+from functools import partial
+
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import Llama3RoPE, SuScaledRoPE, YarnRoPE
+
+from .attention import rope_at, rope_grouped, selfextend_attention
+from .cache import is_selfextend_cache, make_cache
+from .config import SelfExtendConfig
+from .errors import UnsupportedModelError
+from .models import SUPPORTED, family_for
+
+# Ropes whose angle is position x fixed frequencies: these can be evaluated at any position.
+SUPPORTED_ROPES = (nn.RoPE, Llama3RoPE, SuScaledRoPE, YarnRoPE)
+
+_patched_classes = {}
+
+
+def _selfextend_call(self, x, mask=None, cache=None):
+    family, config = self._selfextend_family, self._selfextend_config
+    q, k, v = family.project(self, x)
+    start = 0 if cache is None else cache.offset
+    grouped_keys = rope_grouped(self.rope, k, start, config.group_size)
+    neighbor_keys = grouped_keys if config.group_size == 1 else rope_at(self.rope, k, start)
+    if cache is None:
+        keys, values, window, window_start = grouped_keys, v, neighbor_keys, 0
+    elif is_selfextend_cache(cache):
+        keys, values, window, window_start = cache.update_and_fetch(grouped_keys, v, neighbor_keys, self.rope)
+    else:
+        raise TypeError(
+            f"SelfExtend layers need their own cache ({type(cache).__name__} given): "
+            "build it with selfextend_mlx.make_cache(model)"
+        )
+    out = selfextend_attention(
+        q,
+        keys,
+        window,
+        window_start,
+        values,
+        q_start=start,
+        config=config,
+        rope=self.rope,
+        scale=family.scale(self),
+        softcap=family.softcap(self),
+        quant=getattr(cache, "quant", None),
+    )
+    return family.output(self, out)
+
+
+def _patched_class(cls):
+    if cls not in _patched_classes:
+        _patched_classes[cls] = type(f"SelfExtend{cls.__name__}", (cls,), {"__call__": _selfextend_call})
+    return _patched_classes[cls]
+
+
+def layer_attention(layer):
+    return getattr(layer, "self_attn", None)
+
+
+def selfextend_config_of(attention):
+    return getattr(attention, "_selfextend_config", None) if attention is not None else None
+
+
+def selfextend_config(model):
+    """The SelfExtendConfig applied to `model`, or None for a plain model."""
+    for layer in model.layers:
+        config = selfextend_config_of(layer_attention(layer))
+        if config is not None:
+            return config
+    return None
+
+
+def _check_supported(model):
+    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__.rsplit(".", 1)[-1])
+    layers = getattr(model, "layers", None)
+    if not layers:
+        raise UnsupportedModelError(f"model type {model_type!r} has no transformer layers SelfExtend can use")
+    for layer in layers:
+        attention = layer_attention(layer)
+        if family_for(attention) is None:
+            raise UnsupportedModelError(
+                f"SelfExtend does not support model type {model_type!r}; supported: {', '.join(SUPPORTED)}"
+            )
+        rope = getattr(attention, "rope", None)
+        if not isinstance(rope, SUPPORTED_ROPES):
+            raise UnsupportedModelError(
+                f"SelfExtend does not support the rotary embedding {type(rope).__name__} of {model_type!r}; "
+                "supported: default, linear, llama3, yarn and longrope RoPE"
+            )
+
+
+def apply_selfextend(model, config: SelfExtendConfig):
+    """Make every global attention layer of `model` use SelfExtend with `config`; returns it.
+
+    Sliding-window layers never see distances beyond their window, so they stay plain.
+    Applying again replaces the configuration.
+    """
+    if not isinstance(config, SelfExtendConfig):
+        raise TypeError("config must be a SelfExtendConfig")
+    _check_supported(model)
+    for layer in model.layers:
+        attention = layer_attention(layer)
+        family = family_for(attention)
+        if family.is_sliding(layer, attention):
+            continue
+        original = getattr(attention, "_selfextend_original", type(attention))
+        attention.__class__ = _patched_class(original)
+        # Plain attributes (not arrays or modules) stay out of the parameter tree.
+        attention._selfextend_original = original
+        attention._selfextend_family = family
+        attention._selfextend_config = config
+    model.make_cache = partial(make_cache, model)
+    return model
+
+
+def remove_selfextend(model):
+    """Put the plain attention back; returns the model."""
+    for layer in model.layers:
+        attention = layer_attention(layer)
+        original = getattr(attention, "_selfextend_original", None)
+        if original is not None:
+            attention.__class__ = original
+            for name in ("_selfextend_original", "_selfextend_family", "_selfextend_config"):
+                delattr(attention, name)
+    if "make_cache" in vars(model):
+        del model.make_cache
+    return model
