@@ -27,3 +27,7 @@ class DocumentError(SelfExtendError):
 
 class EvaluationError(SelfExtendError, ValueError):
     """Evaluation settings or inputs that cannot be run: bad lengths, depths, buckets, too short a text."""
+
+
+class InsufficientMemoryError(SelfExtendError):
+    """The estimated memory for a run is beyond what the machine has."""
