@@ -237,7 +237,9 @@ def make_cache(model, kv_bits: Optional[int] = None, kv_group_size: int = 64) ->
     for layer, base in zip(model.layers, own):
         config = selfextend_config_of(layer_attention(layer))
         if config is None:
-            caches.append(base if kv_bits is None or not hasattr(base, "to_quantized") else base.to_quantized(kv_group_size, kv_bits))
+            # mlx-lm can quantize only its plain KVCache (not the rotating one of sliding layers)
+            quantize = kv_bits is not None and type(base) is KVCache
+            caches.append(base.to_quantized(kv_group_size, kv_bits) if quantize else base)
         elif kv_bits is None:
             caches.append(SelfExtendKVCache(config))
         else:

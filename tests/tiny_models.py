@@ -40,8 +40,8 @@ FAMILY_CONFIGS = {
 }
 
 
-def tiny_model(name: str, seed: int = 0):
-    config = {**COMMON, **FAMILY_CONFIGS[name]}
+def tiny_model(name: str, seed: int = 0, **overrides):
+    config = {**COMMON, **FAMILY_CONFIGS[name], **overrides}
     mx.random.seed(seed)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))

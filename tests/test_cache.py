@@ -1,0 +1,164 @@
+"""The SelfExtend KV cache: windowed neighbor keys, trim, quantization, prompt-cache files,
+and working inside mlx-lm's own generation loop."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
+
+from selfextend_mlx import (
+    CacheMismatchError,
+    SelfExtendConfig,
+    apply_selfextend,
+    load_cache,
+    make_cache,
+    save_cache,
+)
+from selfextend_mlx.cache import QuantizedSelfExtendKVCache, SelfExtendKVCache, cache_nbytes
+from tiny_models import random_tokens, tiny_model
+
+CONFIG = SelfExtendConfig(group_size=3, window=16)
+
+
+def prefilled(model, tokens, step=32, cache=None):
+    cache = cache if cache is not None else make_cache(model)
+    logits = None
+    for s in range(0, tokens.size, step):
+        logits = model(tokens[None, s : s + step], cache=cache)
+    return cache, logits[:, -1]
+
+
+def test_make_cache_types_and_sliding_layers_stay_plain():
+    model = apply_selfextend(tiny_model("gemma3_text"), CONFIG)
+    kinds = [type(c).__name__ for c in make_cache(model)]
+    # layers 0 and 2 are sliding-window layers in this config: they keep mlx-lm's rotating cache
+    assert kinds == ["RotatingKVCache", "SelfExtendKVCache", "RotatingKVCache", "SelfExtendKVCache"]
+    assert [type(c).__name__ for c in make_prompt_cache(model)] == kinds  # mlx-lm finds it too
+    quantized = make_cache(model, kv_bits=8)
+    assert isinstance(quantized[1], QuantizedSelfExtendKVCache)
+
+
+def test_neighbor_keys_are_windowed_and_memory_stays_near_plain():
+    model = tiny_model("llama")
+    tokens = random_tokens(600, seed=3)
+    se = apply_selfextend(tiny_model("llama"), SelfExtendConfig(group_size=4, window=32))
+    cache, _ = prefilled(se, tokens)
+    for _ in range(70):  # decode steps compact the window left by the last prefill chunk
+        se(mx.array([[5]]), cache=cache)
+    plain = make_prompt_cache(model)
+    prefilled(model, tokens, cache=plain)
+    for _ in range(70):
+        model(mx.array([[5]]), cache=plain)
+    entry = cache[0]
+    assert entry.neighbor_start <= entry.offset - 32 + 1
+    assert entry.neighbor_keys.shape[2] <= 32 + 2 * entry.neighbor_step
+    ratio = cache_nbytes(cache) / sum(c.nbytes for c in plain)
+    assert 1.0 < ratio < 1.2, ratio
+
+
+@pytest.mark.parametrize("trim", [5, 40])  # 40 reaches back past the kept window: rebuilt keys
+def test_trim_then_continue_equals_fresh_prefill(trim):
+    model = apply_selfextend(tiny_model("qwen3"), CONFIG)
+    tokens = random_tokens(120, seed=4)
+    extra = random_tokens(9, seed=5)
+    cache, _ = prefilled(model, tokens)
+    for _ in range(3):
+        model(mx.array([[7]]), cache=cache)
+    assert trim_prompt_cache(cache, trim + 3) == trim + 3
+    assert cache[0].offset == tokens.size - trim
+    resumed = model(extra[None], cache=cache)
+    fresh_cache, _ = prefilled(model, tokens[: tokens.size - trim])
+    fresh = model(extra[None], cache=fresh_cache)
+    assert mx.allclose(resumed, fresh, atol=1e-4).item()
+
+
+def test_quantized_cache_tracks_full_precision_and_is_never_swapped():
+    model = apply_selfextend(tiny_model("llama", head_dim=32), CONFIG)
+    tokens = random_tokens(100, seed=6)
+    _, full = prefilled(model, tokens)
+    for bits, tol in ((8, 0.05), (4, 0.3)):
+        cache, quantized = prefilled(model, tokens, cache=make_cache(model, kv_bits=bits, kv_group_size=32))
+        err = mx.abs(quantized - full).max().item() / mx.abs(full).max().item()
+        assert err < tol, (bits, err)
+        assert all(c.to_quantized(group_size=64, bits=bits) is c for c in cache)
+    plain_cache, _ = prefilled(model, tokens)
+    converted = plain_cache[0].to_quantized(group_size=32, bits=8)
+    assert isinstance(converted, QuantizedSelfExtendKVCache) and converted.offset == tokens.size
+
+
+def test_mlx_lm_generation_loop_with_kv_bits_keeps_selfextend_caches():
+    model = apply_selfextend(tiny_model("llama", head_dim=32), CONFIG)
+    prompt = random_tokens(70, seed=7)
+    cache = make_cache(model)
+    greedy = [t for t, _ in generate_step(prompt, model, max_tokens=6, prompt_cache=cache)]
+    manual, cache = [], make_cache(model)
+    logits = model(prompt[None], cache=cache)
+    for _ in range(6):
+        manual.append(logits[0, -1].argmax().item())
+        logits = model(mx.array([[manual[-1]]]), cache=cache)
+    assert greedy == manual
+    qcache = make_cache(model)
+    list(generate_step(prompt, model, max_tokens=4, prompt_cache=qcache, kv_bits=8, kv_group_size=32, quantized_kv_start=0))
+    assert all(isinstance(c, QuantizedSelfExtendKVCache) for c in qcache)
+
+
+def test_wrong_cache_type_is_refused_with_a_clear_message():
+    model = apply_selfextend(tiny_model("llama"), CONFIG)
+    with pytest.raises(TypeError, match="make_cache"):
+        model(random_tokens(4)[None], cache=[KVCache() for _ in model.layers])
+
+
+@pytest.mark.parametrize("kv_bits", [None, 4])
+def test_save_then_load_gives_identical_next_token_logits(tmp_path, kv_bits):
+    model = apply_selfextend(tiny_model("phi3", hidden_size=128), CONFIG)  # head_dim 32
+    tokens = random_tokens(90, seed=8)
+    cache, _ = prefilled(model, tokens, cache=make_cache(model, kv_bits=kv_bits, kv_group_size=32))
+    path = tmp_path / "doc.safetensors"
+    save_cache(path, cache, model_id="tiny-phi3", config=CONFIG, metadata={"title": "doc"})
+    loaded, metadata = load_cache(path, model_id="tiny-phi3", config=CONFIG)
+    assert metadata["title"] == "doc"
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
+    nxt = mx.array([[11, 12]])
+    assert mx.array_equal(model(nxt, cache=loaded), model(nxt, cache=cache)).item()
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_mismatched_or_corrupt_cache_files_are_refused(tmp_path):
+    model = apply_selfextend(tiny_model("llama"), CONFIG)
+    cache, _ = prefilled(model, random_tokens(40))
+    path = tmp_path / "c.safetensors"
+    save_cache(path, cache, model_id="model-a", config=CONFIG)
+    with pytest.raises(CacheMismatchError, match="model-a"):
+        load_cache(path, model_id="model-b", config=CONFIG)
+    with pytest.raises(CacheMismatchError, match="G=3"):
+        load_cache(path, model_id="model-a", config=SelfExtendConfig(group_size=4, window=16))
+    with pytest.raises(CacheMismatchError, match="W=16"):
+        load_cache(path, model_id="model-a", config=SelfExtendConfig(group_size=3, window=32))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CacheMismatchError, match="not a readable prompt cache"):
+        load_cache(corrupt, model_id="model-a", config=CONFIG)
+    with pytest.raises(CacheMismatchError):
+        load_cache(tmp_path / "missing.safetensors", model_id="model-a", config=CONFIG)
+
+
+def test_interrupted_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    model = apply_selfextend(tiny_model("llama"), CONFIG)
+    cache, _ = prefilled(model, random_tokens(40))
+    path = tmp_path / "c.safetensors"
+    save_cache(path, cache, model_id="m", config=CONFIG)
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("selfextend_mlx.cache.save_prompt_cache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_cache(path, cache, model_id="m", config=CONFIG)
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_cache_entries_report_their_size():
+    entry = SelfExtendKVCache(CONFIG)
+    assert entry.nbytes == 0 and entry.empty()
