@@ -7,8 +7,9 @@ and one softmax over both. Keys arrive already rotated from the cache (grouped f
 positions, neighbor for a window), so only the queries are rotated here, twice.
 
 Queries are taken in chunks of `config.chunk_size`. For a chunk [a, b), every key
-j <= a - W is grouped for every query, so it needs only the grouped score; only the band
-a - W < j < b computes both. Scores per layer stay O(heads x chunk x N).
+j <= a - W is grouped for every query and every key j >= b - W is a neighbor of every query
+(or in its future), so each needs one score; only the C - 1 keys between compute both.
+Scores per layer stay O(heads x chunk x N).
 """
 
 import mlx.core as mx
@@ -78,19 +79,32 @@ def _softcap(s, cap):
 
 
 def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant):
-    """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep, C, D), pre-scaled."""
+    """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep, C, D), pre-scaled.
+
+    Keys fall in three blocks: [0, a-W+1) grouped for every query; [b-W, b) neighbor for every
+    query (or masked); between them a band of C-1 keys that needs both scores and a `where`.
+    A decode step (C = 1) has no mixed band at all.
+    """
     W = config.window
-    far = max(0, a - W + 1)  # keys before this are grouped for every query of the chunk
-    d = mx.arange(a, b)[:, None] - mx.arange(far, b)[None]
-    band_n = _scores(qn, seq_slice(k_neighbor, far - neighbor_start, b - neighbor_start), None)
-    band_g = _scores(qg, seq_slice(k_grouped, far, b), quant)
-    band = _softcap(mx.where(d < W, band_n, band_g), softcap)
-    band = mx.where(d >= 0, band, -mx.inf)
-    blocks = [(band, seq_slice(values, far, b))]
-    if far > 0:
-        far_scores = _softcap(_scores(qg, seq_slice(k_grouped, 0, far), quant), softcap)
-        blocks.append((far_scores, seq_slice(values, 0, far)))
-    # One softmax over both blocks, without concatenating the scores.
+    grouped_end = max(0, a - W + 1)
+    neighbor_begin = max(0, b - W)
+    queries = mx.arange(a, b)[:, None]
+    blocks = []  # (scores, values) pairs sharing one softmax
+    if grouped_end > 0:
+        s = _scores(qg, seq_slice(k_grouped, 0, grouped_end), quant)
+        blocks.append((_softcap(s, softcap), seq_slice(values, 0, grouped_end)))
+    if neighbor_begin > grouped_end:
+        d = queries - mx.arange(grouped_end, neighbor_begin)[None]
+        s_n = _scores(qn, seq_slice(k_neighbor, grouped_end - neighbor_start, neighbor_begin - neighbor_start), None)
+        s_g = _scores(qg, seq_slice(k_grouped, grouped_end, neighbor_begin), quant)
+        s = mx.where(d >= 0, _softcap(mx.where(d < W, s_n, s_g), softcap), -mx.inf)
+        blocks.append((s, seq_slice(values, grouped_end, neighbor_begin)))
+    s = _softcap(_scores(qn, seq_slice(k_neighbor, neighbor_begin - neighbor_start, b - neighbor_start), None), softcap)
+    if b - a > 1:
+        s = mx.where(queries >= mx.arange(neighbor_begin, b)[None], s, -mx.inf)
+    blocks.append((s, seq_slice(values, neighbor_begin, b)))
+
+    # One softmax over all blocks, without concatenating the scores.
     m = blocks[0][0].max(axis=-1, keepdims=True)
     for s, _ in blocks[1:]:
         m = mx.maximum(m, s.max(axis=-1, keepdims=True))
