@@ -4,6 +4,7 @@ MLX binds BLAS when it is loaded, so the only way in is LD_PRELOAD before the pr
 starts: entry points call `reexec_with_openblas()` first thing.
 """
 
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -24,15 +25,44 @@ def find_openblas():
     return None
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _global_sgemm_library():
+    """The file that provides `cblas_sgemm` in the global symbol scope, or None.
+
+    libmlx looks its BLAS symbols up there first (LD_PRELOAD, then its own bundled
+    reference BLAS), so this is the BLAS MLX really calls. Scanning /proc/self/maps is not
+    enough: numpy's bundled scipy-openblas is mapped too but exports prefixed names.
+    """
+    try:
+        process = ctypes.CDLL(None)
+        address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p)
+        info = _DlInfo()
+        if not process.dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+            return None
+        return os.path.realpath(info.dli_fname.decode())
+    except (OSError, AttributeError):
+        return None
+
+
 def loaded_blas() -> str:
-    """Which BLAS this process runs on: 'openblas', 'accelerate' or 'reference'."""
+    """Which BLAS MLX runs on: 'openblas', 'accelerate', 'reference' or another library's name."""
     if sys.platform == "darwin":
         return "accelerate"
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
+    if not sys.platform.startswith("linux"):
         return "unknown"
-    return "openblas" if "openblas" in maps else "reference"
+    library = _global_sgemm_library()
+    if library is None:
+        return "reference"  # the mlx[cpu] wheel's bundled netlib BLAS
+    name = Path(library).name
+    return "openblas" if "openblas" in library.lower() else name
 
 
 def reexec_with_openblas() -> None:

@@ -31,3 +31,7 @@ class EvaluationError(SelfExtendError, ValueError):
 
 class InsufficientMemoryError(SelfExtendError):
     """The estimated memory for a run is beyond what the machine has."""
+
+
+class SettingsError(SelfExtendError, ValueError):
+    """SelfExtend settings (G, W) or a dtype that do not fit the model."""
