@@ -1,0 +1,155 @@
+"""`selfextend models` (the registry) and `selfextend info MODEL` (settings, reach, memory)."""
+
+import functools
+import json
+from typing import Optional
+
+import typer
+
+from selfextend_mlx.errors import SelfExtendError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(_one_line_errors(models))
+    app.command("info")(_one_line_errors(info))
+
+
+def _one_line_errors(command):
+    """Errors a user can act on end as one line and exit 1, never as a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SelfExtendError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+):
+    """List the models the registry knows, with their SelfExtend settings (G, W) and reach."""
+    from selfextend_mlx.loading import is_available_locally
+    from selfextend_mlx.registry import default_model_name, entries
+
+    default = default_model_name()
+    rows = []
+    for entry in entries():
+        rows.append(
+            {
+                "name": entry.name,
+                "default": entry.name == default,
+                "family": entry.family,
+                "trained_context": entry.trained_context,
+                "group_size": entry.group_size,
+                "window": entry.window,
+                "max_group_size": entry.max_group_size,
+                "max_length": entry.max_length(),
+                "local": is_available_locally(entry.name),
+                "repo": entry.repo,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    header = ("NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "REPO")
+    table = [
+        (
+            row["name"] + (" *" if row["default"] else ""),
+            row["family"],
+            str(row["trained_context"]),
+            str(row["group_size"]),
+            str(row["window"]),
+            str(row["max_length"]),
+            "yes" if row["local"] else "no",
+            row["repo"],
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in (header, *table)) for i in range(len(header))]
+    for line in (header, *table):
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    typer.echo("\n* the default model. `selfextend info NAME --tokens N` shows the settings for an input of N tokens.")
+
+
+def info(
+    model: Optional[str] = typer.Argument(
+        None, help="A registry name, a local folder, a .gguf file or a Hugging Face repo id (default: the default model)."
+    ),
+    tokens: Optional[int] = typer.Option(
+        None, "--tokens", "-n", min=1, help="Input plus answer length to plan for (picks G; default: the registry's G)."
+    ),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-G", min=1, help="Use this G instead."),
+    window: Optional[int] = typer.Option(None, "--window", "-W", min=1, help="Use this W instead."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype to size the KV cache for (default: fp32 on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Show a model's family, trained context, SelfExtend G and W, reach, and KV-cache memory."""
+    from selfextend_mlx.config import max_length
+    from selfextend_mlx.device import DTYPES, resolve_dtype
+    from selfextend_mlx.errors import SettingsError
+    from selfextend_mlx.loading import describe, kv_cache_bytes
+    from selfextend_mlx.registry import max_group_size, recommended_settings
+
+    spec = describe(model)
+    if window is not None and window >= spec.trained_context:
+        raise SettingsError(f"--window {window} must be smaller than the trained context {spec.trained_context}")
+    default_g, default_w = recommended_settings(spec.trained_context, tokens, spec.entry, window=window)
+    group_size, window = group_size or default_g, window or default_w
+    reach = max_length(spec.trained_context, group_size, window)
+    dtype_name = resolve_dtype(dtype)
+    item = 2 if DTYPES[dtype_name] is None else DTYPES[dtype_name].size  # native: fp16/bf16 activations
+    at = tokens or reach
+    record = {
+        "model": spec.name,
+        "family": spec.family,
+        "trained_context": spec.trained_context,
+        "group_size": group_size,
+        "window": window,
+        "max_group_size": max_group_size(spec.entry),
+        "max_length": reach,
+        "tokens": at,
+        "fits": at <= reach,
+        "kv_cache_bytes": kv_cache_bytes(spec.layers, spec.kv_heads, spec.head_dim, at, window, item),
+        "dtype": dtype_name,
+        "local": spec.available,
+        "path": spec.location,
+        "repo": spec.entry.repo if spec.entry else None,
+        "notes": spec.entry.notes if spec.entry else None,
+    }
+    if as_json:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    lines = [
+        ("model", spec.name),
+        ("family", spec.family),
+        ("trained context", f"{spec.trained_context} tokens (L)"),
+        ("SelfExtend", f"G={group_size}, W={window} (G at most {record['max_group_size']})"),
+        ("reach", f"N_max = (L - W) * G + W = {reach} tokens"),
+        (
+            "KV cache",
+            f"{format_bytes(record['kv_cache_bytes'])} at {at} tokens ({dtype_name}, "
+            f"{spec.layers} layers x {spec.kv_heads} kv heads x {spec.head_dim})",
+        ),
+        ("available locally", f"yes: {spec.location}" if spec.available else "no (downloaded on first use)"),
+    ]
+    if spec.entry:
+        lines.insert(1, ("repo", spec.entry.repo))
+    if tokens and tokens > reach:
+        lines.append(("warning", f"{tokens} tokens are beyond the reach of G={group_size}"))
+    if spec.entry and spec.entry.notes:
+        lines.append(("notes", " ".join(spec.entry.notes.split())))
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        typer.echo(f"{key.ljust(width)}  {value}")

