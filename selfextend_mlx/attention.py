@@ -89,32 +89,22 @@ def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, c
     grouped_end = max(0, a - W + 1)
     neighbor_begin = max(0, b - W)
     queries = mx.arange(a, b)[:, None]
-    blocks = []  # (scores, values) pairs sharing one softmax
+    blocks = []  # adjacent key ranges, in order, sharing one softmax
     if grouped_end > 0:
-        s = _scores(qg, seq_slice(k_grouped, 0, grouped_end), quant)
-        blocks.append((_softcap(s, softcap), seq_slice(values, 0, grouped_end)))
+        blocks.append(_softcap(_scores(qg, seq_slice(k_grouped, 0, grouped_end), quant), softcap))
     if neighbor_begin > grouped_end:
         d = queries - mx.arange(grouped_end, neighbor_begin)[None]
         s_n = _scores(qn, seq_slice(k_neighbor, grouped_end - neighbor_start, neighbor_begin - neighbor_start), None)
         s_g = _scores(qg, seq_slice(k_grouped, grouped_end, neighbor_begin), quant)
-        s = mx.where(d >= 0, _softcap(mx.where(d < W, s_n, s_g), softcap), -mx.inf)
-        blocks.append((s, seq_slice(values, grouped_end, neighbor_begin)))
+        blocks.append(mx.where(d >= 0, _softcap(mx.where(d < W, s_n, s_g), softcap), -mx.inf))
     s = _softcap(_scores(qn, seq_slice(k_neighbor, neighbor_begin - neighbor_start, b - neighbor_start), None), softcap)
     if b - a > 1:
         s = mx.where(queries >= mx.arange(neighbor_begin, b)[None], s, -mx.inf)
-    blocks.append((s, seq_slice(values, neighbor_begin, b)))
-
-    # One softmax over all blocks, without concatenating the scores.
-    m = blocks[0][0].max(axis=-1, keepdims=True)
-    for s, _ in blocks[1:]:
-        m = mx.maximum(m, s.max(axis=-1, keepdims=True))
-    total, out = 0.0, 0.0
-    dtype = qn.dtype if quant is None else mx.float32
-    for s, v in blocks:
-        e = mx.exp(s - m)
-        total = total + e.sum(axis=-1, keepdims=True)
-        out = out + _weighted(e.astype(dtype), v, quant)
-    return (out / total).astype(qn.dtype)
+    blocks.append(s)
+    scores = mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
+    p = mx.softmax(scores, axis=-1, precise=True)
+    out = _weighted(p if quant else p.astype(qn.dtype), seq_slice(values, 0, b), quant)
+    return out.astype(qn.dtype)
 
 
 def selfextend_attention(
