@@ -120,7 +120,8 @@ class SelfExtendKVCache(_BaseCache):
             if missing is not None:
                 live.insert(0, missing.astype(keys.dtype))
             length = sum(part.shape[2] for part in live)
-            capacity = (length + n + self.neighbor_step - 1) // self.neighbor_step * self.neighbor_step
+            # room for neighbor_step more tokens, so decoding compacts once every that many steps
+            capacity = (length + n + 2 * self.neighbor_step - 1) // self.neighbor_step * self.neighbor_step
             fresh = mx.zeros((*keys.shape[:2], capacity, keys.shape[3]), keys.dtype)
             if length:
                 fresh[..., :length, :] = mx.concatenate(live, axis=2) if len(live) > 1 else live[0]

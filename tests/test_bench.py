@@ -1,0 +1,59 @@
+"""The benchmark's baseline must compute SelfExtend too, and its rows must have the schema."""
+
+import json
+
+import mlx.core as mx
+from typer.testing import CliRunner
+
+from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache, remove_selfextend
+from selfextend_mlx.bench import apply_reference_baseline, remove_reference_baseline, run_bench
+from tiny_models import random_tokens, tiny_model
+
+CONFIG = SelfExtendConfig(group_size=4, window=12)
+
+
+def test_reference_baseline_computes_the_same_selfextend():
+    model = tiny_model("qwen2")
+    tokens = random_tokens(60)
+    apply_selfextend(model, CONFIG)
+    cache = make_cache(model)
+    expected = mx.concatenate([model(tokens[None, :40], cache=cache)] + [model(tokens[None, i : i + 1], cache=cache) for i in range(40, 60)], axis=1)
+    remove_selfextend(model)
+    apply_reference_baseline(model, CONFIG)
+    from mlx_lm.models.cache import KVCache
+
+    cache = [KVCache() for _ in model.layers]
+    got = mx.concatenate([model(tokens[None, :40], cache=cache)] + [model(tokens[None, i : i + 1], cache=cache) for i in range(40, 60)], axis=1)
+    remove_reference_baseline(model)
+    assert mx.allclose(got, expected, atol=1e-4).item()
+
+
+def test_run_bench_rows_and_restores_the_model():
+    model = tiny_model("llama")
+    plain = model(random_tokens(20)[None])
+    rows = run_bench(model, random_tokens(64), [32, 64], CONFIG, decode_steps=2, prefill_step=16)
+    assert [(r.length, r.mode) for r in rows] == [(n, m) for n in (32, 64) for m in ("plain", "selfextend", "reference")]
+    for r in rows:
+        assert r.prefill_tps > 0 and r.decode_tps > 0 and r.peak_memory_bytes > 0 and r.kv_cache_bytes > 0
+    by = {(r.length, r.mode): r for r in rows}
+    assert by[(64, "selfextend")].kv_cache_bytes >= by[(64, "plain")].kv_cache_bytes
+    assert mx.array_equal(model(random_tokens(20)[None]), plain).item()  # plain again afterwards
+
+
+def test_bench_command_json(stories_dir):
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "--model", str(stories_dir), "-l", "256,384", "-G", "4", "-W", "64",
+                                      "--decode-steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {tuple(sorted(r)) for r in rows} == {("decode_tps", "kv_cache_bytes", "length", "mode", "peak_memory_bytes", "prefill_tps")}
+    assert [r["length"] for r in rows] == [256] * 3 + [384] * 3
+
+
+def test_bench_refuses_a_window_that_leaves_selfextend_idle(stories_dir):
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "--model", str(stories_dir), "-l", "256", "-G", "4", "-W", "300"])
+    assert result.exit_code != 0
+    assert "not below the shortest length" in result.output
