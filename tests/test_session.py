@@ -1,0 +1,259 @@
+"""The session engine on stories260K (real weights, 512-token context): prompt layout, length
+planning, multi-turn cache reuse, the document cache and interrupts."""
+
+from pathlib import Path
+
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load_tokenizer
+
+from conftest import shared_path
+from selfextend_mlx import SelfExtendConfig
+from selfextend_mlx.cache import cache_nbytes
+from selfextend_mlx.doccache import DocumentCache
+from selfextend_mlx.documents import Document
+from selfextend_mlx.errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
+from selfextend_mlx.loading import load
+from selfextend_mlx.session import (
+    ENV_MAX_MEMORY,
+    PromptFormat,
+    Sampling,
+    Session,
+    SessionOptions,
+    choose_config,
+    common_prefix_length,
+    estimate_memory,
+    parse_size,
+)
+
+CHATML = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+NO_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+# A template that repeats the last question before everything: no stable document prefix.
+QUESTION_FIRST = "Q: {{ messages[-1]['content'][-20:] }}\n" + CHATML
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return load(str(shared_path("models", "stories260K")), selfextend=False)
+
+
+@pytest.fixture(scope="module")
+def story_text():
+    return shared_path("text", "tinystories_sample.txt").read_text()
+
+
+def with_template(tokenizer, template):
+    """The same tokenizer with a chat template (stories260K has none)."""
+    fresh = load_tokenizer(Path(tokenizer._tokenizer.name_or_path))
+    fresh._tokenizer.chat_template = template
+    return TokenizerWrapper(fresh._tokenizer, eos_token_ids=tokenizer.eos_token_ids)
+
+
+def doc(text, name="story.txt"):
+    return Document(name, text, "text")
+
+
+# -- prompt layout ---------------------------------------------------------------------------
+
+
+def test_plain_layout_without_a_chat_template(stories):
+    _, tokenizer = stories
+    assert not tokenizer.has_chat_template
+    layout = PromptFormat(tokenizer, system="Be brief.")
+    text = layout.render("DOCS", [("q1", "a1")], "q2")
+    assert text == "Be brief.\n\nDOCS\n\nQuestion: q1\nAnswer: a1\n\nQuestion: q2\nAnswer:"
+    assert layout.document_prefix("DOCS") == "Be brief.\n\nDOCS\n\nQuestion: "
+    assert PromptFormat(tokenizer).render("", [], "Once upon a time") == "Once upon a time"  # generate
+
+
+@pytest.mark.parametrize("template", [CHATML, NO_SYSTEM])
+def test_documents_are_a_stable_prefix_of_every_chat_prompt(stories, template):
+    model, tokenizer = stories
+    tokenizer = with_template(tokenizer, template)
+    session = Session(model, tokenizer, [doc("Tom has a red ball.")], system="Be brief.")
+    assert session.prefix_text is not None
+    assert "Be brief." in session.prefix_text and "Tom has a red ball." in session.prefix_text
+    for turns in ([], [("Who?", "Tom.")]):
+        session.history = list(turns)
+        text = session.format.render(session.documents_text, turns, "What color?")
+        assert text.startswith(session.prefix_text) and text.endswith("What color?\n" + text.rsplit("What color?\n", 1)[1])
+        tokens = session.prompt_tokens("What color?")
+        assert tokens[: len(session.prefix_tokens)] == session.prefix_tokens
+        assert tokenizer.decode(tokens).replace("<s>", "").strip().startswith(text.strip()[:10])
+
+
+def test_template_without_stable_prefix_disables_document_reuse(stories):
+    model, tokenizer = stories
+    notices = []
+    session = Session(model, with_template(tokenizer, QUESTION_FIRST), [doc("Tom has a red ball.")], notice=notices.append)
+    assert session.prefix_text is None and session.prefix_tokens == []
+    assert notices == ["the chat template puts the question before the documents end: the document prefill is not reused"]
+    answer = session.ask("What does Tom have?", Sampling(max_tokens=4))
+    assert answer.prefilled_tokens == answer.prompt_tokens and session.document_source == "none"
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_length([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_length([], [1]) == 0
+
+
+# -- planning ----------------------------------------------------------------------------------
+
+
+def test_short_input_keeps_the_requested_group_size():
+    config, requested = choose_config("unknown-model", 512, 400, group_size=4, window=128)
+    assert config == SelfExtendConfig(4, 128) and requested == 4
+
+
+def test_group_size_is_raised_to_reach_the_input():
+    # L=512, W=128: G=4 reaches 1664 tokens; 3000 tokens need G=8 ((3000-128)/384 -> 7.5).
+    config, requested = choose_config("unknown-model", 512, 3000, group_size=4, window=128)
+    assert (config.group_size, requested) == (8, 4)
+    assert config.max_length(512) >= 3000 > SelfExtendConfig(7, 128).max_length(512)
+
+
+def test_too_long_names_the_numbers():
+    with pytest.raises(InputTooLongError) as caught:
+        choose_config("unknown-model", 512, 10_000, window=128, answer_tokens=500)
+    message = str(caught.value)
+    assert message.startswith("input too long: 9500 prompt tokens + 500 answer tokens = 10000 > N_max 6272")
+    assert "G=16, the most this model allows" in message and "it would need G=26" in message
+
+
+def test_window_must_be_below_the_trained_context():
+    with pytest.raises(SelfExtendError, match="--window 512 must be smaller than the model's trained context 512"):
+        choose_config("unknown-model", 512, 100, window=512)
+
+
+def test_registry_model_uses_its_settings():
+    config, requested = choose_config("SmolLM2-135M-Instruct", 8192, 2000)
+    assert (config.window, requested) == (1024, 4)
+
+
+def test_memory_estimate_tracks_the_real_cache(stories, story_text):
+    model, tokenizer = stories
+    session = Session(model, tokenizer, [doc(story_text[:3000])], options=SessionOptions(max_tokens=8))
+    session.prepare()
+    tokens = len(session.prefix_tokens)
+    estimate = estimate_memory(model, tokens, session.plan.config)
+    real = cache_nbytes(session.cache)  # buffers grow in steps, so the real size is a bit above the data
+    assert 0.5 * real <= estimate.kv_cache <= 1.5 * real
+    assert estimate.weights == sum(array.nbytes for _, array in tree_flatten(model.parameters()))
+    bigger = estimate_memory(model, 4 * tokens, session.plan.config)
+    assert bigger.kv_cache > 3 * estimate.kv_cache and bigger.prefill > estimate.prefill
+
+
+def test_memory_beyond_the_machine_is_refused_before_prefill(stories, monkeypatch):
+    model, tokenizer = stories
+    monkeypatch.setenv(ENV_MAX_MEMORY, "2MB")
+    with pytest.raises(InsufficientMemoryError, match=r"^not enough memory: this run needs about .* and the machine has 2.0 MB"):
+        Session(model, tokenizer, [doc("Tom has a red ball.")])
+
+
+def test_parse_size():
+    assert parse_size("8GB") == 8_000_000_000 and parse_size("512m") == 512_000_000 and parse_size("1000") == 1000
+    with pytest.raises(SelfExtendError):
+        parse_size("lots")
+
+
+# -- turns ---------------------------------------------------------------------------------------
+
+
+def fresh_answer(model, tokenizer, documents, history, question, max_tokens):
+    """The answer a new session gives for the same conversation, prefilled in one go."""
+    session = Session(model, tokenizer, documents, options=SessionOptions(max_tokens=max_tokens, prefill_step_size=4096))
+    session.history = list(history)
+    return session.ask(question, Sampling(max_tokens=max_tokens)).text
+
+
+def test_second_turn_prefills_only_its_own_tokens_and_answers_as_a_fresh_session(stories, story_text):
+    model, tokenizer = stories
+    documents = [doc(story_text[:3000])]  # ~1k tokens: beyond the trained 512
+    session = Session(model, tokenizer, documents, options=SessionOptions(max_tokens=16, prefill_step_size=256))
+    assert session.plan.prompt_tokens > 512 and session.plan.config.group_size > 1
+    first = session.ask("Who went to the park?", Sampling(max_tokens=16))
+    assert first.prefilled_tokens == first.prompt_tokens  # document and question
+    assert session.cache[0].offset == len(session.cache_tokens) == first.prompt_tokens + first.generation_tokens + (first.finish_reason == "stop")
+
+    second_tokens = session.prompt_tokens("What did they eat?")
+    second = session.ask("What did they eat?", Sampling(max_tokens=16))
+    reused = second.prompt_tokens - second.prefilled_tokens
+    # The document and the whole first question came from the cache; what was computed is at
+    # most the first answer (where its re-encoding differs from the tokens generated) and the
+    # second question.
+    assert reused >= first.prompt_tokens
+    assert second.prefilled_tokens <= second.prompt_tokens - first.prompt_tokens
+    assert second.prompt_tokens == len(second_tokens)
+    # Reusing the cache changes nothing: a fresh session over the same conversation says the same.
+    assert second.text == fresh_answer(model, tokenizer, documents, session.history[:1], "What did they eat?", 16)
+
+
+def test_reset_goes_back_to_the_documents(stories):
+    model, tokenizer = stories
+    session = Session(model, tokenizer, [doc("Tom has a red ball. " * 20)], options=SessionOptions(max_tokens=8))
+    session.ask("What does Tom have?")
+    session.reset()
+    assert session.history == [] and session.cache_tokens == session.prefix_tokens
+    assert {c.offset for c in session.cache} == {len(session.prefix_tokens)}
+    answer = session.ask("What does Tom have?")
+    assert answer.prefilled_tokens == answer.prompt_tokens - len(session.prefix_tokens)
+
+
+def test_interrupted_answer_keeps_cache_and_conversation_consistent(stories, story_text):
+    model, tokenizer = stories
+    session = Session(model, tokenizer, [doc(story_text[:2000])], options=SessionOptions(max_tokens=40))
+    pieces = []
+
+    def stop_after_three(text):
+        pieces.append(text)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("Who is Lily?", on_text=stop_after_three)
+    assert session.last_answer.finish_reason == "interrupted"
+    assert session.history == [("Who is Lily?", "".join(pieces))]
+    assert {c.offset for c in session.cache} == {len(session.cache_tokens)}
+    # The next turn works, and answers like a fresh session over the same conversation.
+    answer = session.ask("Who is Tom?", Sampling(max_tokens=12))
+    assert answer.text == fresh_answer(model, tokenizer, session.documents, session.history[:1], "Who is Tom?", 12)
+
+
+def test_conversation_past_the_reach_is_refused(stories):
+    model, tokenizer = stories
+    session = Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(max_tokens=8, group_size=1, window=128))
+    session.plan = session.plan.__class__(**{**session.plan.__dict__, "config": SelfExtendConfig(1, 128)})
+    with pytest.raises(InputTooLongError, match=r"^too long: \d+ prompt tokens \+ 8 answer tokens = \d+ > N_max 512"):
+        session.ask("word " * 600)
+
+
+# -- the document cache ----------------------------------------------------------------------------
+
+
+def test_document_cache_hit_skips_the_document_prefill_and_answers_the_same(stories, story_text, tmp_path):
+    model, tokenizer = stories
+    documents = [doc(story_text[:3000])]
+    options = SessionOptions(max_tokens=12)
+    first = Session(model, tokenizer, documents, options=options, doc_cache=DocumentCache(tmp_path))
+    miss = first.ask("Who is Lily?")
+    assert first.document_source == "prefill" and len(list(tmp_path.iterdir())) == 1
+
+    second = Session(model, tokenizer, documents, options=options, doc_cache=DocumentCache(tmp_path))
+    hit = second.ask("Who is Lily?")
+    assert second.document_source == "cache"
+    assert hit.prefilled_tokens == hit.prompt_tokens - len(second.prefix_tokens) < 20
+    assert hit.text == miss.text
+
+
+def test_kv_bits_refused_for_heads_too_small_to_quantize(stories):
+    model, tokenizer = stories  # head_dim 8: MLX quantizes groups of 32 or 64 values
+    with pytest.raises(SelfExtendError, match="--kv-bits needs a head size divisible by 32; this model's is 8"):
+        Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(kv_bits=8))
