@@ -1,0 +1,1 @@
+"""The `selfextend` command line: chat with, ask and summarize long documents."""

@@ -1,0 +1,414 @@
+"""The `selfextend` CLI, through Typer's runner (in process) and through real subprocesses of
+the installed console script. Most runs use stories260K (real weights, 512-token context) so
+documents beyond its context stay cheap; a few use the default chat model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import selfextend_mlx.loading as loading
+from cli.main import app
+from conftest import shared_path
+from pdf_fixture import make_pdf
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return str(shared_path("models", "stories260K"))
+
+
+@pytest.fixture(scope="module")
+def story_text():
+    return shared_path("text", "tinystories_sample.txt").read_text()
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own document cache folder."""
+    folder = tmp_path / "doc-cache"
+    monkeypatch.setenv("SELFEXTEND_CACHE_DIR", str(folder))
+    return folder
+
+
+_loaded = {}
+
+
+@pytest.fixture(autouse=True)
+def load_each_model_once(monkeypatch):
+    """In-process runs share loaded weights (sessions re-apply their own G and W); the
+    subprocess tests below load for real."""
+    real = loading.load
+
+    def load(model_ref=None, **kwargs):
+        key = (model_ref, tuple(sorted(kwargs.items())))
+        if key not in _loaded:
+            _loaded[key] = real(model_ref, **kwargs)
+        return _loaded[key]
+
+    monkeypatch.setattr(loading, "load", load)
+
+
+def invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return str(path)
+
+
+def json_of(result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# -- help ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["chat"], ["ask"], ["summarize"], ["generate"], ["cache"], ["cache", "list"], ["cache", "clear"]]
+)
+def test_every_help_teaches_with_an_example(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.stdout
+    example = result.stdout.split("Example", 1)[1]
+    assert "selfextend " + (command[0] if command else "") in example
+
+
+# -- ask, summarize, generate -----------------------------------------------------------------
+
+
+def test_ask_json_beyond_the_trained_context(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text[:3000])
+    record = json_of(invoke("ask", document, "-q", "Who is Lily?", "-m", stories, "-n", "24", "--json"))
+    for key in ("answer", "prompt_tokens", "generation_tokens", "group_size", "window", "prompt_tps",
+                "generation_tps", "peak_memory_bytes"):
+        assert key in record
+    assert isinstance(record["answer"], str) and record["answer"].strip()
+    assert record["trained_context"] == 512 and record["prompt_tokens"] > 2 * 512
+    assert 1 <= record["generation_tokens"] <= 24 and record["prompt_tps"] > 0 and record["peak_memory_bytes"] > 0
+    reach = (512 - record["window"]) * record["group_size"] + record["window"]
+    assert record["max_length"] == reach >= record["prompt_tokens"] + 24
+
+
+def test_ask_reads_stdin_and_streams_plain_text(stories, story_text):
+    result = invoke("ask", "-", "-q", "Who is Lily?", "-m", stories, "-n", "8", input=story_text[:800])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() and not result.stdout.lstrip().startswith("{")
+    assert result.stderr == ""  # no terminal: no header, no progress
+
+
+def test_group_size_raise_is_shown_in_the_header(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text[:4500])  # ~2.3k tokens: G=4 reaches 1664
+    result = invoke("ask", document, "-q", "Who?", "-m", stories, "-n", "4", "-G", "4", "--progress")
+    assert result.exit_code == 0, result.stderr
+    header = next(line for line in result.stderr.splitlines() if line.startswith("model "))
+    assert "trained context 512" in header and "(raised from 4 to fit)" in header and "N_max" in header
+    assert "memory ~" in header
+
+
+def test_summarize_styles(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text[:1500])
+    for style in ("bullets", "paragraph"):
+        record = json_of(invoke("summarize", document, "--style", style, "-m", stories, "-n", "8", "--json"))
+        assert record["generation_tokens"] >= 1
+    # Two styles, one document: the second run reused the document prefill.
+    assert record["document_cache"] == "hit"
+
+
+def test_generate_with_mlx_lm_flags(stories):
+    def run(seed):
+        return json_of(invoke("generate", "--prompt", "Once upon a time", "-m", stories, "--max-tokens", "12",
+                              "--temp", "1.5", "--top-p", "0.95", "--seed", seed, "--prefill-step-size", "4",
+                              "-G", "2", "-W", "64", "--json"))
+
+    first, second = run(3), run(3)
+    assert first["text"] and first["text"] == second["text"]  # the seed makes sampling repeatable
+    assert len({run(seed)["text"] for seed in (4, 5, 6)} | {first["text"]}) > 1  # and the seed matters
+    assert (first["group_size"], first["window"]) == (2, 64)
+    assert first["prompt_tokens"] == 5  # BOS + 4 tokens, no template: stories260K has none
+
+
+def test_generate_prompt_from_stdin(stories):
+    result = invoke("generate", "--prompt", "-", "-m", stories, "-n", "6", input="Tom and Lily went to the park.")
+    assert result.exit_code == 0 and result.stdout.strip()
+
+
+# -- the document cache --------------------------------------------------------------------------
+
+
+def test_second_run_answers_from_the_document_cache(tmp_path, stories, story_text, isolated_cache):
+    document = write(tmp_path, "stories.txt", story_text[:2000])
+    args = ("ask", document, "-q", "Who is Lily?", "-m", stories, "-n", "12", "--json")
+    first = json_of(invoke(*args))
+    second = json_of(invoke(*args))
+    assert (first["document_cache"], second["document_cache"]) == ("miss", "hit")
+    assert first["prefilled_tokens"] == first["prompt_tokens"]
+    assert second["prefilled_tokens"] == second["prompt_tokens"] - second["document_tokens"] < 20
+    assert second["answer"] == first["answer"]
+
+    listed = invoke("cache", "list")
+    assert listed.exit_code == 0 and "1 cached document(s)" in listed.stdout and document in listed.stdout
+    entries = json_of(invoke("cache", "list", "--json"))["entries"]
+    assert len(entries) == 1 and entries[0]["tokens"] == str(first["document_tokens"])
+    cleared = invoke("cache", "clear")
+    assert cleared.exit_code == 0 and cleared.stdout.startswith("removed 1 cached document(s)")
+    assert "no cached documents" in invoke("cache", "list").stdout
+    # --no-cache neither reads nor writes.
+    assert json_of(invoke(*args, "--no-cache"))["document_cache"] == "off"
+    assert not list(isolated_cache.glob("*.safetensors"))
+
+
+def test_corrupt_cache_file_is_reported_in_one_line_and_rebuilt(tmp_path, stories, story_text, isolated_cache):
+    document = write(tmp_path, "stories.txt", story_text[:1500])
+    args = ("ask", document, "-q", "Who is Lily?", "-m", stories, "-n", "8", "--json")
+    json_of(invoke(*args))
+    (saved,) = isolated_cache.glob("*.safetensors")
+    saved.write_bytes(b"this is not a cache")
+    rebuilt = invoke(*args)
+    assert json_of(rebuilt)["document_cache"] == "miss"
+    assert len(rebuilt.stderr.splitlines()) == 1
+    assert rebuilt.stderr.startswith("document cache unusable, rebuilding it:") and "not a readable prompt cache" in rebuilt.stderr
+    assert json_of(invoke(*args))["document_cache"] == "hit"
+
+
+def test_cache_dir_option(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text[:600])
+    elsewhere = tmp_path / "elsewhere"
+    json_of(invoke("ask", document, "-q", "Who?", "-m", stories, "-n", "4", "--json", "--cache-dir", elsewhere))
+    assert len(list(elsewhere.glob("*.safetensors"))) == 1
+    assert "1 cached document(s)" in invoke("cache", "list", "--cache-dir", elsewhere).stdout
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def info_lines(stdout: str) -> dict:
+    return {line.split(":", 1)[0]: line for line in stdout.splitlines() if ":" in line}
+
+
+def test_chat_two_turns_reuses_the_cache(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text[:2000])
+    result = invoke("chat", document, "-m", stories, "-n", "10",
+                    input="Who is Lily?\nWhat did Tom find?\n/info\n/quit\nNever asked?\n")
+    assert result.exit_code == 0, result.stderr
+    stderr = result.stderr.splitlines()
+    assert stderr[0].startswith("loaded ") and stderr[1].startswith("model stories260K | document ")
+    answers = result.stdout.split("\n\n")
+    assert len([a for a in answers[:2] if a.strip()]) == 2
+    info = info_lines(result.stdout)
+    assert "2 turns" in info["conversation"]
+    computed, reused = [int(w.replace(",", "")) for w in info["last turn"].split() if w.replace(",", "").isdigit()][1:3]
+    # Turn two computed only its own tokens (and, at most, the re-encoded first answer).
+    assert reused > 500 and computed < 40
+
+
+def test_chat_commands(tmp_path, stories):
+    document = write(tmp_path, "note.txt", "Tom has a red ball. Lily has a blue kite.")
+    result = invoke("chat", document, "-m", stories, "-n", "6", input="Who has a ball?\n/reset\n/bogus\n/help\n/info\n")
+    assert result.exit_code == 0
+    assert "conversation cleared" in result.stderr and "unknown command /bogus: try /help" in result.stderr
+    assert "/reset" in result.stdout and "0 turns" in result.stdout
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path, stories, monkeypatch):
+    import cli.chat_cmd as chat_cmd
+
+    document = write(tmp_path, "note.txt", "Tom has a red ball. Lily has a blue kite. " * 5)
+    written = []
+    real_write = chat_cmd._write
+
+    def write_then_ctrl_c(text):
+        written.append(text)
+        if len(written) == 2:  # the user presses Ctrl-C during the first answer
+            raise KeyboardInterrupt
+        real_write(text)
+
+    monkeypatch.setattr(chat_cmd, "_write", write_then_ctrl_c)
+    result = invoke("chat", document, "-m", stories, "-n", "12", input="Who has a ball?\nWho has a kite?\n/info\n")
+    assert result.exit_code == 0
+    assert "(answer stopped)" in result.stderr
+    assert "2 turns" in result.stdout  # the stopped answer stays in the conversation, the next one ran
+
+
+# -- bad input: one line on stderr, non-zero exit, never a traceback ------------------------------
+
+
+def assert_one_line_error(result, code, starts):
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(starts), lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "content, starts",
+    [
+        (None, "error: no such file: "),
+        (b"", "error: "),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "error: "),
+        (bytes(range(128, 256)) * 10, "error: cannot tell the text encoding of "),
+        (make_pdf(["x"])[:100], "error: cannot read PDF "),
+    ],
+    ids=["missing", "empty", "binary", "encoding", "broken-pdf"],
+)
+def test_bad_documents(tmp_path, stories, content, starts):
+    path = tmp_path / "doc.txt"
+    if content is not None:
+        path.write_bytes(content)
+    result = invoke("ask", path, "-q", "Why?", "-m", stories)
+    assert_one_line_error(result, 1, starts)
+    if content == b"":
+        assert result.stderr.strip() == f"error: {path} is empty"
+    if content and content.startswith(b"\x89PNG"):
+        assert "looks like a binary file" in result.stderr
+
+
+def test_unknown_model(tmp_path):
+    document = write(tmp_path, "note.txt", "Tom has a red ball.")
+    assert_one_line_error(invoke("ask", document, "-q", "Why?", "-m", str(tmp_path / "no-such-model")), 1, "error: ")
+
+
+def test_document_too_long(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text)  # ~9.3k tokens; stories260K reaches 6272 at G=16
+    result = invoke("ask", document, "-q", "Why?", "-m", stories, "-n", "100")
+    assert_one_line_error(result, 1, "error: input too long: ")
+    assert "N_max 6272" in result.stderr and "it would need G=" in result.stderr and "+ 100 answer tokens" in result.stderr
+
+
+def test_not_enough_memory(tmp_path, stories, monkeypatch):
+    document = write(tmp_path, "note.txt", "Tom has a red ball.")
+    monkeypatch.setenv("SELFEXTEND_MAX_MEMORY", "1MB")
+    result = invoke("ask", document, "-q", "Why?", "-m", stories)
+    assert_one_line_error(result, 1, "error: not enough memory: this run needs about ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ask", "DOC", "-q", "x", "--temp", "-1"],
+        ["ask", "DOC", "-q", "x", "--top-p", "2"],
+        ["ask", "DOC", "-q", "x", "-G", "0"],
+        ["ask", "DOC", "-q", "x", "--kv-bits", "3"],
+        ["ask", "DOC", "-q", "x", "--max-tokens", "0"],
+        ["ask", "DOC", "-q", "x", "--bogus"],
+        ["summarize", "DOC", "--style", "poem"],
+        ["generate"],
+        ["chat"],
+        ["frobnicate"],
+    ],
+)
+def test_wrong_flags(tmp_path, args):
+    document = write(tmp_path, "note.txt", "Tom has a red ball.")
+    result = invoke(*[document if a == "DOC" else a for a in args])
+    assert_one_line_error(result, 2, "error: ")
+    assert "--help" in result.stderr
+
+
+def test_window_beyond_the_context(tmp_path, stories):
+    document = write(tmp_path, "note.txt", "Tom has a red ball.")
+    result = invoke("ask", document, "-q", "x", "-m", stories, "-W", "600")
+    assert_one_line_error(result, 1, "error: --window 600 must be smaller than the model's trained context 512")
+
+
+def test_question_needed_when_stdin_is_not_a_terminal(tmp_path, stories):
+    document = write(tmp_path, "note.txt", "Tom has a red ball.")
+    assert_one_line_error(invoke("ask", document, "-m", stories, input="x"), 1, "error: give the question with -q")
+    assert_one_line_error(invoke("chat", "-", "-m", stories, input="x"), 1, "error: chat reads its questions from standard input")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / "missing.txt"
+    for args in (["--debug", "ask", missing, "-q", "x"], ["ask", missing, "-q", "x", "--debug"]):
+        result = invoke(*args)
+        assert result.exit_code == 1
+        assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == f"error: no such file: {missing}"
+
+
+# -- real subprocesses of the installed console script -------------------------------------------
+
+
+def console_script() -> str:
+    script = Path(sys.executable).with_name("selfextend")
+    if not script.exists():
+        pytest.fail(f"{script} is missing: install the project (pip install -e .) before running the tests")
+    return str(script)
+
+
+def run_script(*args, input=None, env=None, timeout=240):
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([console_script(), *map(str, args)], input=input, capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+def test_script_chat_piped_two_turns(tmp_path, stories, story_text, isolated_cache):
+    document = write(tmp_path, "stories.txt", story_text[:2000])
+    done = run_script("chat", document, "-m", stories, "-n", "10", input="Who is Lily?\nWhat did Tom find?\n/info\n")
+    assert done.returncode == 0, done.stderr
+    assert "model stories260K | document " in done.stderr and "Traceback" not in done.stderr
+    info = info_lines(done.stdout)
+    assert "2 turns" in info["conversation"] and "reused from the cache" in info["last turn"]
+    # The chat saved the document: a second chat starts from the cache.
+    again = run_script("chat", document, "-m", stories, "-n", "4", input="Who is Lily?\n/info\n")
+    assert "document read from the cache" in again.stderr and "read from the document cache" in again.stdout
+
+
+def test_script_ask_json_from_stdin(stories, story_text):
+    done = run_script("ask", "-", "-q", "Who is Lily?", "-m", stories, "-n", "8", "--json", input=story_text[:2000])
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["prompt_tokens"] > 512 and record["group_size"] >= 1 and done.stderr == ""
+
+
+def test_script_error_is_one_line(tmp_path):
+    binary = write(tmp_path, "data.bin", bytes(range(256)) * 4)
+    done = run_script("ask", binary, "-q", "x")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"error: {binary} looks like a binary file, not text (it contains NUL bytes)"]
+
+
+def test_script_ctrl_c_during_prefill_exits_130_and_saves_nothing(tmp_path, stories, story_text, isolated_cache):
+    document = write(tmp_path, "stories.txt", story_text[:10000])  # ~5k tokens: seconds of prefill
+    process = subprocess.Popen([console_script(), "ask", document, "-q", "Who?", "-m", stories, "-n", "8", "--progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    for line in process.stderr:  # the progress bar's first line: prefill has started
+        if line.startswith("reading ["):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+    assert not isolated_cache.exists() or list(isolated_cache.iterdir()) == []
+
+
+# -- the default chat model --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_answers_from_the_document_with_its_chat_template(tmp_path):
+    document = write(tmp_path, "bakery.md", (
+        "# Harbor Street Bakery\n\nThe bakery opened in 1987. Its founder, Marta Keller, baked rye bread every "
+        "morning at four. In 2003 it moved to a larger building near the river.\n\nThe secret ingredient in its "
+        "famous apple cake is cardamom.\n"))
+    result = invoke("chat", document, "-n", "40", input="What is the secret ingredient in the apple cake?\nWho founded the bakery?\n/info\n")
+    assert result.exit_code == 0, result.stderr
+    assert "model SmolLM2-135M-Instruct" in result.stderr
+    answers = result.stdout.lower()
+    assert "cardamom" in answers and "marta keller" in answers
+    info = info_lines(result.stdout)
+    computed, reused = [int(w.replace(",", "")) for w in info["last turn"].split() if w.replace(",", "").isdigit()][1:3]
+    assert reused > 100 and computed < 30  # the template's turn markers and the new question only
