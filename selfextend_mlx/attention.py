@@ -17,6 +17,14 @@ import mlx.core as mx
 from .config import SelfExtendConfig
 
 
+def _use_fused(config: SelfExtendConfig) -> bool:
+    """Prefill through the fused kernel on a GPU; on a CPU the explicit scores are cheaper
+    (the fused call does twice the dot-product work on zero halves)."""
+    if config.backend == "auto":
+        return mx.default_device() == mx.gpu
+    return config.backend == "fused"
+
+
 def rope_at(rope, x: mx.array, positions) -> mx.array:
     """Rotate x (B, H, L, D) with the model's own rope: at `positions` + t for an int, or at
     each given position for an (L,) array."""
@@ -107,6 +115,44 @@ def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, c
     return out.astype(qn.dtype)
 
 
+def _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config):
+    """The same chunk as one fused scaled_dot_product_attention call (flash attention on a GPU:
+    no C x N score matrix is materialized). Both score sources fold into one by concatenating
+    along the head dimension: the query is [q_neighbor | q_grouped], a grouped key is
+    [0 | k_grouped], a neighbor key [k_neighbor | 0], so each dot product picks one source.
+    Keys of the mixed band appear twice (once per source) and a boolean mask keeps the right
+    copy for each query. q* are (B, Hq, C, D), pre-scaled."""
+    W = config.window
+    grouped_end, neighbor_begin = max(0, a - W + 1), max(0, b - W)
+
+    def neighbor(start, end):
+        k = k_neighbor[..., start - neighbor_start : end - neighbor_start, :]
+        return mx.concatenate([k, mx.zeros_like(k)], axis=-1)
+
+    def grouped(start, end):
+        k = k_grouped[..., start:end, :]
+        return mx.concatenate([mx.zeros_like(k), k], axis=-1)
+
+    queries = mx.arange(a, b)[:, None]
+    band = mx.arange(grouped_end, neighbor_begin)[None]
+    near = mx.arange(neighbor_begin, b)[None]
+    keys = [grouped(0, grouped_end), neighbor(grouped_end, neighbor_begin), grouped(grouped_end, neighbor_begin),
+            neighbor(neighbor_begin, b)]
+    vals = [values[..., :grouped_end, :], values[..., grouped_end:neighbor_begin, :],
+            values[..., grouped_end:neighbor_begin, :], values[..., neighbor_begin:b, :]]
+    d_band = queries - band
+    mask = mx.concatenate([
+        mx.ones((b - a, grouped_end), dtype=mx.bool_),
+        (d_band >= 0) & (d_band < W),
+        d_band >= W,
+        queries >= near,
+    ], axis=-1)
+    q = mx.concatenate([qn, qg], axis=-1)
+    return mx.fast.scaled_dot_product_attention(
+        q, mx.concatenate(keys, axis=2), mx.concatenate(vals, axis=2), scale=1.0, mask=mask
+    )
+
+
 def selfextend_attention(
     queries: mx.array,
     k_grouped,
@@ -143,12 +189,16 @@ def selfextend_attention(
         mask = "causal" if L > 1 else None
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
 
+    fused = L > 1 and quant is None and softcap is None and _use_fused(config)
     outputs = []
     for a in range(q_start, end, config.chunk_size):
         b = min(end, a + config.chunk_size)
         q = queries[:, :, a - q_start : b - q_start, :] * scale
-        qn = rope_at(rope, q, a).reshape(B, Hkv, rep, b - a, D)
-        qg = rope_grouped(rope, q, a, G, shift).reshape(B, Hkv, rep, b - a, D)
-        out = _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant)
+        qn, qg = rope_at(rope, q, a), rope_grouped(rope, q, a, G, shift)
+        if fused:
+            out = _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config)
+        else:
+            qn, qg = (x.reshape(B, Hkv, rep, b - a, D) for x in (qn, qg))
+            out = _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant)
         outputs.append(out.reshape(B, Hq, b - a, -1))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 DEFAULT_CHUNK_SIZE = 512
+BACKENDS = ("auto", "explicit", "fused")
 
 
 @dataclass(frozen=True)
@@ -13,17 +14,23 @@ class SelfExtendConfig:
     window (W): keys closer than W tokens attend through their normal positions.
     chunk_size: queries handled at once inside attention; bounds prefill scores to
         heads x chunk_size x N per layer, whatever the caller feeds in.
+    backend: "auto" (fused prefill on a GPU, explicit scores on a CPU), "explicit" (the
+        plain-MLX reference path everywhere) or "fused" (one fused attention call per prefill
+        chunk). Every backend computes the same attention.
     """
 
     group_size: int
     window: int
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    backend: str = "auto"
 
     def __post_init__(self):
         for name in ("group_size", "window", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.window < 1:

@@ -94,6 +94,10 @@ def test_matches_dense_reference(family):
             assert_close(feed(model, tokens, step, make_cache(model)), expected)
         apply_selfextend(model, SelfExtendConfig(group_size=G, window=W, chunk_size=5))
         assert_close(model(tokens[None]), expected)  # internal query chunks smaller than W
+        for chunk in (5, 32):  # the fused-kernel prefill path (what a GPU runs), forced on
+            apply_selfextend(model, SelfExtendConfig(group_size=G, window=W, chunk_size=chunk, backend="fused"))
+            assert_close(model(tokens[None]), expected)
+            assert_close(feed(model, tokens, 7, make_cache(model)), expected)
         remove_selfextend(model)
 
 
