@@ -104,5 +104,40 @@ def bench(
     sys.stdout.flush()
 
 
+def selftest(
+    keys: Annotated[int, typer.Option(min=2, help="Context length of the check.")] = 4096,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+):
+    """Check the fast attention paths of this machine against the plain-MLX reference.
+
+    On a Mac this runs the Metal decode kernel; everywhere it runs the fused prefill path.
+    Each check prints the largest difference from the reference and both timings.
+
+    Example:
+
+        selfextend selftest --keys 8192
+    """
+    from dataclasses import asdict
+
+    from selfextend_mlx.device import describe_runtime
+    from selfextend_mlx.selftest import run_selftest
+
+    checks = run_selftest(n_keys=keys)
+    if json_output:
+        print(json.dumps([{**asdict(c), "ok": c.ok} for c in checks]))
+    else:
+        status(describe_runtime())
+        for c in checks:
+            if c.max_error is None:
+                print(f"{c.name:28s} skipped: {c.note} (reference {c.reference_ms:.2f} ms)")
+            else:
+                verdict = "OK" if c.ok else "MISMATCH"
+                print(f"{c.name:28s} {verdict}  max |diff| {c.max_error:.2e}  reference {c.reference_ms:.2f} ms  "
+                      f"fast {c.fast_ms:.2f} ms  ({c.reference_ms / c.fast_ms:.2f}x)")
+    if any(c.max_error is not None and not c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command(name="bench")(bench)
+    app.command(name="selftest")(selftest)

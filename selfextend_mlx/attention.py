@@ -22,7 +22,13 @@ def _use_fused(config: SelfExtendConfig) -> bool:
     (the fused call does twice the dot-product work on zero halves)."""
     if config.backend == "auto":
         return mx.default_device() == mx.gpu
-    return config.backend == "fused"
+    return config.backend in ("fused", "metal")
+
+
+def _use_metal_decode(config: SelfExtendConfig) -> bool:
+    if config.backend == "auto":
+        return mx.default_device() == mx.gpu and mx.metal.is_available()
+    return config.backend == "metal"
 
 
 def rope_at(rope, x: mx.array, positions) -> mx.array:
@@ -188,6 +194,13 @@ def selfextend_attention(
         q = rope_at(rope, queries, q_start)
         mask = "causal" if L > 1 else None
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+    if L == 1 and quant is None and _use_metal_decode(config):
+        from .kernels import decode_attention
+
+        qn, qg = rope_at(rope, queries, q_start), rope_grouped(rope, queries, q_start, G, shift)
+        grouped_end = max(0, q_start - config.window + 1)
+        return decode_attention(qn, qg, k_grouped, k_neighbor, neighbor_start, values, grouped_end, scale, softcap)
 
     fused = L > 1 and quant is None and softcap is None and _use_fused(config)
     outputs = []

@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 DEFAULT_CHUNK_SIZE = 512
-BACKENDS = ("auto", "explicit", "fused")
+BACKENDS = ("auto", "explicit", "fused", "metal")
 
 
 @dataclass(frozen=True)
@@ -14,9 +16,10 @@ class SelfExtendConfig:
     window (W): keys closer than W tokens attend through their normal positions.
     chunk_size: queries handled at once inside attention; bounds prefill scores to
         heads x chunk_size x N per layer, whatever the caller feeds in.
-    backend: "auto" (fused prefill on a GPU, explicit scores on a CPU), "explicit" (the
-        plain-MLX reference path everywhere) or "fused" (one fused attention call per prefill
-        chunk). Every backend computes the same attention.
+    backend: "auto" (on a GPU fused prefill, and on Apple GPUs the Metal decode kernel;
+        explicit scores on a CPU), "explicit" (the plain-MLX reference path everywhere), "fused"
+        (one fused attention call per prefill chunk) or "metal" (fused prefill and the Metal
+        decode kernel). Every backend computes the same attention.
     """
 
     group_size: int
@@ -31,6 +34,8 @@ class SelfExtendConfig:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "metal" and not mx.metal.is_available():
+            raise ValueError("backend 'metal' needs an Apple GPU (Metal is not available here)")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.window < 1:

@@ -57,3 +57,28 @@ def test_bench_refuses_a_window_that_leaves_selfextend_idle(stories_dir):
     result = CliRunner().invoke(app, ["bench", "--model", str(stories_dir), "-l", "256", "-G", "4", "-W", "300"])
     assert result.exit_code != 0
     assert "not below the shortest length" in result.output
+
+
+def test_selftest_checks_the_fused_path_and_says_why_the_kernel_is_skipped():
+    import mlx.core as mx
+
+    from selfextend_mlx.selftest import run_selftest
+
+    checks = {c.name: c for c in run_selftest(n_keys=256, window=64, prefill=32, repeats=1)}
+    fused = checks["prefill: fused attention"]
+    assert fused.ok and fused.fast_ms > 0
+    kernel = checks["decode: Metal kernel"]
+    if mx.metal.is_available():
+        assert kernel.ok
+    else:
+        assert kernel.max_error is None and "no Metal GPU" in kernel.note
+
+
+def test_metal_backend_is_refused_without_metal():
+    import mlx.core as mx
+    import pytest
+
+    if mx.metal.is_available():
+        pytest.skip("this machine has Metal: the refusal applies only without it")
+    with pytest.raises(ValueError, match="needs an Apple GPU"):
+        SelfExtendConfig(group_size=2, window=8, backend="metal")

@@ -1,0 +1,75 @@
+"""Check this machine's fast attention paths against the plain-MLX reference, and time them.
+
+Run by `selfextend selftest`: on a Mac it is the only place the Metal kernel meets the
+reference; everywhere it also checks the fused prefill path.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+from .attention import rope_at, rope_grouped, selfextend_attention
+from .config import SelfExtendConfig
+from .kernels import metal_available
+
+
+@dataclass
+class Check:
+    name: str
+    max_error: Optional[float]  # None: could not run here
+    reference_ms: float
+    fast_ms: Optional[float]
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.max_error is not None and self.max_error < 1e-3
+
+
+def _time_ms(fn, repeats: int) -> float:
+    mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, window=512, prefill=128,
+                 dtype=mx.float32, repeats=10) -> list:
+    import mlx.nn as nn
+
+    rope = nn.RoPE(head_dim, base=10000.0)
+    key = mx.random.key(0)
+    k1, k2, k3, k4 = mx.random.split(key, 4)
+    keys = mx.random.normal((1, kv_heads, n_keys, head_dim), key=k1).astype(dtype)
+    values = mx.random.normal((1, kv_heads, n_keys, head_dim), key=k2).astype(dtype)
+    k_grouped, k_neighbor = rope_grouped(rope, keys, 0, group_size), rope_at(rope, keys, 0)
+    scale = head_dim**-0.5
+    checks = []
+
+    def attend(q, start, backend):
+        config = SelfExtendConfig(group_size=group_size, window=window, chunk_size=prefill, backend=backend)
+        end = start + q.shape[2]
+        return selfextend_attention(q, k_grouped[..., :end, :], k_neighbor[..., :end, :], 0, values[..., :end, :],
+                                    q_start=start, config=config, rope=rope, scale=scale)
+
+    q_decode = mx.random.normal((1, heads, 1, head_dim), key=k3).astype(dtype)
+    reference = lambda: attend(q_decode, n_keys - 1, "explicit")  # noqa: E731
+    ref_ms = _time_ms(reference, repeats)
+    if metal_available():
+        fast = lambda: attend(q_decode, n_keys - 1, "metal")  # noqa: E731
+        error = mx.abs(fast().astype(mx.float32) - reference().astype(mx.float32)).max().item()
+        checks.append(Check("decode: Metal kernel", error, ref_ms, _time_ms(fast, repeats)))
+    else:
+        checks.append(Check("decode: Metal kernel", None, ref_ms, None, "no Metal GPU here: the plain-MLX path is used"))
+
+    q_prefill = mx.random.normal((1, heads, prefill, head_dim), key=k4).astype(dtype)
+    reference = lambda: attend(q_prefill, n_keys - prefill, "explicit")  # noqa: E731
+    fast = lambda: attend(q_prefill, n_keys - prefill, "fused")  # noqa: E731
+    error = mx.abs(fast().astype(mx.float32) - reference().astype(mx.float32)).max().item()
+    checks.append(Check("prefill: fused attention", error, _time_ms(reference, repeats), _time_ms(fast, repeats)))
+    return checks
