@@ -1,0 +1,17 @@
+"""Evaluation: perplexity by position, passkey and needle retrieval, plain vs SelfExtend.
+
+`selfextend eval` (cli/eval_cmd.py) drives these; the functions also work on any loaded
+mlx-lm model, patched or not.
+"""
+
+from .common import PLAIN, SELFEXTEND, Mode, use_mode
+from .perplexity import Bucket, bucket_edges, bucket_perplexity, perplexity_buckets, token_nll
+from .prompts import RetrievalPrompt, answer_found, needle_prompt, passkey_prompt
+from .retrieval import Cell, build_cells, passkey_keys, run_cells
+
+__all__ = [
+    "PLAIN", "SELFEXTEND", "Mode", "use_mode",
+    "Bucket", "bucket_edges", "bucket_perplexity", "perplexity_buckets", "token_nll",
+    "RetrievalPrompt", "answer_found", "needle_prompt", "passkey_prompt",
+    "Cell", "build_cells", "passkey_keys", "run_cells",
+]

@@ -1,0 +1,87 @@
+"""PNG plots of evaluation results (matplotlib, no display needed)."""
+
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and ssh sessions have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..errors import EvaluationError  # noqa: E402
+
+DEFAULT_SIZE = (800, 500)  # pixels
+_DPI = 100
+
+
+def _figure(size, ncols=1):
+    width, height = size
+    if width < 100 or height < 100:
+        raise EvaluationError(f"a plot must be at least 100x100 pixels, got {width}x{height}")
+    return plt.subplots(1, ncols, figsize=(width / _DPI, height / _DPI), dpi=_DPI, squeeze=False)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        plt.close(fig)
+        raise EvaluationError(f"plots are written as PNG: give a file ending in .png, not {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # No bbox_inches="tight": it would change the pixel size the caller asked for.
+    fig.savefig(path, dpi=_DPI, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_perplexity(series: Mapping[str, Sequence[Mapping]], path, trained_context: Optional[int] = None,
+                    title: str = "Perplexity by position", size=DEFAULT_SIZE) -> Path:
+    """One curve per label; each bucket ({'start', 'end', 'ppl'}) drawn flat over its range."""
+    fig, axes = _figure(size)
+    ax = axes[0][0]
+    for label, buckets in series.items():
+        xs, ys = [], []
+        for bucket in buckets:
+            if bucket["ppl"] is not None and math.isfinite(bucket["ppl"]):
+                xs += [bucket["start"], bucket["end"]]
+                ys += [bucket["ppl"], bucket["ppl"]]
+        ax.plot(xs, ys, label=label, linewidth=2)
+    if trained_context:
+        ax.axvline(trained_context, color="grey", linestyle="--", label=f"trained context ({trained_context})")
+    ax.set_yscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_accuracy_grid(panels: Mapping[str, Mapping], path, title: str = "Retrieval accuracy",
+                       size=DEFAULT_SIZE) -> Path:
+    """A depth x length heatmap per panel; panel = {'lengths', 'depths', 'correct', 'trials'} (grids by depth row)."""
+    fig, axes = _figure(size, ncols=len(panels))
+    image = None
+    for ax, (label, panel) in zip(axes[0], panels.items()):
+        lengths, depths = panel["lengths"], panel["depths"]
+        grid = [[c / t if t else float("nan") for c, t in zip(crow, trow)]
+                for crow, trow in zip(panel["correct"], panel["trials"])]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        for row, depth in enumerate(depths):
+            for col, _ in enumerate(lengths):
+                ax.text(col, row, f"{panel['correct'][row][col]}/{panel['trials'][row][col]}",
+                        ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("depth")
+        ax.set_title(label)
+    fig.suptitle(title)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), label="accuracy")
+    return _save(fig, path)
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)

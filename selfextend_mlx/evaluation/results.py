@@ -1,0 +1,193 @@
+"""JSON-ready results, their text tables, and reading them back to compare runs."""
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import EvaluationError
+from .common import SELFEXTEND, Mode
+from .retrieval import Cell, accuracy
+
+
+def _number(value: float) -> Optional[float]:
+    """JSON has no NaN/inf: an empty or overflowing bucket is null."""
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def run_header(task: str, model_id: str, modes: Sequence[Mode], kv_bits: Optional[int],
+               trained_context: Optional[int]) -> dict:
+    config = next((m.config for m in modes if m.config is not None), None)
+    return {
+        "task": task,
+        "model": model_id,
+        "mode": "compare" if len(modes) > 1 else modes[0].name,
+        "group_size": config.group_size if config else None,
+        "window": config.window if config else None,
+        "kv_bits": kv_bits,
+        "trained_context": trained_context,
+    }
+
+
+def ppl_result(header: dict, tokens: int, per_mode: dict) -> dict:
+    """per_mode: mode name -> list[Bucket] over the same ranges."""
+    names = list(per_mode)
+    rows = []
+    for parts in zip(*per_mode.values()):
+        row = {"start": parts[0].start, "end": parts[0].end, "targets": parts[0].count}
+        if len(names) == 1:
+            row["ppl"] = _number(parts[0].ppl)
+        else:
+            for name, bucket in zip(names, parts):
+                row[f"ppl_{name}"] = _number(bucket.ppl)
+        rows.append(row)
+    return {**header, "tokens": tokens, "buckets": rows}
+
+
+def retrieval_result(header: dict, cells: Sequence[Cell], mode_names: Sequence[str], **settings) -> dict:
+    compare = len(mode_names) > 1
+    rows = []
+    for cell in cells:
+        row = {"length": cell.length, "depth": cell.depth, "tokens": cell.tokens, "trials": cell.trials}
+        row["correct"] = dict(cell.correct) if compare else cell.correct[mode_names[0]]
+        row["outputs"] = dict(cell.outputs) if compare else cell.outputs[mode_names[0]]
+        rows.append(row)
+    overall = {name: _number(accuracy(cells, name)) for name in mode_names}
+    return {**header, **settings, "results": rows, "accuracy": overall if compare else overall[mode_names[0]]}
+
+
+def ppl_series(result: dict) -> dict:
+    """Mode name -> buckets with a plain 'ppl' key, whichever shape the result has."""
+    buckets = result["buckets"]
+    if "ppl" in buckets[0]:
+        return {result["mode"]: buckets}
+    names = [key[len("ppl_"):] for key in buckets[0] if key.startswith("ppl_")]
+    return {name: [{**b, "ppl": b[f"ppl_{name}"]} for b in buckets] for name in names}
+
+
+def retrieval_series(result: dict) -> dict:
+    """Mode name -> {(length, depth): (correct, trials)}."""
+    rows = result["results"]
+    if isinstance(rows[0]["correct"], dict):
+        names = list(rows[0]["correct"])
+        return {n: {(r["length"], r["depth"]): (r["correct"][n], r["trials"]) for r in rows} for n in names}
+    return {result["mode"]: {(r["length"], r["depth"]): (r["correct"], r["trials"]) for r in rows}}
+
+
+def grid_panel(cells: dict) -> dict:
+    """{(length, depth): (correct, trials)} -> the rows plots.plot_accuracy_grid draws."""
+    lengths = sorted({length for length, _ in cells})
+    depths = sorted({depth for _, depth in cells})
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "correct": [[cells.get((n, d), (0, 0))[0] for n in lengths] for d in depths],
+        "trials": [[cells.get((n, d), (0, 0))[1] for n in lengths] for d in depths],
+    }
+
+
+def _format_ppl(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def ppl_table(result: dict) -> str:
+    series = ppl_series(result)
+    headers = ["positions"] + [f"ppl {name}" for name in series]
+    first = next(iter(series.values()))
+    rows = [[f"{b['start']}-{b['end']}"] + [_format_ppl(s[i]["ppl"]) for s in series.values()]
+            for i, b in enumerate(first)]
+    return format_table(headers, rows)
+
+
+def retrieval_table(result: dict) -> str:
+    series = retrieval_series(result)
+    keys = list(next(iter(series.values())))
+    headers = ["length", "depth"] + list(series)
+    rows = [[str(length), f"{depth:g}"] + [f"{s[(length, depth)][0]}/{s[(length, depth)][1]}" for s in series.values()]
+            for length, depth in keys]
+    rows.append(["accuracy", ""] + [_accuracy_text(s) for s in series.values()])
+    return format_table(headers, rows)
+
+
+def _accuracy_text(cells: dict) -> str:
+    correct = sum(c for c, _ in cells.values())
+    trials = sum(t for _, t in cells.values())
+    return f"{correct / trials:.0%}" if trials else "-"
+
+
+def load_result(path) -> dict:
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvaluationError(f"no such result file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EvaluationError(f"{path} is not a JSON result of 'selfextend eval' ({error})") from None
+    if not isinstance(result, dict) or result.get("task") not in ("ppl", "passkey", "needle"):
+        raise EvaluationError(f"{path} is not a JSON result of 'selfextend eval ppl/passkey/needle --json'")
+    return result
+
+
+def mode_label(result: dict, mode: str) -> str:
+    if mode == SELFEXTEND and result.get("group_size"):
+        return f"{mode} G{result['group_size']}/W{result['window']}"
+    return mode
+
+
+def series_labels(result: dict, series: dict) -> dict:
+    """Mode names -> readable labels (SelfExtend with its G and W), for plots."""
+    return {mode_label(result, mode): values for mode, values in series.items()}
+
+
+def run_label(result: dict, mode: str) -> str:
+    name = Path(str(result.get("model") or "model")).name
+    kv = f" kv{result['kv_bits']}" if result.get("kv_bits") else ""
+    return f"{name}{kv} {mode_label(result, mode)}"
+
+
+def compare_results(results: Sequence[dict]) -> dict:
+    """Several runs of one task side by side: a column per (run, mode)."""
+    tasks = {r["task"] for r in results}
+    if len(tasks) != 1:
+        raise EvaluationError(f"can only compare results of one task, got {sorted(tasks)}")
+    task = tasks.pop()
+    columns = {}
+    for result in results:
+        series = ppl_series(result) if task == "ppl" else retrieval_series(result)
+        for mode, values in series.items():
+            label = run_label(result, mode)
+            while label in columns:  # two runs that look alike still get their own column
+                label += "'"
+            columns[label] = values
+    return {"task": task, "columns": columns}
+
+
+def comparison_table(comparison: dict) -> str:
+    columns = comparison["columns"]
+    if comparison["task"] == "ppl":
+        ranges = []
+        for buckets in columns.values():
+            for b in buckets:
+                if (b["start"], b["end"]) not in ranges:
+                    ranges.append((b["start"], b["end"]))
+        lookup = {label: {(b["start"], b["end"]): b["ppl"] for b in buckets} for label, buckets in columns.items()}
+        rows = [[f"{s}-{e}"] + [_format_ppl(lookup[label].get((s, e))) for label in columns] for s, e in ranges]
+        return format_table(["positions"] + list(columns), rows)
+    keys = []
+    for cells in columns.values():
+        keys += [k for k in cells if k not in keys]
+    rows = [[str(n), f"{d:g}"] + [_cell_text(cells.get((n, d))) for cells in columns.values()] for n, d in keys]
+    rows.append(["accuracy", ""] + [_accuracy_text(cells) for cells in columns.values()])
+    return format_table(["length", "depth"] + list(columns), rows)
+
+
+def _cell_text(value) -> str:
+    return "-" if value is None else f"{value[0]}/{value[1]}"
+
+
