@@ -78,7 +78,7 @@ def _scores(q, keys, quant):
         s = mx.quantized_matmul(q, *keys, transpose=True, group_size=quant[0], bits=quant[1])
     else:
         s = q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)
-    return s.astype(mx.float32)
+    return s if s.dtype == mx.float32 else s.astype(mx.float32)
 
 
 def _weighted(p, values, quant):
@@ -117,8 +117,10 @@ def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, c
     blocks.append(s)
     scores = mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
     p = mx.softmax(scores, axis=-1, precise=True)
-    out = _weighted(p if quant else p.astype(qn.dtype), seq_slice(values, 0, b), quant)
-    return out.astype(qn.dtype)
+    if quant is None and p.dtype != qn.dtype:
+        p = p.astype(qn.dtype)
+    out = _weighted(p, seq_slice(values, 0, b), quant)
+    return out if out.dtype == qn.dtype else out.astype(qn.dtype)
 
 
 def _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config):
