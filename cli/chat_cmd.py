@@ -193,7 +193,8 @@ def _info(session) -> str:
     lines = [
         header(session),
         f"documents: {names} ({source})",
-        f"conversation: {len(session.history)} turns, {session.conversation_tokens:,} tokens in the KV cache "
+        f"conversation: {len(session.history)} turn{'' if len(session.history) == 1 else 's'}, "
+        f"{session.conversation_tokens:,} tokens in the KV cache "
         f"({cache}), {plan.max_length - session.conversation_tokens:,} left before N_max",
     ]
     last = getattr(session, "last_answer", None)

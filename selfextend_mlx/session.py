@@ -183,7 +183,7 @@ def choose_config(
             f"(L={trained_context}, W={window}, G={limit}, the most this model allows); it would need G={needed_g}: "
             "shorten the document or lower --max-tokens"
         )
-    if entry is not None and group_size is None:
+    if entry is not None and group_size is None and window < entry.rule_context:
         # The registry's rule may pick a G with more headroom (it fills the context the model really handles).
         needed_g = recommended_settings(trained_context, needed_tokens, replace(entry, window=window))[0]
     return SelfExtendConfig(needed_g, window), requested

@@ -136,6 +136,11 @@ def test_window_must_be_below_the_trained_context():
 def test_registry_model_uses_its_settings():
     config, requested = choose_config("SmolLM2-135M-Instruct", 8192, 2000)
     assert (config.window, requested) == (1024, 4)
+    # 40k tokens need G=6 on L=8192, but the registry keeps grouped positions inside the 3072
+    # tokens SmolLM2 really handles, up to its max_group_size of 8.
+    assert choose_config("SmolLM2-135M-Instruct", 8192, 40_000) == (SelfExtendConfig(8, 1024), 4)
+    # A window beyond that effective context: the smallest G that reaches, W kept as given.
+    assert choose_config("SmolLM2-135M-Instruct", 8192, 30_000, window=4000) == (SelfExtendConfig(7, 4000), 4)
 
 
 def test_memory_estimate_tracks_the_real_cache(stories, story_text):
@@ -257,3 +262,29 @@ def test_kv_bits_refused_for_heads_too_small_to_quantize(stories):
     model, tokenizer = stories  # head_dim 8: MLX quantizes groups of 32 or 64 values
     with pytest.raises(SelfExtendError, match="--kv-bits needs a head size divisible by 32; this model's is 8"):
         Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(kv_bits=8))
+
+
+def test_quantized_kv_cache_session(stories, tmp_path):
+    """--kv-bits on a tiny random-weight Llama with 64-wide heads (stories260K's are 8 wide)."""
+    from mlx_lm.models import llama
+
+    from selfextend_mlx.cache import QuantizedSelfExtendKVCache
+    from selfextend_mlx.loading import ModelInfo
+
+    _, tokenizer = stories
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
+                           vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)
+    model = llama.Model(args)
+    model.model_info = ModelInfo(model_id="tiny-random", family="llama", trained_context=256)
+    documents = [doc("Tom has a red ball. Lily has a blue kite. " * 15)]  # ~400 tokens: beyond 256
+    options = SessionOptions(max_tokens=6, kv_bits=8)
+    session = Session(model, tokenizer, documents, options=options, doc_cache=DocumentCache(tmp_path))
+    assert session.kv_group_size == 64 and session.plan.config.group_size > 1
+    session.ask("Who has a ball?")
+    assert all(isinstance(c, QuantizedSelfExtendKVCache) for c in session.cache)
+    second = session.ask("Who has a kite?")  # trims the quantized cache back to the common prefix
+    assert {c.offset for c in session.cache} == {len(session.cache_tokens)}
+    assert second.prefilled_tokens < second.prompt_tokens - len(session.prefix_tokens)
+    again = Session(model, tokenizer, documents, options=options, doc_cache=DocumentCache(tmp_path))
+    assert again.prepare() == "cache" and isinstance(again.cache[0], QuantizedSelfExtendKVCache)
