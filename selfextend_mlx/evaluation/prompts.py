@@ -21,8 +21,11 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is "
 NEEDLE_INTRO = "Read the following text and answer the question after it.\n\n"
 NEEDLE_QUESTION = "\n\nQuestion: {question}\nAnswer:"
 
-# Sentence ends: . ! ? optionally followed by closing quotes or brackets, then whitespace.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)\]])\s+")
+# Sentence ends: . ! ? (maybe closing a quote or bracket), whitespace, then what starts a
+# sentence (a capital or digit, maybe after an opening quote) - so `"Who?" he asked` stays whole.
+_SENTENCE_END = re.compile(
+    r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])"
+)
 
 Encoder = Callable[[str], list]
 

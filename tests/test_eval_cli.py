@@ -1,0 +1,146 @@
+"""`selfextend eval` end to end on stories260K: JSON schemas, tables, plots, compare, one-line errors."""
+
+import json
+import struct
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from conftest import shared_path
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return shared_path("models", "stories260K")
+
+
+@pytest.fixture(scope="module")
+def story_text():
+    return shared_path("text", "tinystories_sample.txt")
+
+
+@pytest.fixture(scope="module")
+def ppl_compare(stories, story_text, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ppl")
+    result = run("eval", "ppl", "-m", stories, "-f", story_text, "--tokens", "1k", "--buckets", "256,512",
+                 "-G", "4", "-W", "128", "--compare", "--json", "--plot", folder / "ppl.png", "--progress")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), folder
+
+
+def test_ppl_compare_json_schema(ppl_compare):
+    data, _ = ppl_compare
+    assert data["task"] == "ppl" and data["mode"] == "compare"
+    assert (data["tokens"], data["group_size"], data["window"], data["trained_context"]) == (1024, 4, 128, 512)
+    assert [(b["start"], b["end"]) for b in data["buckets"]] == [(0, 256), (256, 512), (512, 1024)]
+    for bucket in data["buckets"]:
+        assert set(bucket) == {"start", "end", "targets", "ppl_plain", "ppl_selfextend"}
+        assert 1.0 < bucket["ppl_plain"] < 50 and 1.0 < bucket["ppl_selfextend"] < 50
+    # Every distance in [0, W) is plain attention, so the first bucket barely differs.
+    first = data["buckets"][0]
+    assert first["ppl_selfextend"] == pytest.approx(first["ppl_plain"], rel=0.05)
+
+
+def test_ppl_progress_goes_to_stderr_and_plot_is_a_png(ppl_compare):
+    _, folder = ppl_compare
+    assert png_size(folder / "ppl.png") == (800, 500)
+
+
+def test_ppl_single_mode_table_and_json(stories, story_text):
+    result = run("eval", "ppl", "-m", stories, "-f", story_text, "--tokens", "600", "--plain", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["mode"] == "plain" and data["group_size"] is None and data["window"] is None
+    assert [set(b) for b in data["buckets"]] == [{"start", "end", "targets", "ppl"}] * 2
+    assert data["buckets"][1]["targets"] == 88
+    table = run("eval", "ppl", "-m", stories, "-f", story_text, "--tokens", "600", "--plain")
+    assert table.exit_code == 0 and "512-600" in table.stdout and "ppl plain" in table.stdout
+
+
+def test_passkey_compare_json_schema_and_heatmap(stories, tmp_path):
+    result = run("eval", "passkey", "-m", stories, "--lengths", "300,400", "--depths", "0,1", "--trials", "2",
+                 "--seed", "3", "-G", "2", "-W", "128", "--compare", "--json", "--plot", tmp_path / "k.png")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["task"] == "passkey" and data["seed"] == 3
+    assert [(r["length"], r["depth"]) for r in data["results"]] == [(300, 0.0), (300, 1.0), (400, 0.0), (400, 1.0)]
+    for row in data["results"]:
+        assert row["trials"] == 2 and set(row["correct"]) == {"plain", "selfextend"}
+        assert all(0 <= v <= 2 for v in row["correct"].values())
+        assert row["tokens"] <= row["length"]
+    assert set(data["accuracy"]) == {"plain", "selfextend"}
+    for mode in ("plain", "selfextend"):
+        expected = sum(r["correct"][mode] for r in data["results"]) / 8
+        assert data["accuracy"][mode] == pytest.approx(expected)
+    assert png_size(tmp_path / "k.png") == (800, 500)
+
+
+def test_passkey_same_seed_same_run(stories):
+    args = ("eval", "passkey", "-m", stories, "--lengths", "300", "--depths", "0.5", "--trials", "1", "--plain", "--json")
+    first, second = run(*args), run(*args)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout) == json.loads(second.stdout)
+    assert isinstance(json.loads(first.stdout)["results"][0]["correct"], int)
+
+
+def test_needle_and_compare_of_saved_runs(stories, story_text, tmp_path):
+    saved = []
+    for mode in ("--plain", "--compare"):
+        result = run("eval", "needle", "-m", stories, "--haystack", story_text, "--needle", "Tom has a red kite.",
+                     "--question", "What does Tom have?", "--answer", "kite", "--lengths", "400",
+                     "--depths", "0.5", mode, "--json", "--max-tokens", "4")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["task"] == "needle" and data["answer"] == "kite" and len(data["results"]) == 1
+        saved.append(tmp_path / f"needle{len(saved)}.json")
+        saved[-1].write_text(result.stdout)
+    table = run("eval", "compare", *saved, "--plot", tmp_path / "cmp.png")
+    assert table.exit_code == 0, table.output
+    header = table.stdout.splitlines()[0]
+    assert "stories260K plain" in header and "stories260K selfextend" in header and "accuracy" in table.stdout
+    assert png_size(tmp_path / "cmp.png")[1] == 500
+
+
+def test_compare_ppl_runs_in_one_table(ppl_compare, tmp_path):
+    data, _ = ppl_compare
+    eight = dict(data, kv_bits=8)
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    (tmp_path / "b.json").write_text(json.dumps(eight))
+    result = run("eval", "compare", tmp_path / "a.json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "stories260K kv8 selfextend G4/W128" in lines[0]
+    assert lines[2].split()[0] == "0-256" and len(lines) == 5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ppl", "-f", "/no/such/file.txt"], "no such file"),
+        (["passkey", "--lengths", "2x"], "not a token count"),
+        (["passkey", "--depths", "0.5,2"], "between 0 and 1"),
+        (["ppl", "-f", "{text}", "--plot", "out.jpg"], "PNG"),
+        (["ppl", "-f", "{text}", "--plain", "--compare"], "cannot be used together"),
+        (["ppl", "-f", "{text}", "-m", "{model}", "--tokens", "100k", "--plain"], "has only"),
+        (["compare", "{text}"], "not a JSON result"),
+    ],
+)
+def test_bad_input_is_one_error_line(args, message, stories, story_text):
+    args = [a.format(text=story_text, model=stories) for a in args]
+    result = run("eval", *args)
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
