@@ -97,7 +97,7 @@ def info(
 ):
     """Show a model's family, trained context, SelfExtend G and W, reach, and KV-cache memory."""
     from selfextend_mlx.config import max_length
-    from selfextend_mlx.device import DTYPES, resolve_dtype
+    from selfextend_mlx.device import DTYPES, describe_runtime, resolve_dtype
     from selfextend_mlx.errors import SettingsError
     from selfextend_mlx.loading import describe, kv_cache_bytes
     from selfextend_mlx.registry import max_group_size, recommended_settings
@@ -123,6 +123,7 @@ def info(
         "fits": at <= reach,
         "kv_cache_bytes": kv_cache_bytes(spec.layers, spec.kv_heads, spec.head_dim, at, window, item),
         "dtype": dtype_name,
+        "runtime": describe_runtime(dtype_name),
         "local": spec.available,
         "path": spec.location,
         "repo": spec.entry.repo if spec.entry else None,
@@ -143,6 +144,7 @@ def info(
             f"{spec.layers} layers x {spec.kv_heads} kv heads x {spec.head_dim})",
         ),
         ("available locally", f"yes: {spec.location}" if spec.available else "no (downloaded on first use)"),
+        ("runtime", record["runtime"]),
     ]
     if spec.entry:
         lines.insert(1, ("repo", spec.entry.repo))

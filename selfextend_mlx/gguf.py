@@ -132,9 +132,14 @@ def check_supported(header: GGUFHeader, path) -> None:
     arch = header.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"{path}: GGUF architecture '{arch}' is not supported; {SUPPORTED}")
-    unsupported = sorted({kind for kind, _ in header.tensors.values()} - set(SUPPORTED_TENSOR_TYPES))
+    unsupported = {name: kind for name, (kind, _) in header.tensors.items() if kind not in SUPPORTED_TENSOR_TYPES}
     if unsupported:
-        raise GGUFError(f"{path}: GGUF tensor type {', '.join(unsupported)} is not supported; {SUPPORTED}")
+        kinds = ", ".join(sorted(set(unsupported.values())))
+        first = next(iter(unsupported))
+        raise GGUFError(
+            f"{path}: GGUF tensor type {kinds} is not supported (tensor {first}, {len(unsupported)} in all); "
+            f"{SUPPORTED} (llama.cpp's `llama-quantize --pure` keeps every tensor in one type)"
+        )
     if (header.arch_value("expert_count") or 0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts GGUF models are not supported; {SUPPORTED}")
     if "rope_freqs.weight" in header.tensors:
@@ -285,7 +290,10 @@ def load_gguf_model(path, dtype: Optional[mx.Dtype] = None, header: Optional[GGU
         nn.quantize(model, class_predicate=lambda p, m: specs.get(p, False))
     if config["tie_word_embeddings"]:
         weights.pop("lm_head.weight", None)
-    model.load_weights(list(weights.items()), strict=True)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as error:
+        raise GGUFError(f"{path}: the tensors do not fit a llama model ({str(error).splitlines()[0]})") from None
     mx.eval(model.parameters())
     model.eval()
     return model, config

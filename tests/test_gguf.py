@@ -6,6 +6,7 @@ from. The real SmolLM2 Q4_1 file checks the tokenizer and the quantized layers a
 """
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -69,7 +70,7 @@ def tensor_kind(name: str, array: np.ndarray, kind: str) -> str:
     return kind
 
 
-def write_stories_gguf(path, stories_dir, kind: str, untied_head=None, **metadata_overrides):
+def write_stories_gguf(path, stories_dir, kind: str, untied_head=None, drop=(), **metadata_overrides):
     """stories260K as a llama.cpp GGUF in `kind`; returns {hf name: (array, kind)} as written."""
     config = json.loads((stories_dir / "config.json").read_text())
     weights = stories_weights(stories_dir)
@@ -90,6 +91,8 @@ def write_stories_gguf(path, stories_dir, kind: str, untied_head=None, **metadat
         elif hf.endswith("k_proj.weight"):
             stored = gguf.permute_rows(array, kv_heads)
         kind_here = tensor_kind(hf, array, kind)
+        if name in drop:
+            continue
         tensors[name] = (stored, kind_here)
         written[hf] = (array, kind_here)
     metadata = {
@@ -230,6 +233,14 @@ def test_k_quants_get_one_clear_error(tmp_path, stories_dir):
         load(path, selfextend=False)
     message = str(error.value)
     assert "Q4_K" in message and "supported" in message and "Q4_1" in message and "\n" not in message
+    assert re.search(r"\(tensor (token_embd|blk\.\d\.\w+)\.weight, \d+ in all\)", message)  # names one
+
+
+def test_missing_tensor_is_one_clear_error(tmp_path, stories_dir):
+    path = tmp_path / "incomplete.gguf"
+    write_stories_gguf(path, stories_dir, "Q8_0", drop=("blk.2.ffn_up.weight",))
+    with pytest.raises(UnsupportedModelError, match="do not fit a llama model"):
+        load(path, selfextend=False)
 
 
 @pytest.mark.parametrize(

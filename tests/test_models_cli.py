@@ -54,6 +54,7 @@ def test_info_for_the_default_model(app):
     assert fields["SelfExtend"].startswith("G=4, W=1024")
     assert fields["reach"].endswith("29696 tokens")
     assert fields["available locally"].startswith("yes: ") and fields["available locally"].endswith(".gguf")
+    assert fields["runtime"].startswith("CPU, ") and "float32" in fields["runtime"]  # which BLAS, which dtype
 
 
 def test_info_plans_for_a_length_and_sizes_the_kv_cache(app):
