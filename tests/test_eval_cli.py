@@ -144,3 +144,34 @@ def test_bad_input_is_one_error_line(args, message, stories, story_text):
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_prefix_reuse_between_prompts_answers_like_fresh_caches(stories):
+    """run_cells trims the cache back to the prompts' common prefix; answers match fresh prefills."""
+    from selfextend_mlx.config import SelfExtendConfig
+    from selfextend_mlx.evaluation.common import SELFEXTEND, Mode, greedy_generate, new_cache, use_mode
+    from selfextend_mlx.evaluation.prompts import passkey_prompt
+    from selfextend_mlx.evaluation.retrieval import build_cells, passkey_keys, run_cells
+    from selfextend_mlx.loading import load
+
+    model, tokenizer = load(stories, selfextend=False)
+    keys = passkey_keys(1, [700], [0.0, 0.5, 1.0], 2)
+    cells = build_cells([700], [0.0, 0.5, 1.0], 2,
+                        lambda n, d, t: passkey_prompt(tokenizer.encode, n, d, keys[(n, d)][t]))
+    mode = Mode(SELFEXTEND, SelfExtendConfig(4, 64))
+    use_mode(model, mode)
+
+    class Counting:  # the patched model, counting the tokens it is fed
+        layers, seen = model.layers, 0
+
+        def __call__(self, x, cache):
+            Counting.seen += x.shape[1]
+            return model(x, cache=cache)
+
+    fed = []
+    run_cells(Counting(), tokenizer, cells, [mode], 6, chunk_size=128, on_prompt=fed.append)
+    assert fed == [len(p.tokens) for c in cells for p in c.prompts]
+    assert Counting.seen < 0.8 * sum(fed)  # the shared filler was not fed again
+    for cell in cells:
+        fresh = [tokenizer.decode(greedy_generate(model, p.tokens, new_cache(model), 6, 128)) for p in cell.prompts]
+        assert cell.outputs["selfextend"] == fresh

@@ -4,6 +4,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+from ..session import common_prefix_length
 from .common import Mode, greedy_generate, new_cache, use_mode
 from .prompts import RetrievalPrompt, answer_found
 
@@ -47,20 +48,53 @@ def build_cells(lengths: Sequence[int], depths: Sequence[float], trials: int,
 def run_cells(model, tokenizer, cells: Sequence[Cell], modes: Sequence[Mode], max_tokens: int,
               kv_bits: Optional[int] = None, chunk_size: int = 512,
               on_prompt: Optional[Callable[[int], None]] = None) -> None:
-    """Fill each cell's `correct` and `outputs` for every mode (the model is switched once per mode)."""
+    """Fill each cell's `correct` and `outputs` for every mode (the model is switched once per mode).
+
+    Prompts of one length share their filler up to the needle, so the cache is trimmed back to
+    the common prefix with the previous prompt instead of being rebuilt: at five depths that
+    saves about a third of the prefill.
+    """
     stop_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
     for mode in modes:
         use_mode(model, mode)
+        reuse = _PrefixCache(model, kv_bits)
         for cell in cells:
             outputs = []
             for prompt in cell.prompts:
-                answer_tokens = greedy_generate(model, prompt.tokens, new_cache(model, kv_bits),
-                                                max_tokens, chunk_size, stop_ids)
+                cache, fed = reuse.rewind(prompt.tokens)
+                answer_tokens = greedy_generate(model, prompt.tokens[fed:], cache, max_tokens, chunk_size, stop_ids)
+                reuse.holds(prompt.tokens + answer_tokens)
                 outputs.append(tokenizer.decode(answer_tokens))
                 if on_prompt is not None:
                     on_prompt(len(prompt.tokens))
             cell.outputs[mode.name] = outputs
             cell.correct[mode.name] = sum(answer_found(p.answer, o) for p, o in zip(cell.prompts, outputs))
+
+
+class _PrefixCache:
+    """One cache reused across prompts, cut back to what the next prompt has in common with it."""
+
+    def __init__(self, model, kv_bits):
+        self.model, self.kv_bits = model, kv_bits
+        self.cache, self.tokens = new_cache(model, kv_bits), []
+
+    def rewind(self, prompt: Sequence[int]) -> tuple:
+        """(cache, tokens of `prompt` it already holds); at least one prompt token is left to feed."""
+        keep = min(common_prefix_length(self.tokens, prompt), len(prompt) - 1)
+        held = self.cache[0].offset if self.cache else 0
+        if keep == held:
+            return self.cache, keep
+        if keep > 0 and all(entry.is_trimmable() for entry in self.cache):
+            for entry in self.cache:
+                entry.trim(held - keep)
+            return self.cache, keep
+        self.cache = new_cache(self.model, self.kv_bits)
+        return self.cache, 0
+
+    def holds(self, tokens: Sequence[int]) -> None:
+        # Everything generated was fed back except a final stop token: the offset says how much.
+        held = self.cache[0].offset if self.cache else 0
+        self.tokens = list(tokens[:held])
 
 
 def accuracy(cells: Sequence[Cell], mode_name: str) -> float:
