@@ -56,3 +56,11 @@ def test_compare_refuses_mixed_tasks_and_bad_files(tmp_path):
         load_result(tmp_path / "bad.json")
     with pytest.raises(EvaluationError, match="no such result file"):
         load_result(tmp_path / "missing.json")
+
+
+def test_compare_shows_a_repeated_measurement_once():
+    run = {"task": "ppl", "mode": "compare", "model": "m", "group_size": 4, "window": 64,
+           "buckets": [{"start": 0, "end": 512, "targets": 511, "ppl_plain": 4.0, "ppl_selfextend": 4.1}]}
+    other = dict(run, group_size=8, buckets=[dict(run["buckets"][0], ppl_selfextend=3.9)])
+    columns = compare_results([run, other])["columns"]
+    assert list(columns) == ["m plain", "m selfextend G4/W64", "m selfextend G8/W64"]

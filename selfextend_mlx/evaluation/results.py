@@ -62,7 +62,8 @@ def ppl_series(result: dict) -> dict:
     if "ppl" in buckets[0]:
         return {result["mode"]: buckets}
     names = [key[len("ppl_"):] for key in buckets[0] if key.startswith("ppl_")]
-    return {name: [{**b, "ppl": b[f"ppl_{name}"]} for b in buckets] for name in names}
+    keep = ("start", "end", "targets")
+    return {name: [{**{k: b[k] for k in keep if k in b}, "ppl": b[f"ppl_{name}"]} for b in buckets] for name in names}
 
 
 def retrieval_series(result: dict) -> dict:
@@ -162,7 +163,9 @@ def compare_results(results: Sequence[dict]) -> dict:
         series = ppl_series(result) if task == "ppl" else retrieval_series(result)
         for mode, values in series.items():
             label = run_label(result, mode)
-            while label in columns:  # two runs that look alike still get their own column
+            if columns.get(label) == values:  # the same measurement twice (e.g. each run's plain baseline)
+                continue
+            while label in columns:  # two runs that look alike but differ still get their own column
                 label += "'"
             columns[label] = values
     return {"task": task, "columns": columns}
