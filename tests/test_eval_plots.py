@@ -64,3 +64,12 @@ def test_compare_shows_a_repeated_measurement_once():
     other = dict(run, group_size=8, buckets=[dict(run["buckets"][0], ppl_selfextend=3.9)])
     columns = compare_results([run, other])["columns"]
     assert list(columns) == ["m plain", "m selfextend G4/W64", "m selfextend G8/W64"]
+
+
+def test_compare_joins_retrieval_runs_of_one_setting_at_other_lengths():
+    def run(length, correct):
+        return {"task": "passkey", "mode": "plain", "model": "m",
+                "results": [{"length": length, "depth": 0.5, "trials": 1, "correct": correct}]}
+
+    columns = compare_results([run(2048, 1), run(16384, 0)])["columns"]
+    assert columns == {"m plain": {(2048, 0.5): (1, 1), (16384, 0.5): (0, 1)}}

@@ -165,6 +165,9 @@ def compare_results(results: Sequence[dict]) -> dict:
             label = run_label(result, mode)
             if columns.get(label) == values:  # the same measurement twice (e.g. each run's plain baseline)
                 continue
+            if task != "ppl" and label in columns and not columns[label].keys() & values.keys():
+                columns[label] = {**columns[label], **values}  # one setting run in parts (e.g. 16k apart)
+                continue
             while label in columns:  # two runs that look alike but differ still get their own column
                 label += "'"
             columns[label] = values
