@@ -124,3 +124,19 @@ def test_stories260k_selfextend_keeps_perplexity_flat_where_plain_explodes(stori
         use_mode(model, Mode(PLAIN))
     assert plain[1].ppl > 10 * plain[0].ppl
     assert extended[1].ppl < 1.5 * extended[0].ppl
+
+
+@pytest.mark.parametrize("config", [None, SelfExtendConfig(group_size=4, window=16)])
+def test_quantized_kv_cache_scores_close_to_full_precision(config):
+    from tiny_models import random_tokens, tiny_model
+
+    model = tiny_model("llama", num_attention_heads=2, num_key_value_heads=1)  # head_dim 32: quantizable
+    use_mode(model, Mode(SELFEXTEND, config) if config else Mode(PLAIN))
+    tokens = [int(t) for t in random_tokens(150).tolist()]
+    ranges = bucket_edges(150, [50])
+    full = perplexity_buckets(model, tokens, ranges, chunk_size=32)
+    eight = perplexity_buckets(model, tokens, ranges, kv_bits=8, chunk_size=32)
+    for a, b in zip(full, eight):
+        assert b.ppl == pytest.approx(a.ppl, rel=0.02)
+    assert full != eight  # the 8-bit cache was really used: rounding moves the scores a little
+    assert all("Quantized" in type(c).__name__ for c in new_cache(model, 8))

@@ -10,6 +10,7 @@ from ..cache import make_cache
 from ..config import SelfExtendConfig
 from ..errors import EvaluationError
 from ..patch import apply_selfextend, remove_selfextend, selfextend_config
+from ..session import kv_group_size
 
 PLAIN = "plain"
 SELFEXTEND = "selfextend"
@@ -66,7 +67,9 @@ def use_mode(model, mode: Mode) -> None:
 
 
 def new_cache(model, kv_bits: Optional[int] = None) -> list:
-    return make_cache(model, kv_bits=kv_bits)
+    # Small heads need a smaller quantization group; the session picks it (or says why it cannot).
+    group = kv_group_size(model, kv_bits) if kv_bits is not None else 64
+    return make_cache(model, kv_bits=kv_bits, kv_group_size=group)
 
 
 def feed(model, tokens: Sequence[int], cache: list, chunk_size: int,
