@@ -10,7 +10,8 @@ import typer
 
 from selfextend_mlx.errors import EvaluationError
 
-from .common import GroupSizeOpt, KvBitsOpt, ModelOpt, ProgressBar, ProgressOpt, WindowOpt, print_json, show_status
+from .common import (GroupSizeOpt, KvBitsOpt, ModelOpt, ProgressBar, ProgressOpt, WindowOpt, print_json, show_status,
+                     status)
 
 eval_app = typer.Typer(
     help="Measure a model on long inputs: perplexity by position, passkey and needle retrieval, "
@@ -41,17 +42,27 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _progress(label: str, total: int, progress: Optional[bool]):
-    """Yield `advance(n)` driving the project's stderr progress bar (counts are tokens)."""
+    """Yield `advance(n)` driving the project's stderr progress bar (counts are tokens).
+
+    Runs last minutes to hours, so a log (stderr not a terminal) also gets a line every 10%.
+    """
     if not show_status(progress):
         yield lambda n: None
         return
-    bar, started, done = ProgressBar(label, min_tokens=0), time.perf_counter(), 0
+    bar, started, done, logged = ProgressBar(label, min_tokens=0), time.perf_counter(), 0, 0
     bar(0, total, 0.0)
 
     def advance(n: int):
-        nonlocal done
-        done += n
-        bar(min(done, total), total, time.perf_counter() - started)
+        nonlocal done, logged
+        done = min(done + n, total)
+        elapsed = time.perf_counter() - started
+        bar(done, total, elapsed)
+        tenth = 10 * done // total
+        if not bar.interactive and tenth > logged and done < total:
+            logged = tenth
+            left = elapsed * (total - done) / done
+            status(f"{label}: {done:,}/{total:,} tokens ({done / total:.0%}), {done / elapsed:,.0f} tok/s, "
+                   f"about {left / 60:.1f} min left")
 
     yield advance
 
