@@ -1,6 +1,5 @@
 """`selfextend eval`: perplexity, passkey and needle-in-a-haystack, plain vs SelfExtend."""
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
