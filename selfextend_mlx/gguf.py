@@ -302,7 +302,9 @@ def load_gguf_model(path, dtype: Optional[mx.Dtype] = None, header: Optional[GGU
 # ---------------------------------------------------------------- tokenizer
 
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre`, as the Hugging Face tokenizers of
-# those models define them.
+# those models define them. "smollm" is checked token for token against SmolLM2's
+# tokenizer.json (tests/test_gguf.py); "llama-bpe" (Llama 3) follows Llama 3's tokenizer.json
+# but has not been checked against a real Llama 3 GGUF here.
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"

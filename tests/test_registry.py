@@ -153,11 +153,12 @@ def test_rule_uses_the_registry_and_its_limits():
 
 
 def test_rule_keeps_grouped_positions_where_the_model_works():
-    smollm2 = registry_entry("SmolLM2-135M-Instruct")  # L=8192, works to about 3k
+    smollm2 = registry_entry("SmolLM2-135M-Instruct")  # L=8192, works to about 5k
+    assert smollm2.rule_context == 5120
     group_size, window = recommended_settings(8192, tokens=10_000, entry=smollm2)
-    assert (group_size, window) == (5, 1024)  # (3072 - 1024) * 5 + 1024 >= 10000
-    assert (group_size - 1) * (3072 - 1024) + 1024 < 10_000
-    # Beyond the comfortable range but within the hard one: the largest G allowed.
-    assert recommended_settings(8192, tokens=30_000, entry=smollm2) == (8, 1024)
+    assert (group_size, window) == (3, 1024)  # (5120 - 1024) * 3 + 1024 >= 10000
+    assert (group_size - 1) * (5120 - 1024) + 1024 < 10_000
+    # Beyond the comfortable range (G=8 reaches 33792) but within the hard one: the largest G allowed.
+    assert recommended_settings(8192, tokens=40_000, entry=smollm2) == (8, 1024)
     with pytest.raises(InputTooLongError):
-        recommended_settings(8192, tokens=60_000, entry=smollm2)
+        recommended_settings(8192, tokens=60_000, entry=smollm2)  # hard reach at G=8: 58368
