@@ -72,20 +72,19 @@ def seq_slice(x, start: int, end: int):
 
 
 def _scores(q, keys, quant):
-    """q (B, Hkv, rep, C, D) against keys (B, Hkv, N, D) -> (B, Hkv, rep, C, N) in fp32."""
+    """q (B, Hkv, rep*C, D) against keys (B, Hkv, N, D) -> (B, Hkv, rep*C, N) in fp32.
+    The query heads sharing a key head are stacked as rows: no broadcast copies of the keys."""
     if isinstance(keys, tuple):
-        keys = tuple(mx.expand_dims(part, 2) for part in keys)
         s = mx.quantized_matmul(q, *keys, transpose=True, group_size=quant[0], bits=quant[1])
     else:
-        s = q @ mx.expand_dims(keys, 2).swapaxes(-1, -2)
+        s = q @ keys.swapaxes(-1, -2)
     return s if s.dtype == mx.float32 else s.astype(mx.float32)
 
 
 def _weighted(p, values, quant):
     if isinstance(values, tuple):
-        values = tuple(mx.expand_dims(part, 2) for part in values)
         return mx.quantized_matmul(p, *values, transpose=False, group_size=quant[0], bits=quant[1])
-    return p @ mx.expand_dims(values, 2)
+    return p @ values
 
 
 def _softcap(s, cap):
@@ -93,27 +92,38 @@ def _softcap(s, cap):
 
 
 def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant):
-    """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep, C, D), pre-scaled.
+    """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep*C, D), pre-scaled.
 
     Keys fall in three blocks: [0, a-W+1) grouped for every query; [b-W, b) neighbor for every
     query (or masked); between them a band of C-1 keys that needs both scores and a `where`.
-    A decode step (C = 1) has no mixed band at all.
+    A decode step (C = 1) has no mixed band and no mask at all.
     """
-    W = config.window
+    W, C = config.window, b - a
     grouped_end = max(0, a - W + 1)
     neighbor_begin = max(0, b - W)
-    queries = mx.arange(a, b)[:, None]
+
+    def by_query(scores):
+        # rows are (rep, C): a 5-d view lets a (C, keys) mask broadcast over the heads
+        B, H, rows, n = scores.shape
+        return scores.reshape(B, H, rows // C, C, n)
+
+    def flat(scores):
+        B, H, rep, C, n = scores.shape
+        return scores.reshape(B, H, rep * C, n)
+
     blocks = []  # adjacent key ranges, in order, sharing one softmax
     if grouped_end > 0:
         blocks.append(_softcap(_scores(qg, seq_slice(k_grouped, 0, grouped_end), quant), softcap))
     if neighbor_begin > grouped_end:
-        d = queries - mx.arange(grouped_end, neighbor_begin)[None]
+        d = mx.arange(a, b)[:, None] - mx.arange(grouped_end, neighbor_begin)[None]
         s_n = _scores(qn, seq_slice(k_neighbor, grouped_end - neighbor_start, neighbor_begin - neighbor_start), None)
         s_g = _scores(qg, seq_slice(k_grouped, grouped_end, neighbor_begin), quant)
-        blocks.append(mx.where(d >= 0, _softcap(mx.where(d < W, s_n, s_g), softcap), -mx.inf))
+        mixed = _softcap(mx.where(d < W, by_query(s_n), by_query(s_g)), softcap)
+        blocks.append(flat(mx.where(d >= 0, mixed, -mx.inf)))
     s = _softcap(_scores(qn, seq_slice(k_neighbor, neighbor_begin - neighbor_start, b - neighbor_start), None), softcap)
-    if b - a > 1:
-        s = mx.where(queries >= mx.arange(neighbor_begin, b)[None], s, -mx.inf)
+    if C > 1:
+        causal = mx.arange(a, b)[:, None] >= mx.arange(neighbor_begin, b)[None]
+        s = flat(mx.where(causal, by_query(s), -mx.inf))
     blocks.append(s)
     scores = mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
     p = mx.softmax(scores, axis=-1, precise=True)
@@ -213,7 +223,7 @@ def selfextend_attention(
         if fused:
             out = _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config)
         else:
-            qn, qg = (x.reshape(B, Hkv, rep, b - a, D) for x in (qn, qg))
+            qn, qg = (x.reshape(B, Hkv, rep * (b - a), D) for x in (qn, qg))
             out = _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant)
         outputs.append(out.reshape(B, Hq, b - a, -1))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
