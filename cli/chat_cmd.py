@@ -26,9 +26,11 @@ from .common import (
     document_cache,
     header,
     load_model,
+    make_sampling,
     print_json,
     show_status,
     status,
+    write_out,
 )
 
 DEFAULT_MAX_TOKENS = 512
@@ -57,17 +59,6 @@ def open_session(files, *, model, system, group_size, window, max_tokens, kv_bit
     if verbose:
         status(header(session))
     return session
-
-
-def _sampling(max_tokens, temp, top_p, seed):
-    from selfextend_mlx.session import Sampling
-
-    return Sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
-
-
-def _write(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 # -- chat ---------------------------------------------------------------------------------------
@@ -119,7 +110,7 @@ def chat(
     interactive = sys.stdin.isatty()
     if interactive:
         status("ask a question (/help for commands)")
-    sampling = _sampling(max_tokens, temp, top_p, seed)
+    sampling = make_sampling(max_tokens, temp, top_p, seed)
     while True:
         line = _read_line(interactive)
         if line is None:
@@ -154,15 +145,15 @@ def _answer(session, question, sampling, interactive) -> None:
     from selfextend_mlx.errors import InputTooLongError
 
     try:
-        session.ask(question, sampling, on_text=_write, on_progress=ProgressBar("reading") if interactive else None)
+        session.ask(question, sampling, on_text=write_out, on_progress=ProgressBar("reading") if interactive else None)
     except KeyboardInterrupt:
-        _write("\n")
+        write_out("\n")
         status("(answer stopped)")
         return
     except InputTooLongError as error:
         status(f"error: {error}")
         return
-    _write("\n\n" if not interactive else "\n")
+    write_out("\n\n" if not interactive else "\n")
 
 
 def _chat_command(session, command: str) -> bool:
@@ -245,7 +236,7 @@ def ask(
         question = typer.prompt("Question")
     _answer_once(files, question, json_output, progress, model=model, system=system, group_size=group_size,
                  window=window, max_tokens=max_tokens, kv_bits=kv_bits, prefill_step_size=prefill_step_size,
-                 cache_dir=cache_dir, no_cache=no_cache, sampling=_sampling(max_tokens, temp, top_p, seed))
+                 cache_dir=cache_dir, no_cache=no_cache, sampling=make_sampling(max_tokens, temp, top_p, seed))
 
 
 class Style(str, Enum):
@@ -291,18 +282,18 @@ def summarize(
     _answer_once(files, SUMMARY_REQUESTS[style], json_output, progress, model=model, system=system,
                  group_size=group_size, window=window, max_tokens=max_tokens, kv_bits=kv_bits,
                  prefill_step_size=prefill_step_size, cache_dir=cache_dir, no_cache=no_cache,
-                 sampling=_sampling(max_tokens, temp, top_p, seed))
+                 sampling=make_sampling(max_tokens, temp, top_p, seed))
 
 
 def _answer_once(files, question, json_output, progress, *, sampling, **session_args) -> None:
     verbose = show_status(progress)
     session = open_session(files, verbose=verbose, first_question=question, **session_args)
     bar = ProgressBar("reading") if verbose else None
-    answer = session.ask(question, sampling, on_text=(lambda text: None) if json_output else _write, on_progress=bar)
+    answer = session.ask(question, sampling, on_text=(lambda text: None) if json_output else write_out, on_progress=bar)
     if json_output:
         print_json(answer_record(session, answer))
     else:
-        _write("\n")
+        write_out("\n")
     if verbose:
         status(f"prompt {answer.prompt_tokens:,} tokens ({answer.prefilled_tokens:,} computed, {answer.prompt_tps:,.1f} tok/s), "
                f"answer {answer.generation_tokens:,} tokens ({answer.generation_tps:,.1f} tok/s), "

@@ -63,6 +63,18 @@ def status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def write_out(text: str) -> None:
+    """Answer text to stdout, flushed so it streams."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def make_sampling(max_tokens, temp, top_p, seed):
+    from selfextend_mlx.session import Sampling
+
+    return Sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+
+
 def show_status(progress: Optional[bool]) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 

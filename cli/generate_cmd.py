@@ -1,11 +1,9 @@
 """`selfextend generate`: mlx_lm.generate's flags, with SelfExtend."""
 
-import sys
 from typing import Annotated, Optional
 
 import typer
 
-from .chat_cmd import _sampling, _write
 from .common import (
     GroupSizeOpt,
     JsonOpt,
@@ -21,10 +19,12 @@ from .common import (
     answer_record,
     header,
     load_model,
+    make_sampling,
     print_json,
     read_stdin_text,
     show_status,
     status,
+    write_out,
 )
 
 
@@ -66,8 +66,8 @@ def generate(
     session = Session(loaded_model, tokenizer, system=system_prompt, options=options, first_question=prompt, notice=status)
     if verbose:
         status(header(session))
-    sampling = _sampling(max_tokens, temp, top_p, seed)
-    answer = session.ask(prompt, sampling, on_text=(lambda text: None) if json_output else _write,
+    sampling = make_sampling(max_tokens, temp, top_p, seed)
+    answer = session.ask(prompt, sampling, on_text=(lambda text: None) if json_output else write_out,
                          on_progress=ProgressBar("prompt") if verbose else None)
     if json_output:
         record = answer_record(session, answer)
@@ -76,7 +76,7 @@ def generate(
             record.pop(key)
         print_json(record)
     else:
-        _write("\n")
+        write_out("\n")
     if verbose:
         status(f"prompt: {answer.prompt_tokens:,} tokens, {answer.prompt_tps:,.1f} tokens-per-sec | "
                f"generation: {answer.generation_tokens:,} tokens, {answer.generation_tps:,.1f} tokens-per-sec | "

@@ -227,7 +227,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path, stories, monkeypatch):
 
     document = write(tmp_path, "note.txt", "Tom has a red ball. Lily has a blue kite. " * 5)
     written = []
-    real_write = chat_cmd._write
+    real_write = chat_cmd.write_out
 
     def write_then_ctrl_c(text):
         written.append(text)
@@ -235,7 +235,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path, stories, monkeypatch):
             raise KeyboardInterrupt
         real_write(text)
 
-    monkeypatch.setattr(chat_cmd, "_write", write_then_ctrl_c)
+    monkeypatch.setattr(chat_cmd, "write_out", write_then_ctrl_c)
     result = invoke("chat", document, "-m", stories, "-n", "12", input="Who has a ball?\nWho has a kite?\n/info\n")
     assert result.exit_code == 0
     assert "(answer stopped)" in result.stderr

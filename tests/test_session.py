@@ -134,13 +134,26 @@ def test_window_must_be_below_the_trained_context():
 
 
 def test_registry_model_uses_its_settings():
-    config, requested = choose_config("SmolLM2-135M-Instruct", 8192, 2000)
-    assert (config.window, requested) == (1024, 4)
-    # 40k tokens need G=6 on L=8192, but the registry keeps grouped positions inside the 3072
-    # tokens SmolLM2 really handles, up to its max_group_size of 8.
-    assert choose_config("SmolLM2-135M-Instruct", 8192, 40_000) == (SelfExtendConfig(8, 1024), 4)
-    # A window beyond that effective context: the smallest G that reaches, W kept as given.
-    assert choose_config("SmolLM2-135M-Instruct", 8192, 30_000, window=4000) == (SelfExtendConfig(7, 4000), 4)
+    from selfextend_mlx.config import smallest_group_size
+    from selfextend_mlx.registry import recommended_settings, registry_entry
+
+    name = "SmolLM2-135M-Instruct"
+    entry = registry_entry(name)
+    L = entry.trained_context
+    config, requested = choose_config(name, L, 2000)
+    assert (config, requested) == (SelfExtendConfig(entry.group_size, entry.window), entry.group_size)
+    # Past the default reach: the registry's rule, which keeps grouped positions inside the
+    # context the model really handles, within its max_group_size.
+    tokens = SelfExtendConfig(entry.group_size, entry.window).max_length(L) + 1000
+    config, requested = choose_config(name, L, tokens)
+    assert config.group_size == recommended_settings(L, tokens, entry)[0] > requested == entry.group_size
+    assert config.group_size <= entry.max_group_size and config.max_length(L) >= tokens
+    # A window past that effective context: the smallest G that reaches, the window kept as given.
+    window = entry.rule_context + 64
+    tokens = SelfExtendConfig(entry.group_size + 1, window).max_length(L)
+    config, _ = choose_config(name, L, tokens, window=window)
+    assert config == SelfExtendConfig(smallest_group_size(L, window, tokens), window)
+    assert config.group_size == entry.group_size + 1
 
 
 def test_memory_estimate_tracks_the_real_cache(stories, story_text):
