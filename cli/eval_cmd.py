@@ -210,7 +210,7 @@ def _run_retrieval(task, loaded, tokenizer, info, modes, cells, kv_bits, chunk_s
 
     work = len(modes) * sum(len(p.tokens) for c in cells for p in c.prompts)
     with _progress(task, work, progress) as advance:
-        run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_prompt=advance)
+        run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_tokens=advance)
     result = retrieval_result(_header(task, info, modes, kv_bits), cells, [m.name for m in modes], **settings)
     if plot:
         panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}

@@ -73,11 +73,13 @@ def new_cache(model, kv_bits: Optional[int] = None) -> list:
 
 
 def feed(model, tokens: Sequence[int], cache: list, chunk_size: int,
-         on_logits: Optional[Callable[[int, mx.array], None]] = None) -> mx.array:
+         on_logits: Optional[Callable[[int, mx.array], None]] = None,
+         on_progress: Optional[Callable[[int], None]] = None) -> mx.array:
     """Run `tokens` through the model in chunks, growing `cache`; return the last position's logits.
 
     `on_logits(start, logits)` sees each chunk's (chunk, vocab) logits, so callers can score
-    them without ever holding all N x vocab logits at once.
+    them without ever holding all N x vocab logits at once; `on_progress(n)` hears of each
+    chunk of n tokens done.
     """
     if not tokens:
         raise EvaluationError("nothing to feed: the token list is empty")
@@ -88,21 +90,23 @@ def feed(model, tokens: Sequence[int], cache: list, chunk_size: int,
         last = start + chunk_size >= len(tokens)
         if on_logits is not None:
             on_logits(start, logits)
-        elif not last:
+        if on_logits is None and not last:
             # Only the cache is needed: MLX is lazy, so the vocabulary projection of this chunk's
             # logits (a fifth of a small model's prefill work) is never computed.
             mx.eval([entry.state for entry in cache])
-            continue
-        # Evaluate per chunk: one lazy graph over the whole text would hold every activation.
-        # The cache's new keys and values are inputs of these logits, so they are computed too.
-        mx.eval(logits)
+        else:
+            # Evaluate per chunk: one lazy graph over the whole text would hold every activation.
+            # The cache's new keys and values are inputs of these logits, so they are computed too.
+            mx.eval(logits)
+        if on_progress is not None:
+            on_progress(chunk.shape[1])
     return logits[-1]
 
 
 def greedy_generate(model, prompt: Sequence[int], cache: list, max_tokens: int, chunk_size: int,
-                    stop_ids: Sequence[int] = ()) -> list[int]:
+                    stop_ids: Sequence[int] = (), on_progress: Optional[Callable[[int], None]] = None) -> list[int]:
     """Greedy decoding: the paper's passkey protocol (no sampling, so runs repeat exactly)."""
-    logits = feed(model, prompt, cache, chunk_size)
+    logits = feed(model, prompt, cache, chunk_size, on_progress=on_progress)
     stop = set(stop_ids)
     out: list[int] = []
     for _ in range(max_tokens):

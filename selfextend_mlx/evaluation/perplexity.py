@@ -44,11 +44,9 @@ def token_nll(model, tokens: Sequence[int], cache: list, chunk_size: int = DEFAU
         picked = mx.take_along_axis(logits, chunk_targets[:, None], axis=-1)[:, 0]
         values = mx.logsumexp(logits, axis=-1) - picked
         nll[start:start + logits.shape[0]] = np.array(values, dtype=np.float64)
-        if on_chunk is not None:
-            on_chunk(logits.shape[0])
 
     # The last token is only ever a target, never an input.
-    feed(model, tokens[:-1], cache, chunk_size, on_logits=score)
+    feed(model, tokens[:-1], cache, chunk_size, on_logits=score, on_progress=on_chunk)
     return nll
 
 
