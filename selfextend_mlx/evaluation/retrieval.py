@@ -8,9 +8,6 @@ from ..session import common_prefix_length
 from .common import Mode, greedy_generate, new_cache, use_mode
 from .prompts import RetrievalPrompt, answer_found
 
-PASSKEY_MAX_TOKENS = 10  # five digits plus whatever the tokenizer puts around them
-NEEDLE_MAX_TOKENS = 32
-
 
 @dataclass
 class Cell:
