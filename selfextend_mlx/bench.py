@@ -95,72 +95,82 @@ def remove_reference_baseline(model):
 
 
 def _use_mode(model, mode, config):
+    """Put `model` in `mode` (plain, SelfExtend or the baseline); cheap: classes are swapped."""
     remove_reference_baseline(model)
     remove_selfextend(model)
     if mode == "selfextend":
         apply_selfextend(model, config)
+    elif mode == "reference":
+        apply_reference_baseline(model, config)
+
+
+def _new_cache(model, mode):
+    if mode == "selfextend":
         return make_cache(model)
     if mode == "reference":
-        apply_reference_baseline(model, config)
         return [KVCache() for _ in model.layers]
     return make_prompt_cache(model)
 
 
-def measure(model, tokens: mx.array, mode: str, config: SelfExtendConfig, decode_steps=16, prefill_step=512):
-    """Prefill `tokens`, then decode `decode_steps` tokens; returns a BenchRow."""
-    cache = _use_mode(model, mode, config)
+def _prefill(model, tokens, cache, step):
     mx.synchronize()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    for s in range(0, tokens.size, prefill_step):
-        logits = model(tokens[None, s : s + prefill_step], cache=cache)
+    for s in range(0, tokens.size, step):
+        logits = model(tokens[None, s : s + step], cache=cache)
         mx.eval(logits, [c.state for c in cache])
-    prefill_time = time.perf_counter() - start
-    y = logits[:, -1:].argmax(axis=-1)
-    mx.eval(y)
-    # one warm-up step, then the timed ones
-    y = model(y, cache=cache)[:, -1:].argmax(axis=-1)
-    mx.eval(y)
-    start = time.perf_counter()
-    for _ in range(decode_steps):
-        y = model(y, cache=cache)[:, -1:].argmax(axis=-1)
-        mx.eval(y)
-    decode_time = time.perf_counter() - start
-    return BenchRow(
-        length=int(tokens.size),
-        mode=mode,
-        prefill_tps=tokens.size / prefill_time,
-        decode_tps=decode_steps / decode_time,
-        peak_memory_bytes=int(mx.get_peak_memory()),
-        kv_cache_bytes=int(cache_nbytes(cache)),
-    )
+    return time.perf_counter() - start, int(mx.get_peak_memory()), logits[:, -1:].argmax(axis=-1)
 
 
 def run_bench(model, tokens: mx.array, lengths, config: SelfExtendConfig, modes=MODES, decode_steps=16,
               prefill_step=512, repeats=1, on_row=None):
-    """Measure every mode at every length; with repeats > 1 modes alternate and the fastest
-    run of each is kept (this machine's other load only ever slows a run down)."""
+    """Measure every mode at every length, in one process on the same tokens.
+
+    Prefill runs `repeats` times per mode (modes alternating) and keeps the fastest. Decode
+    steps of the modes are interleaved one by one on their own caches, so whatever else the
+    machine is doing slows them alike; a mode's decode speed is from its median step time.
+    """
     original = selfextend_config(model)
     rows = []
     try:
         for length in lengths:
             if length > tokens.size:
                 raise ValueError(f"need {length} tokens of text, have {tokens.size}")
-            best = {}
+            prompt = tokens[:length]
+            best, caches, next_token = {}, {}, {}
             for _ in range(repeats):
                 for mode in modes:
-                    row = measure(model, tokens[:length], mode, config, decode_steps, prefill_step)
-                    kept = best.get(mode)
-                    if kept is None:
-                        best[mode] = row
-                    else:
-                        kept.prefill_tps = max(kept.prefill_tps, row.prefill_tps)
-                        kept.decode_tps = max(kept.decode_tps, row.decode_tps)
-                        kept.peak_memory_bytes = max(kept.peak_memory_bytes, row.peak_memory_bytes)
+                    _use_mode(model, mode, config)
+                    cache = _new_cache(model, mode)
+                    seconds, peak, y = _prefill(model, prompt, cache, prefill_step)
+                    kept = best.get(mode, (float("inf"), 0))
+                    best[mode] = (min(kept[0], seconds), max(kept[1], peak))
+                    caches[mode], next_token[mode] = cache, y
+            step_times = {mode: [] for mode in modes}
+            for step in range(decode_steps + 1):  # step 0 warms up
+                order = modes[step % len(modes):] + modes[: step % len(modes)]
+                for mode in order:
+                    _use_mode(model, mode, config)
+                    start = time.perf_counter()
+                    y = model(next_token[mode], cache=caches[mode])[:, -1:].argmax(axis=-1)
+                    mx.eval(y)
+                    if step:
+                        step_times[mode].append(time.perf_counter() - start)
+                    next_token[mode] = y
             for mode in modes:
-                rows.append(best[mode])
+                times = sorted(step_times[mode])
+                row = BenchRow(
+                    length=length,
+                    mode=mode,
+                    prefill_tps=length / best[mode][0],
+                    decode_tps=1.0 / times[len(times) // 2],
+                    peak_memory_bytes=best[mode][1],
+                    kv_cache_bytes=int(cache_nbytes(caches[mode])),
+                )
+                rows.append(row)
                 if on_row:
-                    on_row(best[mode])
+                    on_row(row)
+            caches.clear()
     finally:
         remove_reference_baseline(model)
         remove_selfextend(model)
