@@ -51,7 +51,7 @@ def open_session(files, *, model, system, group_size, window, max_tokens, kv_bit
     from selfextend_mlx.session import Session, SessionOptions
 
     documents = read_documents(files)
-    loaded_model, tokenizer = load_model(model, verbose)
+    loaded_model, tokenizer = load_model(model)
     options = SessionOptions(group_size=group_size, window=window, max_tokens=max_tokens, kv_bits=kv_bits,
                              prefill_step_size=prefill_step_size)
     session = Session(loaded_model, tokenizer, documents, system=system, options=options,

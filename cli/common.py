@@ -2,7 +2,6 @@
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -173,15 +172,21 @@ def answer_record(session, answer) -> dict:
 # -- loading ----------------------------------------------------------------------------------
 
 
-def load_model(model_ref: Optional[str], verbose: bool):
-    """Load the model plain: the session applies SelfExtend once it knows the input length."""
+def load_model(model_ref: Optional[str]):
+    """Load the model plain: the session applies SelfExtend once it knows the input length.
+    A terminal sees a transient "loading" note, erased once the model is in."""
     from selfextend_mlx.loading import load
 
-    started = time.perf_counter()
-    model, tokenizer = load(model_ref, selfextend=False)
-    if verbose:
-        status(f"loaded {display_name(model.model_info.model_id)} in {time.perf_counter() - started:.1f}s")
-    return model, tokenizer
+    interactive = sys.stderr.isatty()
+    if interactive:
+        sys.stderr.write(f"loading {model_ref or 'the default model'}...")
+        sys.stderr.flush()
+    try:
+        return load(model_ref, selfextend=False)
+    finally:
+        if interactive:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
 
 
 def document_cache(cache_dir: Optional[Path], no_cache: bool):

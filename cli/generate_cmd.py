@@ -60,7 +60,7 @@ def generate(
     if not prompt.strip():
         raise SelfExtendError("the prompt is empty")
     verbose = show_status(progress)
-    loaded_model, tokenizer = load_model(model, verbose)
+    loaded_model, tokenizer = load_model(model)
     options = SessionOptions(group_size=group_size, window=window, max_tokens=max_tokens, kv_bits=kv_bits,
                              prefill_step_size=prefill_step_size, use_chat_template=not ignore_chat_template)
     session = Session(loaded_model, tokenizer, system=system_prompt, options=options, first_question=prompt, notice=status)
