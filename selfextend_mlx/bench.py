@@ -15,8 +15,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from .attention import rope_at, rope_grouped
 from .cache import cache_nbytes, make_cache
 from .config import SelfExtendConfig
-from .models import family_for
-from .patch import apply_selfextend, layer_attention, remove_selfextend, selfextend_config
+from .patch import apply_selfextend, remove_selfextend, selfextend_config, swap_attention
 
 MODES = ("plain", "selfextend", "reference")
 
@@ -61,33 +60,9 @@ def _reference_call(self, x, mask=None, cache=None):
     return family.output(self, out)
 
 
-_reference_classes = {}
-
-
 def apply_reference_baseline(model, config: SelfExtendConfig):
     remove_selfextend(model)
-    for layer in model.layers:
-        attention = layer_attention(layer)
-        family = family_for(attention)
-        if family.is_sliding(layer, attention):
-            continue
-        cls = type(attention)
-        if cls not in _reference_classes:
-            _reference_classes[cls] = type(f"Reference{cls.__name__}", (cls,), {"__call__": _reference_call})
-        attention.__class__ = _reference_classes[cls]
-        attention._reference_original = cls
-        attention._selfextend_family = family
-        attention._reference_config = config
-    return model
-
-
-def remove_reference_baseline(model):
-    for layer in model.layers:
-        attention = layer_attention(layer)
-        original = getattr(attention, "_reference_original", None)
-        if original is not None:
-            attention.__class__ = original
-            del attention._reference_original, attention._selfextend_family, attention._reference_config
+    swap_attention(model, _reference_call, "Reference", "_reference_config", config)
     return model
 
 
@@ -96,7 +71,6 @@ def remove_reference_baseline(model):
 
 def _use_mode(model, mode, config):
     """Put `model` in `mode` (plain, SelfExtend or the baseline); cheap: classes are swapped."""
-    remove_reference_baseline(model)
     remove_selfextend(model)
     if mode == "selfextend":
         apply_selfextend(model, config)
@@ -172,7 +146,6 @@ def run_bench(model, tokens: mx.array, lengths, config: SelfExtendConfig, modes=
                     on_row(row)
             caches.clear()
     finally:
-        remove_reference_baseline(model)
         remove_selfextend(model)
         if original is not None:
             apply_selfextend(model, original)

@@ -53,10 +53,37 @@ def _selfextend_call(self, x, mask=None, cache=None):
     return family.output(self, out)
 
 
-def _patched_class(cls):
-    if cls not in _patched_classes:
-        _patched_classes[cls] = type(f"SelfExtend{cls.__name__}", (cls,), {"__call__": _selfextend_call})
-    return _patched_classes[cls]
+def _patched_class(cls, call, prefix):
+    if (cls, call) not in _patched_classes:
+        _patched_classes[(cls, call)] = type(f"{prefix}{cls.__name__}", (cls,), {"__call__": call})
+    return _patched_classes[(cls, call)]
+
+
+def swap_attention(model, call, prefix: str, config_name: str, config) -> None:
+    """Give every global attention module a subclass of its own class whose __call__ is `call`,
+    with its family and `config` as plain attributes (out of the parameter tree)."""
+    for layer in model.layers:
+        attention = layer_attention(layer)
+        family = family_for(attention)
+        if family.is_sliding(layer, attention):
+            continue
+        original = getattr(attention, "_patched_original", type(attention))
+        attention.__class__ = _patched_class(original, call, prefix)
+        attention._patched_original = original
+        attention._patched_names = ("_patched_original", "_patched_names", "_selfextend_family", config_name)
+        attention._selfextend_family = family
+        setattr(attention, config_name, config)
+
+
+def restore_attention(model) -> None:
+    """Undo swap_attention: the original classes, none of the added attributes."""
+    for layer in model.layers:
+        attention = layer_attention(layer)
+        original = getattr(attention, "_patched_original", None)
+        if original is not None:
+            attention.__class__ = original
+            for name in attention._patched_names:
+                delattr(attention, name)
 
 
 def layer_attention(layer):
@@ -104,30 +131,15 @@ def apply_selfextend(model, config: SelfExtendConfig):
     if not isinstance(config, SelfExtendConfig):
         raise TypeError("config must be a SelfExtendConfig")
     _check_supported(model)
-    for layer in model.layers:
-        attention = layer_attention(layer)
-        family = family_for(attention)
-        if family.is_sliding(layer, attention):
-            continue
-        original = getattr(attention, "_selfextend_original", type(attention))
-        attention.__class__ = _patched_class(original)
-        # Plain attributes (not arrays or modules) stay out of the parameter tree.
-        attention._selfextend_original = original
-        attention._selfextend_family = family
-        attention._selfextend_config = config
+    restore_attention(model)
+    swap_attention(model, _selfextend_call, "SelfExtend", "_selfextend_config", config)
     model.make_cache = partial(make_cache, model)
     return model
 
 
 def remove_selfextend(model):
     """Put the plain attention back; returns the model."""
-    for layer in model.layers:
-        attention = layer_attention(layer)
-        original = getattr(attention, "_selfextend_original", None)
-        if original is not None:
-            attention.__class__ = original
-            for name in ("_selfextend_original", "_selfextend_family", "_selfextend_config"):
-                delattr(attention, name)
+    restore_attention(model)
     if "make_cache" in vars(model):
         del model.make_cache
     return model
