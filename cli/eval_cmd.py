@@ -106,11 +106,13 @@ def _header(task, info, modes, kv_bits):
     return run_header(task, info.model_id, modes, kv_bits, info.trained_context)
 
 
-def _emit(result: dict, as_json: bool, table: str) -> None:
+def _emit(result: dict, as_json: bool) -> None:
+    from selfextend_mlx.evaluation.results import compare_results, comparison_table
+
     if as_json:
         print_json(result)
     else:
-        typer.echo(table)
+        typer.echo(comparison_table(compare_results([result])))
 
 
 def _read_text(path: Path) -> str:
@@ -148,7 +150,7 @@ def ppl(
     from selfextend_mlx.evaluation.common import parse_token_count, parse_token_counts, use_mode
     from selfextend_mlx.evaluation.perplexity import bucket_edges, perplexity_buckets
     from selfextend_mlx.evaluation.plots import plot_perplexity
-    from selfextend_mlx.evaluation.results import ppl_result, ppl_series, ppl_table, series_labels
+    from selfextend_mlx.evaluation.results import ppl_result, ppl_series, series_labels
 
     total = parse_token_count(tokens)
     ranges = bucket_edges(total, parse_token_counts(buckets) if buckets else None)
@@ -169,7 +171,7 @@ def ppl(
     if plot:
         plot_perplexity(series_labels(result, ppl_series(result)), plot, info.trained_context,
                         title=f"Perplexity of {file.name} ({Path(info.model_id).name})")
-    _emit(result, as_json, ppl_table(result))
+    _emit(result, as_json)
 
 
 def _first_tokens(tokenizer, text: str, count: int) -> list:
@@ -204,7 +206,7 @@ def _retrieval_grid(lengths: str, depths: str, plot: Optional[Path]):
 def _run_retrieval(task, loaded, tokenizer, info, modes, cells, kv_bits, chunk_size, max_tokens,
                    as_json, plot, progress, **settings):
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid
-    from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series, retrieval_table
+    from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series
     from selfextend_mlx.evaluation.results import series_labels
     from selfextend_mlx.evaluation.retrieval import run_cells
 
@@ -215,7 +217,7 @@ def _run_retrieval(task, loaded, tokenizer, info, modes, cells, kv_bits, chunk_s
     if plot:
         panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}
         plot_accuracy_grid(panels, plot, title=f"{task} retrieval ({Path(info.model_id).name})")
-    _emit(result, as_json, retrieval_table(result))
+    _emit(result, as_json)
 
 
 @eval_app.command("passkey")

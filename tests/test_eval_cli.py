@@ -67,7 +67,7 @@ def test_ppl_single_mode_table_and_json(stories, story_text):
     assert [set(b) for b in data["buckets"]] == [{"start", "end", "targets", "ppl"}] * 2
     assert data["buckets"][1]["targets"] == 88
     table = run("eval", "ppl", "-m", stories, "-f", story_text, "--tokens", "600", "--plain")
-    assert table.exit_code == 0 and "512-600" in table.stdout and "ppl plain" in table.stdout
+    assert table.exit_code == 0 and "512-600" in table.stdout and "stories260K plain" in table.stdout
 
 
 def test_passkey_compare_json_schema_and_heatmap(stories, tmp_path):

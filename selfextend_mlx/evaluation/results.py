@@ -97,25 +97,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def ppl_table(result: dict) -> str:
-    series = ppl_series(result)
-    headers = ["positions"] + [f"ppl {name}" for name in series]
-    first = next(iter(series.values()))
-    rows = [[f"{b['start']}-{b['end']}"] + [_format_ppl(s[i]["ppl"]) for s in series.values()]
-            for i, b in enumerate(first)]
-    return format_table(headers, rows)
-
-
-def retrieval_table(result: dict) -> str:
-    series = retrieval_series(result)
-    keys = list(next(iter(series.values())))
-    headers = ["length", "depth"] + list(series)
-    rows = [[str(length), f"{depth:g}"] + [f"{s[(length, depth)][0]}/{s[(length, depth)][1]}" for s in series.values()]
-            for length, depth in keys]
-    rows.append(["accuracy", ""] + [_accuracy_text(s) for s in series.values()])
-    return format_table(headers, rows)
-
-
 def _accuracy_text(cells: dict) -> str:
     correct = sum(c for c, _ in cells.values())
     trials = sum(t for _, t in cells.values())
