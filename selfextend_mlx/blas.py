@@ -75,4 +75,6 @@ def reexec_with_openblas() -> None:
         return
     os.environ["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
     os.environ[_REEXECED] = "1"  # never loop, even if the preload is refused
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    # orig_argv keeps `-m module` and interpreter flags; argv alone would turn `python -m cli`
+    # into running cli/__main__.py as a script
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
