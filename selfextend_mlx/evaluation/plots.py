@@ -1,6 +1,7 @@
 """PNG plots of evaluation results (matplotlib, no display needed)."""
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -63,7 +64,8 @@ def plot_accuracy_grid(panels: Mapping[str, Mapping], path, title: str = "Retrie
     """A depth x length heatmap per panel; panel = {'lengths', 'depths', 'correct', 'trials'} (grids by depth row)."""
     fig, axes = _figure(size, ncols=len(panels))
     image = None
-    for ax, (label, panel) in zip(axes[0], panels.items()):
+    fig.subplots_adjust(top=0.82, wspace=0.25)
+    for index, (ax, (label, panel)) in enumerate(zip(axes[0], panels.items())):
         lengths, depths = panel["lengths"], panel["depths"]
         grid = [[c / t if t else float("nan") for c, t in zip(crow, trow)]
                 for crow, trow in zip(panel["correct"], panel["trials"])]
@@ -75,8 +77,9 @@ def plot_accuracy_grid(panels: Mapping[str, Mapping], path, title: str = "Retrie
         ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("depth")
-        ax.set_title(label)
+        if index == 0:
+            ax.set_ylabel("depth")
+        ax.set_title(textwrap.fill(label, 28), fontsize=10)  # run labels are long: keep panels apart
     fig.suptitle(title)
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), label="accuracy")
