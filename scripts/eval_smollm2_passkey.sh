@@ -2,7 +2,7 @@
 # SmolLM2-135M-Instruct passkey retrieval (the paper's format), 2k-16k tokens, plain vs SelfExtend
 # (G=8, W=1024 at every length), one random key per length and depth (seed 0); depths 0.25 and 0.75
 # were added for SelfExtend at 16k only (time ran out for the rest).
-# One 16k-token prefill takes 15-30 minutes on this 2-core shared CPU, so the runs are split: each
+# One 16k-token prefill took over half an hour on this 2-core shared CPU, so the runs are split: each
 # file keeps what it finished if a later run is interrupted, and `eval compare` joins them into
 # one table and heatmap. These are the runs behind docs/results.md, in the order they were made.
 set -euo pipefail
