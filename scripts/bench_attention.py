@@ -4,24 +4,13 @@ Run: python scripts/bench_attention.py   (through `selfextend`'s OpenBLAS: LD_PR
 SELFEXTEND_NO_OPENBLAS unset; the script re-executes itself like the CLI does)
 """
 
-import time
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from selfextend_mlx import SelfExtendConfig
 from selfextend_mlx.attention import selfextend_attention
 from selfextend_mlx.blas import reexec_with_openblas
-
-
-def median_us(fn, repeats=30):
-    mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - start)
-    return 1e6 * sorted(times)[repeats // 2]
+from selfextend_mlx.selftest import median_ms
 
 
 def main(heads=9, kv_heads=3, head_dim=64, group_size=4, window=1024):
@@ -33,9 +22,9 @@ def main(heads=9, kv_heads=3, head_dim=64, group_size=4, window=1024):
         v = mx.random.normal((1, kv_heads, n, head_dim))
         q = mx.random.normal((1, heads, 1, head_dim))
         window_keys = k[..., n - window :, :]
-        se = median_us(lambda: selfextend_attention(q, k, window_keys, n - window, v, q_start=n - 1, config=config,
-                                                    rope=rope, scale=head_dim**-0.5))
-        plain = median_us(lambda: mx.fast.scaled_dot_product_attention(rope(q, offset=n - 1), k, v, scale=head_dim**-0.5))
+        se = 1e3 * median_ms(lambda: selfextend_attention(q, k, window_keys, n - window, v, q_start=n - 1, config=config,
+                                                    rope=rope, scale=head_dim**-0.5), 30)
+        plain = 1e3 * median_ms(lambda: mx.fast.scaled_dot_product_attention(rope(q, offset=n - 1), k, v, scale=head_dim**-0.5), 30)
         print(f"{n:>6} {se:>14.0f} {plain:>9.0f} {se / plain:>6.2f}")
 
 

@@ -28,7 +28,8 @@ class Check:
         return self.max_error is not None and self.max_error < 1e-3
 
 
-def _time_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
+    """Median wall time of `fn` evaluated, after one warm-up run."""
     mx.eval(fn())
     times = []
     for _ in range(repeats):
@@ -59,11 +60,11 @@ def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, wi
 
     q_decode = mx.random.normal((1, heads, 1, head_dim), key=k3).astype(dtype)
     reference = lambda: attend(q_decode, n_keys - 1, "explicit")  # noqa: E731
-    ref_ms = _time_ms(reference, repeats)
+    ref_ms = median_ms(reference, repeats)
     if metal_available():
         fast = lambda: attend(q_decode, n_keys - 1, "metal")  # noqa: E731
         error = mx.abs(fast().astype(mx.float32) - reference().astype(mx.float32)).max().item()
-        checks.append(Check("decode: Metal kernel", error, ref_ms, _time_ms(fast, repeats)))
+        checks.append(Check("decode: Metal kernel", error, ref_ms, median_ms(fast, repeats)))
     else:
         checks.append(Check("decode: Metal kernel", None, ref_ms, None, "no Metal GPU here: the plain-MLX path is used"))
 
@@ -71,5 +72,5 @@ def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, wi
     reference = lambda: attend(q_prefill, n_keys - prefill, "explicit")  # noqa: E731
     fast = lambda: attend(q_prefill, n_keys - prefill, "fused")  # noqa: E731
     error = mx.abs(fast().astype(mx.float32) - reference().astype(mx.float32)).max().item()
-    checks.append(Check("prefill: fused attention", error, _time_ms(reference, repeats), _time_ms(fast, repeats)))
+    checks.append(Check("prefill: fused attention", error, median_ms(reference, repeats), median_ms(fast, repeats)))
     return checks
