@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from selfextend_mlx import SelfExtendConfig
-from selfextend_mlx.attention import selfextend_attention
+from selfextend_mlx.attention import rotate_queries_and_keys, selfextend_attention
 from selfextend_mlx.blas import reexec_with_openblas
 from selfextend_mlx.selftest import median_ms
 
@@ -22,8 +22,14 @@ def main(heads=9, kv_heads=3, head_dim=64, group_size=4, window=1024):
         v = mx.random.normal((1, kv_heads, n, head_dim))
         q = mx.random.normal((1, heads, 1, head_dim))
         window_keys = k[..., n - window :, :]
-        se = 1e3 * median_ms(lambda: selfextend_attention(q, k, window_keys, n - window, v, q_start=n - 1, config=config,
-                                                    rope=rope, scale=head_dim**-0.5), 30)
+        scale = head_dim**-0.5
+
+        def selfextend():
+            q_neighbor, q_grouped, _, _ = rotate_queries_and_keys(rope, q * scale, q[:, :kv_heads], n - 1, config)
+            return selfextend_attention(q_neighbor, q_grouped, k, window_keys, n - window, v, q_start=n - 1,
+                                        config=config)
+
+        se = 1e3 * median_ms(selfextend, 30)
         plain = 1e3 * median_ms(lambda: mx.fast.scaled_dot_product_attention(rope(q, offset=n - 1), k, v, scale=head_dim**-0.5), 30)
         print(f"{n:>6} {se:>14.0f} {plain:>9.0f} {se / plain:>6.2f}")
 

@@ -4,7 +4,8 @@ For a query at position i and a key at position j <= i (distance d = i - j):
   d <  W: score = scale * <rope(q, i), rope(k, j)>                      (neighbor)
   d >= W: score = scale * <rope(q, i // G + W - W // G), rope(k, j // G)>  (grouped)
 and one softmax over both. Keys arrive already rotated from the cache (grouped for all
-positions, neighbor for a window), so only the queries are rotated here, twice.
+positions, neighbor for a window); a step's new queries and keys are rotated at both their
+positions by `rotate_queries_and_keys`, in one call of the model's rope.
 
 Queries are taken in chunks of `config.chunk_size`. For a chunk [a, b), every key
 j <= a - W is grouped for every query and every key j >= b - W is a neighbor of every query
@@ -13,6 +14,7 @@ Scores per layer stay O(heads x chunk x N).
 """
 
 import mlx.core as mx
+import numpy as np
 
 from .config import SelfExtendConfig
 
@@ -60,6 +62,29 @@ def rope_grouped(rope, x: mx.array, start: int, group_size: int, shift: int = 0)
     if group_size == 1 or L == 1:
         return rope_at(rope, x, start // group_size + shift)
     return rope_at(rope, x, grouped_positions(start, L, group_size, shift))
+
+
+def rotate_queries_and_keys(rope, q: mx.array, k: mx.array, start: int, config: SelfExtendConfig):
+    """(q at i, q at i // G + shift, k at j, k at j // G) for tokens at start, start+1, ...
+
+    One call of the rope for all four: on a CPU a rope call is a few dozen MLX operations
+    whatever its size, which made the extra rotations most of a decode step's overhead.
+    Every (head, token) row gets its own offset.
+    """
+    if config.group_size == 1:
+        q, k = rope(q, offset=start), rope(k, offset=start)
+        return q, q, k, k
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    positions = np.arange(start, start + L, dtype=np.int32)
+    grouped = positions // config.group_size
+    per_batch = [np.tile(p, h) for p, h in ((positions, Hq), (grouped + config.shift, Hq), (positions, Hkv), (grouped, Hkv))]
+    offsets = mx.array(np.tile(np.concatenate(per_batch), B))
+    rows = mx.concatenate([q, q, k, k], axis=1)
+    rotated = rope(rows.reshape(-1, 1, 1, D), offset=offsets).reshape(rows.shape)
+    cuts = (Hq, 2 * Hq, 2 * Hq + Hkv)
+    return (rotated[:, : cuts[0]], rotated[:, cuts[0] : cuts[1]], rotated[:, cuts[1] : cuts[2]],
+            rotated[:, cuts[2] :])
 
 
 # Keys and values are plain arrays, or (packed, scales, biases) triples in a quantized cache.
@@ -172,7 +197,8 @@ def _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, val
 
 
 def selfextend_attention(
-    queries: mx.array,
+    q_neighbor: mx.array,
+    q_grouped: mx.array,
     k_grouped,
     k_neighbor: mx.array,
     neighbor_start: int,
@@ -180,46 +206,43 @@ def selfextend_attention(
     *,
     q_start: int,
     config: SelfExtendConfig,
-    rope,
-    scale: float,
     softcap=None,
     quant=None,
 ) -> mx.array:
-    """Attention output (B, Hq, L, Dv) for queries at positions q_start.. (not yet rotated).
+    """Attention output (B, Hq, L, Dv) for queries at positions q_start, q_start+1, ...
 
+    q_neighbor, q_grouped: the queries rotated at i and at i // G + shift (see
+        rotate_queries_and_keys), already multiplied by the attention scale.
     k_grouped, values: keys rotated at j // G and values for positions [0, q_start + L).
     k_neighbor: keys rotated at j for positions [neighbor_start, q_start + L), where
         neighbor_start <= max(0, q_start - W + 1).
     quant: (group_size, bits) when k_grouped and values are quantized triples.
     """
-    B, Hq, L, D = queries.shape
+    B, Hq, L, D = q_neighbor.shape
     Hkv = k_neighbor.shape[1]
     rep = Hq // Hkv
-    G, shift = config.group_size, config.shift
     end = q_start + L
     if neighbor_start > max(0, q_start - config.window + 1):
         raise ValueError("the neighbor keys do not reach back a full window")
 
-    if quant is None and softcap is None and (G == 1 or end <= config.window):
+    if quant is None and softcap is None and (config.group_size == 1 or end <= config.window):
         # Every distance is neighbor (or G == 1 makes both the same): plain attention.
-        keys = k_grouped if G == 1 else k_neighbor
-        q = rope_at(rope, queries, q_start)
+        keys = k_grouped if config.group_size == 1 else k_neighbor
         mask = "causal" if L > 1 else None
-        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+        return mx.fast.scaled_dot_product_attention(q_neighbor, keys, values, scale=1.0, mask=mask)
 
     if L == 1 and quant is None and _use_metal_decode(config):
         from .kernels import decode_attention
 
-        qn, qg = rope_at(rope, queries, q_start), rope_grouped(rope, queries, q_start, G, shift)
         grouped_end = max(0, q_start - config.window + 1)
-        return decode_attention(qn, qg, k_grouped, k_neighbor, neighbor_start, values, grouped_end, scale, softcap)
+        return decode_attention(q_neighbor, q_grouped, k_grouped, k_neighbor, neighbor_start, values, grouped_end,
+                                1.0, softcap)
 
     fused = L > 1 and quant is None and softcap is None and _use_fused(config)
     outputs = []
     for a in range(q_start, end, config.chunk_size):
         b = min(end, a + config.chunk_size)
-        q = queries[:, :, a - q_start : b - q_start, :] * scale
-        qn, qg = rope_at(rope, q, a), rope_grouped(rope, q, a, G, shift)
+        qn, qg = (q[:, :, a - q_start : b - q_start, :] for q in (q_neighbor, q_grouped))
         if fused:
             out = _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config)
         else:

@@ -10,7 +10,7 @@ from functools import partial
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import Llama3RoPE, SuScaledRoPE, YarnRoPE
 
-from .attention import rope_at, rope_grouped, selfextend_attention
+from .attention import rotate_queries_and_keys, selfextend_attention
 from .cache import is_selfextend_cache, make_cache
 from .config import SelfExtendConfig
 from .errors import UnsupportedModelError
@@ -26,8 +26,9 @@ def _selfextend_call(self, x, mask=None, cache=None):
     family, config = self._selfextend_family, self._selfextend_config
     q, k, v = family.project(self, x)
     start = 0 if cache is None else cache.offset
-    grouped_keys = rope_grouped(self.rope, k, start, config.group_size)
-    neighbor_keys = grouped_keys if config.group_size == 1 else rope_at(self.rope, k, start)
+    q_neighbor, q_grouped, neighbor_keys, grouped_keys = rotate_queries_and_keys(
+        self.rope, q * family.scale(self), k, start, config
+    )
     if cache is None:
         keys, values, window, window_start = grouped_keys, v, neighbor_keys, 0
     elif is_selfextend_cache(cache):
@@ -38,15 +39,14 @@ def _selfextend_call(self, x, mask=None, cache=None):
             "build it with selfextend_mlx.make_cache(model)"
         )
     out = selfextend_attention(
-        q,
+        q_neighbor,
+        q_grouped,
         keys,
         window,
         window_start,
         values,
         q_start=start,
         config=config,
-        rope=self.rope,
-        scale=family.scale(self),
         softcap=family.softcap(self),
         quant=getattr(cache, "quant", None),
     )

@@ -55,8 +55,10 @@ def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, wi
     def attend(q, start, backend):
         config = SelfExtendConfig(group_size=group_size, window=window, chunk_size=prefill, backend=backend)
         end = start + q.shape[2]
-        return selfextend_attention(q, k_grouped[..., :end, :], k_neighbor[..., :end, :], 0, values[..., :end, :],
-                                    q_start=start, config=config, rope=rope, scale=scale)
+        q_neighbor = rope_at(rope, q * scale, start)
+        q_grouped = rope_grouped(rope, q * scale, start, group_size, config.shift)
+        return selfextend_attention(q_neighbor, q_grouped, k_grouped[..., :end, :], k_neighbor[..., :end, :], 0,
+                                    values[..., :end, :], q_start=start, config=config)
 
     q_decode = mx.random.normal((1, heads, 1, head_dim), key=k3).astype(dtype)
     reference = lambda: attend(q_decode, n_keys - 1, "explicit")  # noqa: E731
