@@ -8,9 +8,9 @@ positions, neighbor for a window); a step's new queries and keys are rotated at 
 positions by `rotate_queries_and_keys`, in one call of the model's rope.
 
 Queries are taken in chunks of `config.chunk_size`. For a chunk [a, b), every key
-j <= a - W is grouped for every query and every key j >= b - W is a neighbor of every query
-(or in its future), so each needs one score; only the C - 1 keys between compute both.
-Scores per layer stay O(heads x chunk x N).
+j <= a - W is grouped for every query, so only the last C - 1 + W keys need neighbor scores
+(and, for the C - 1 of them in between, a choice per query). Scores per layer stay
+O(heads x chunk x N), one matrix per chunk as in plain attention.
 """
 
 import mlx.core as mx
@@ -119,38 +119,29 @@ def _softcap(s, cap):
 def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant):
     """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep*C, D), pre-scaled.
 
-    Keys fall in three blocks: [0, a-W+1) grouped for every query; [b-W, b) neighbor for every
-    query (or masked); between them a band of C-1 keys that needs both scores and a `where`.
-    A decode step (C = 1) has no mixed band and no mask at all.
+    Keys [0, a-W+1) are grouped for every query of the chunk; only the last C-1+W keys can
+    be neighbors of some query, so only they also get neighbor scores, written over their
+    grouped ones in place: one score matrix per chunk, as plain attention has. A decode step
+    (C = 1) needs no `where` and no mask at all.
     """
     W, C = config.window, b - a
-    grouped_end = max(0, a - W + 1)
-    neighbor_begin = max(0, b - W)
+    tail_start = max(0, a - W + 1)
 
     def by_query(scores):
         # rows are (rep, C): a 5-d view lets a (C, keys) mask broadcast over the heads
         B, H, rows, n = scores.shape
         return scores.reshape(B, H, rows // C, C, n)
 
-    def flat(scores):
-        B, H, rep, C, n = scores.shape
-        return scores.reshape(B, H, rep * C, n)
-
-    blocks = []  # adjacent key ranges, in order, sharing one softmax
-    if grouped_end > 0:
-        blocks.append(_softcap(_scores(qg, seq_slice(k_grouped, 0, grouped_end), quant), softcap))
-    if neighbor_begin > grouped_end:
-        d = mx.arange(a, b)[:, None] - mx.arange(grouped_end, neighbor_begin)[None]
-        s_n = _scores(qn, seq_slice(k_neighbor, grouped_end - neighbor_start, neighbor_begin - neighbor_start), None)
-        s_g = _scores(qg, seq_slice(k_grouped, grouped_end, neighbor_begin), quant)
-        mixed = _softcap(mx.where(d < W, by_query(s_n), by_query(s_g)), softcap)
-        blocks.append(flat(mx.where(d >= 0, mixed, -mx.inf)))
-    s = _softcap(_scores(qn, seq_slice(k_neighbor, neighbor_begin - neighbor_start, b - neighbor_start), None), softcap)
+    scores = _softcap(_scores(qg, seq_slice(k_grouped, 0, b), quant), softcap)
+    tail = _softcap(_scores(qn, seq_slice(k_neighbor, tail_start - neighbor_start, b - neighbor_start), None), softcap)
     if C > 1:
-        causal = mx.arange(a, b)[:, None] >= mx.arange(neighbor_begin, b)[None]
-        s = flat(mx.where(causal, by_query(s), -mx.inf))
-    blocks.append(s)
-    scores = mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
+        # The tail's grouped scores again, from a small matmul: reading them out of `scores`
+        # would keep a view of it alive and stop the write below from happening in place.
+        grouped_tail = _softcap(_scores(qg, seq_slice(k_grouped, tail_start, b), quant), softcap)
+        d = mx.arange(a, b)[:, None] - mx.arange(tail_start, b)[None]
+        mixed = mx.where(d < W, by_query(tail), by_query(grouped_tail))
+        tail = mx.where(d >= 0, mixed, -mx.inf).reshape(tail.shape)
+    scores[..., tail_start:b] = tail
     p = mx.softmax(scores, axis=-1, precise=True)
     if quant is None and p.dtype != qn.dtype:
         p = p.astype(qn.dtype)
