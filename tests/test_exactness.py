@@ -120,3 +120,16 @@ def test_group_size_one_is_the_plain_model():
     apply_selfextend(model, SelfExtendConfig(group_size=1, window=8))
     assert_close(model(tokens[None]), plain, tol=1e-5)
     assert_close(feed(model, tokens, 9, make_cache(model)), plain, tol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])  # GQA; partial rotary
+def test_batched_rows_match_single_sequences(family):
+    # Every (batch, head, token) row of a step is rotated with its own offset in one rope call:
+    # a batch must give each sequence exactly what it gets alone.
+    model = tiny_model(family)
+    rows = mx.stack([random_tokens(N, seed=1), random_tokens(N, seed=2)])
+    apply_selfextend(model, SelfExtendConfig(group_size=3, window=20, chunk_size=32))
+    cache = make_cache(model)
+    batched = mx.concatenate([model(rows[:, s : s + 9], cache=cache) for s in range(0, N, 9)], axis=1)
+    for b in range(2):
+        assert_close(batched[b : b + 1], reference_logits(model, rows[b], 3, 20))
