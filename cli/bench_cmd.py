@@ -92,11 +92,11 @@ def bench(
         return
     by = {(r.length, r.mode): r for r in rows}
     if "plain" in chosen and "selfextend" in chosen:
-        print("\nratios (SelfExtend / plain time; reference / SelfExtend time)")
+        print("\nratios (SelfExtend / plain: time, peak memory, KV bytes; reference / SelfExtend decode time)")
         for length in sizes:
             p, s = by[(length, "plain")], by[(length, "selfextend")]
             line = (f"{length:>8}  decode {p.decode_tps / s.decode_tps:5.2f}x  prefill {p.prefill_tps / s.prefill_tps:5.2f}x  "
-                    f"KV {s.kv_cache_bytes / p.kv_cache_bytes:5.2f}x")
+                    f"peak {s.peak_memory_bytes / p.peak_memory_bytes:5.2f}x  KV {s.kv_cache_bytes / p.kv_cache_bytes:5.2f}x")
             if (length, "reference") in by:
                 r = by[(length, "reference")]
                 line += f"  | reference decode {s.decode_tps / r.decode_tps:5.2f}x slower than SelfExtend"

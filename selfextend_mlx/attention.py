@@ -119,29 +119,39 @@ def _softcap(s, cap):
 def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant):
     """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep*C, D), pre-scaled.
 
-    Keys [0, a-W+1) are grouped for every query of the chunk; only the last C-1+W keys can
-    be neighbors of some query, so only they also get neighbor scores, written over their
-    grouped ones in place: one score matrix per chunk, as plain attention has. A decode step
-    (C = 1) needs no `where` and no mask at all.
+    Grouped scores for every key first; then, written over them in place, the keys that can
+    be neighbors: a band of C-1 keys [a-W+1, b-W) that needs both scores and a choice per
+    query, and the last W keys [b-W, b), neighbors of every query (or in its future). One
+    score matrix per chunk, as plain attention has. A decode step (C = 1) has no band and
+    no mask.
     """
     W, C = config.window, b - a
-    tail_start = max(0, a - W + 1)
+    band_start = max(0, a - W + 1)
+    near_start = max(band_start, b - W)
 
     def by_query(scores):
         # rows are (rep, C): a 5-d view lets a (C, keys) mask broadcast over the heads
         B, H, rows, n = scores.shape
         return scores.reshape(B, H, rows // C, C, n)
 
+    def neighbor_scores(start, end):
+        return _softcap(_scores(qn, seq_slice(k_neighbor, start - neighbor_start, end - neighbor_start), None), softcap)
+
+    queries = mx.arange(a, b)[:, None]
     scores = _softcap(_scores(qg, seq_slice(k_grouped, 0, b), quant), softcap)
-    tail = _softcap(_scores(qn, seq_slice(k_neighbor, tail_start - neighbor_start, b - neighbor_start), None), softcap)
+    if near_start > band_start:
+        # The band's grouped scores from their own small matmul: a view of `scores` kept
+        # alive here would stop the writes below from happening in place.
+        grouped = _softcap(_scores(qg, seq_slice(k_grouped, band_start, near_start), quant), softcap)
+        neighbor = neighbor_scores(band_start, near_start)
+        d = queries - mx.arange(band_start, near_start)[None]
+        band = mx.where(d >= 0, mx.where(d < W, by_query(neighbor), by_query(grouped)), -mx.inf)
+        scores[..., band_start:near_start] = band.reshape(neighbor.shape)
+    near = neighbor_scores(near_start, b)
     if C > 1:
-        # The tail's grouped scores again, from a small matmul: reading them out of `scores`
-        # would keep a view of it alive and stop the write below from happening in place.
-        grouped_tail = _softcap(_scores(qg, seq_slice(k_grouped, tail_start, b), quant), softcap)
-        d = mx.arange(a, b)[:, None] - mx.arange(tail_start, b)[None]
-        mixed = mx.where(d < W, by_query(tail), by_query(grouped_tail))
-        tail = mx.where(d >= 0, mixed, -mx.inf).reshape(tail.shape)
-    scores[..., tail_start:b] = tail
+        causal = queries >= mx.arange(near_start, b)[None]
+        near = mx.where(causal, by_query(near), -mx.inf).reshape(near.shape)
+    scores[..., near_start:b] = near
     p = mx.softmax(scores, axis=-1, precise=True)
     if quant is None and p.dtype != qn.dtype:
         p = p.astype(qn.dtype)
