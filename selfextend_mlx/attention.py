@@ -3,8 +3,8 @@
 For a query at position i and a key at position j <= i (distance d = i - j):
   d <  W: score = scale * <rope(q, i), rope(k, j)>                      (neighbor)
   d >= W: score = scale * <rope(q, i // G + W - W // G), rope(k, j // G)>  (grouped)
-and one softmax over both. Keys arrive already rotated from the cache (grouped for all
-positions, neighbor for a window); a step's new queries and keys are rotated at both their
+and one softmax over both. Keys arrive already rotated from the cache (grouped before the
+window, neighbor within it); a step's new queries and keys are rotated at both their
 positions by `rotate_queries_and_keys`, in one call of the model's rope.
 
 Queries are taken in chunks of `config.chunk_size`. For a chunk [a, b), every key
@@ -119,11 +119,12 @@ def _softcap(s, cap):
 def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant):
     """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep*C, D), pre-scaled.
 
-    Grouped scores for every key first; then, written over them in place, the keys that can
-    be neighbors: a band of C-1 keys [a-W+1, b-W) that needs both scores and a choice per
-    query, and the last W keys [b-W, b), neighbors of every query (or in its future). One
-    score matrix per chunk, as plain attention has. A decode step (C = 1) has no band and
-    no mask.
+    Keys before the band [a-W+1, b-W) are grouped for every query, keys in it need both
+    scores and a choice per query, and the last W keys [b-W, b) are neighbors of every query
+    (or in its future). A decode step (C = 1) has no band: its grouped and neighbor score rows
+    are joined. A prefill chunk builds one score matrix, as plain attention does: grouped
+    scores against the grouped keys followed by the last W neighbor keys, then the band and
+    the last W columns written over in place.
     """
     W, C = config.window, b - a
     band_start = max(0, a - W + 1)
@@ -134,24 +135,39 @@ def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, c
         B, H, rows, n = scores.shape
         return scores.reshape(B, H, rows // C, C, n)
 
-    def neighbor_scores(start, end):
-        return _softcap(_scores(qn, seq_slice(k_neighbor, start - neighbor_start, end - neighbor_start), None), softcap)
+    def neighbor_keys(start, end):
+        return k_neighbor[..., start - neighbor_start : end - neighbor_start, :]
 
-    queries = mx.arange(a, b)[:, None]
-    scores = _softcap(_scores(qg, seq_slice(k_grouped, 0, b), quant), softcap)
-    if near_start > band_start:
-        # The band's grouped scores from their own small matmul: a view of `scores` kept
-        # alive here would stop the writes below from happening in place.
-        grouped = _softcap(_scores(qg, seq_slice(k_grouped, band_start, near_start), quant), softcap)
-        neighbor = neighbor_scores(band_start, near_start)
-        d = queries - mx.arange(band_start, near_start)[None]
-        band = mx.where(d >= 0, mx.where(d < W, by_query(neighbor), by_query(grouped)), -mx.inf)
-        scores[..., band_start:near_start] = band.reshape(neighbor.shape)
+    def neighbor_scores(start, end):
+        return _softcap(_scores(qn, neighbor_keys(start, end), None), softcap)
+
     near = neighbor_scores(near_start, b)
-    if C > 1:
+    if C == 1:
+        if near_start == 0:
+            scores = near
+        else:
+            grouped = _softcap(_scores(qg, seq_slice(k_grouped, 0, near_start), quant), softcap)
+            scores = mx.concatenate([grouped, near], axis=-1)
+    else:
+        keys = neighbor_keys(near_start, b)
+        if near_start > 0:
+            grouped_keys = seq_slice(k_grouped, 0, near_start)
+            if quant is not None:  # joined with full-precision neighbor keys below
+                grouped_keys = mx.dequantize(*grouped_keys, group_size=quant[0], bits=quant[1]).astype(qn.dtype)
+            # The last W columns (grouped queries against neighbor keys) are replaced below.
+            keys = mx.concatenate([grouped_keys, keys], axis=2)
+        scores = _softcap(_scores(qg, keys, None), softcap)
+        queries = mx.arange(a, b)[:, None]
+        if near_start > band_start:
+            # The band's grouped scores from their own small matmul: a view of `scores` kept
+            # alive here would stop the writes below from happening in place.
+            grouped = _softcap(_scores(qg, keys[..., band_start:near_start, :], None), softcap)
+            neighbor = neighbor_scores(band_start, near_start)
+            d = queries - mx.arange(band_start, near_start)[None]
+            band = mx.where(d >= 0, mx.where(d < W, by_query(neighbor), by_query(grouped)), -mx.inf)
+            scores[..., band_start:near_start] = band.reshape(neighbor.shape)
         causal = queries >= mx.arange(near_start, b)[None]
-        near = mx.where(causal, by_query(near), -mx.inf).reshape(near.shape)
-    scores[..., near_start:b] = near
+        scores[..., near_start:b] = mx.where(causal, by_query(near), -mx.inf).reshape(near.shape)
     p = mx.softmax(scores, axis=-1, precise=True)
     if quant is None and p.dtype != qn.dtype:
         p = p.astype(qn.dtype)
@@ -214,7 +230,10 @@ def selfextend_attention(
 
     q_neighbor, q_grouped: the queries rotated at i and at i // G + shift (see
         rotate_queries_and_keys), already multiplied by the attention scale.
-    k_grouped, values: keys rotated at j // G and values for positions [0, q_start + L).
+    values: for positions [0, q_start + L).
+    k_grouped: keys rotated at j // G for positions [0, g), where g >= max(0, q_start - W + 1,
+        q_start + L - W): the keys grouped for at least one query (a cache does not keep grouped
+        forms of the window's keys).
     k_neighbor: keys rotated at j for positions [neighbor_start, q_start + L), where
         neighbor_start <= max(0, q_start - W + 1).
     quant: (group_size, bits) when k_grouped and values are quantized triples.
@@ -225,12 +244,14 @@ def selfextend_attention(
     end = q_start + L
     if neighbor_start > max(0, q_start - config.window + 1):
         raise ValueError("the neighbor keys do not reach back a full window")
+    grouped_length = (k_grouped[0] if isinstance(k_grouped, tuple) else k_grouped).shape[2]
+    if grouped_length < max(0, q_start - config.window + 1, end - config.window):
+        raise ValueError("the grouped keys do not reach the window")
 
-    if quant is None and softcap is None and (config.group_size == 1 or end <= config.window):
+    if quant is None and softcap is None and neighbor_start == 0 and (config.group_size == 1 or end <= config.window):
         # Every distance is neighbor (or G == 1 makes both the same): plain attention.
-        keys = k_grouped if config.group_size == 1 else k_neighbor
         mask = "causal" if L > 1 else None
-        return mx.fast.scaled_dot_product_attention(q_neighbor, keys, values, scale=1.0, mask=mask)
+        return mx.fast.scaled_dot_product_attention(q_neighbor, k_neighbor, values, scale=1.0, mask=mask)
 
     if L == 1 and quant is None and _use_metal_decode(config):
         from .kernels import decode_attention

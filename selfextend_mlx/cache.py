@@ -1,11 +1,15 @@
 """The SelfExtend KV cache: keys stored already rotated, so decoding never re-rotates them.
 
 Per layer it keeps
-  grouped keys: every key rotated at its grouped position j // G (what far queries see),
   values: once, they carry no position,
-  neighbor keys: keys rotated at j, only for the last W - 1 positions (+ the newest chunk),
-    because no later query is within W of anything older.
-so it takes about (2 + (W + slack) / N) / 2 times the plain cache.
+  neighbor keys: keys rotated at j for the last W - 1 positions (+ the newest chunk), the
+    only keys any later query sees at their normal position,
+  grouped keys: keys rotated at their grouped position j // G, only for the positions
+    before that window (+ up to `neighbor_step` ahead). A key that leaves the window is
+    turned into its grouped form by rotating its neighbor form by j // G - j; that happens
+    in batches, when the window is compacted, so a decode step usually rotates nothing.
+Every position's key is thus held about once: the cache is about the size of the plain one
+(the window overlaps the grouped keys by at most `neighbor_step` positions).
 """
 
 import os
@@ -21,14 +25,16 @@ from .attention import rotate_further, seq_slice
 from .config import SelfExtendConfig
 from .errors import CacheMismatchError
 
-CACHE_FORMAT_VERSION = "1"
+CACHE_FORMAT_VERSION = "2"
+# Version 1 held grouped keys for every position: a superset of what version 2 needs.
+READABLE_FORMAT_VERSIONS = ("1", "2")
 
 
 def _grow(buffer, needed: int, like, step: int):
     """Return `buffer` (array or quantized triple) with room for `needed` positions on axis 2."""
     if buffer is not None and _length(buffer) >= needed:
         return buffer
-    capacity = (needed + step - 1) // step * step
+    capacity = max(1, (needed + step - 1) // step) * step
 
     def grown(old, new_like):
         fresh = mx.zeros((*new_like.shape[:2], capacity, new_like.shape[3]), new_like.dtype)
@@ -66,7 +72,8 @@ class SelfExtendKVCache(_BaseCache):
     def __init__(self, config: SelfExtendConfig):
         self.config = config
         self.offset = 0
-        self.keys = None  # grouped keys
+        self.keys = None  # grouped keys for positions [0, grouped_length)
+        self.grouped_length = 0
         self.values = None
         self.neighbor_keys = None
         self.neighbor_start = 0  # absolute position of neighbor_keys[..., 0, :]
@@ -80,62 +87,98 @@ class SelfExtendKVCache(_BaseCache):
         return x
 
     def update_and_fetch(self, grouped_keys, values, neighbor_keys, rope):
-        """Append one step's keys/values; return what the step's queries attend to:
-        (grouped keys [0, N), values [0, N), neighbor keys [start, N), start)."""
-        prev, n = self.offset, values.shape[2]
-        grouped_keys, values = self._store(grouped_keys), self._store(values)
-        self.keys = _grow(self.keys, prev + n, grouped_keys, self.step)
-        self.values = _grow(self.values, prev + n, values, self.step)
-        _write(self.keys, prev, grouped_keys)
-        _write(self.values, prev, values)
-        self.offset = prev + n
-        start = self._append_neighbors(neighbor_keys, prev, rope)
-        view = self.neighbor_keys[..., start - self.neighbor_start : self.neighbor_length, :]
-        return self._prefix(self.keys), self._prefix(self.values), view, start
+        """Append one step's keys (rotated both ways) and values; return what the step's
+        queries at [a, b) attend to: (grouped keys [0, g), values [0, b), neighbor keys
+        [start, b), start), with start = max(0, a - W + 1) and g >= max(start, b - W), the
+        first key that is a neighbor of every query of the step."""
+        a, n = self.offset, values.shape[2]
+        b = a + n
+        window = self.config.window
+        keep_from = max(0, a - window + 1)
+        grouped_needed = max(keep_from, b - window)
+        values = self._store(values)
+        self.values = _grow(self.values, b, values, self.step)
+        _write(self.values, a, values)
+        self.offset = b
+        self._update_keys(grouped_keys, neighbor_keys, a, keep_from, grouped_needed, rope)
+        view = self.neighbor_keys[..., keep_from - self.neighbor_start : self.neighbor_length, :]
+        return (seq_prefix(self.keys, self.grouped_length), seq_prefix(self.values, b), view, keep_from)
 
-    def _prefix(self, buffer):
-        return buffer if _length(buffer) == self.offset else seq_prefix(buffer, self.offset)
+    def _update_keys(self, grouped_keys, neighbor_keys, a: int, keep_from: int, grouped_needed: int, rope):
+        """Keep neighbor keys for positions >= keep_from and append the new ones; extend the
+        grouped keys to at least grouped_needed.
 
-    def _append_neighbors(self, keys, prev: int, rope) -> int:
-        """Keep neighbor keys for positions >= prev - W + 1, then append; return that start."""
-        keep_from = max(0, prev - self.config.window + 1)
-        n = keys.shape[2]
+        The window is rewritten into a fresh buffer (compacted) whenever keys are read out of
+        it: reading a buffer and writing it in the same step would make MLX copy all of it."""
+        n = neighbor_keys.shape[2]
+        if self.keys is None:
+            self.keys = _grow(None, 0, self._store(grouped_keys[..., :0, :]), self.step)
         used = self.neighbor_length
         stale = keep_from - self.neighbor_start
         missing = None
-        if stale < 0 and prev > 0:
+        if stale < 0 and a > 0:
             # A trim went back past the window kept: re-derive those keys from the grouped ones.
             grouped = self._restore(seq_slice(self.keys, keep_from, self.neighbor_start))
             positions = mx.arange(keep_from, self.neighbor_start)
             missing = rotate_further(rope, grouped, positions - positions // self.config.group_size)
             stale = 0
-        if (
+        compact = (
             self.neighbor_keys is None
             or missing is not None
             or used + n > self.neighbor_keys.shape[2]
             or stale >= self.neighbor_step
-        ):
-            # Compact: move the live window to the front of a right-sized buffer.
-            live = [] if self.neighbor_keys is None else [self.neighbor_keys[..., stale:used, :]]
-            if missing is not None:
-                live.insert(0, missing.astype(keys.dtype))
-            length = sum(part.shape[2] for part in live)
-            # room for neighbor_step more tokens, so decoding compacts once every that many steps
-            capacity = (length + n + 2 * self.neighbor_step - 1) // self.neighbor_step * self.neighbor_step
-            fresh = mx.zeros((*keys.shape[:2], capacity, keys.shape[3]), keys.dtype)
-            if length:
-                fresh[..., :length, :] = mx.concatenate(live, axis=2) if len(live) > 1 else live[0]
-            self.neighbor_keys, self.neighbor_start, used = fresh, keep_from, length
-        self.neighbor_keys[..., used : used + n, :] = keys
+            or self.grouped_length < grouped_needed
+        )
+        if compact:
+            # Convert ahead: the next `neighbor_step` keys to leave the window, so that decoding
+            # converts once every that many steps.
+            target = max(grouped_needed, min(a, keep_from + self.neighbor_step))
+            self._extend_grouped(target, grouped_keys, a, rope)
+            self._compact(neighbor_keys, missing, stale, keep_from)
+            used = self.neighbor_length
+        self.neighbor_keys[..., used : used + n, :] = neighbor_keys
         self.neighbor_length = used + n
-        return keep_from
+
+    def _extend_grouped(self, target: int, new_grouped, a: int, rope):
+        """Grouped keys up to `target`: from the window for positions < a (rotated from j to
+        j // G), from the step's own grouped keys for positions >= a."""
+        start = self.grouped_length
+        if target <= start:
+            return
+        parts = []
+        from_window = min(a, target)
+        if from_window > start:
+            neighbors = self.neighbor_keys[..., start - self.neighbor_start : from_window - self.neighbor_start, :]
+            positions = mx.arange(start, from_window)
+            parts.append(rotate_further(rope, neighbors, positions // self.config.group_size - positions))
+        if target > a:
+            parts.append(new_grouped[..., max(start, a) - a : target - a, :])
+        grouped = self._store(parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2))
+        self.keys = _grow(self.keys, target, grouped, self.step)
+        _write(self.keys, start, grouped)
+        self.grouped_length = target
+
+    def _compact(self, like, missing, stale: int, keep_from: int):
+        """Move the live window [keep_from, offset before this step) to the front of a
+        right-sized fresh buffer."""
+        n = like.shape[2]
+        live = [] if self.neighbor_keys is None else [self.neighbor_keys[..., stale : self.neighbor_length, :]]
+        if missing is not None:
+            live.insert(0, missing.astype(like.dtype))
+        length = sum(part.shape[2] for part in live)
+        # room for neighbor_step more tokens, so decoding compacts once every that many steps
+        capacity = (length + n + 2 * self.neighbor_step - 1) // self.neighbor_step * self.neighbor_step
+        fresh = mx.zeros((*like.shape[:2], capacity, like.shape[3]), like.dtype)
+        if length:
+            fresh[..., :length, :] = mx.concatenate(live, axis=2) if len(live) > 1 else live[0]
+        self.neighbor_keys, self.neighbor_start, self.neighbor_length = fresh, keep_from, length
 
     # -- mlx-lm cache protocol ------------------------------------------------------------
     def size(self):
         return self.offset
 
     def empty(self):
-        return self.keys is None
+        return self.values is None
 
     def make_mask(self, N, window_size=None, return_array=False):
         # SelfExtend layers build their own masks; this serves any other reader.
@@ -147,6 +190,7 @@ class SelfExtendKVCache(_BaseCache):
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
+        self.grouped_length = min(self.grouped_length, self.offset)
         # Neighbor keys older than the kept window are rebuilt at the next update, if needed.
         self.neighbor_length = max(0, min(self.neighbor_length, self.offset - self.neighbor_start))
         if self.neighbor_length == 0:
@@ -161,8 +205,8 @@ class SelfExtendKVCache(_BaseCache):
     @property
     def state(self):
         window = self.neighbor_keys[..., : self.neighbor_length, :]
-        return (self._prefix(self.keys), self._prefix(self.values), window, self.offset,
-                self.neighbor_start, self.config.group_size, self.config.window)
+        return (seq_prefix(self.keys, self.grouped_length), seq_prefix(self.values, self.offset), window,
+                self.offset, self.neighbor_start, self.config.group_size, self.config.window)
 
     @state.setter
     def state(self, value):
@@ -170,6 +214,7 @@ class SelfExtendKVCache(_BaseCache):
         # safetensors round trips turn quantized triples into lists
         self.keys = tuple(keys) if isinstance(keys, list) else keys
         self.values = tuple(values) if isinstance(values, list) else values
+        self.grouped_length = _length(self.keys)
         self.neighbor_keys, self.neighbor_length = window, window.shape[2]
         self.offset, self.neighbor_start = offset, start
         self.config = SelfExtendConfig(group_size=group_size, window=window_size)
@@ -177,9 +222,10 @@ class SelfExtendKVCache(_BaseCache):
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedSelfExtendKVCache":
         quantized = QuantizedSelfExtendKVCache(self.config, group_size=group_size, bits=bits)
         quantized.offset = self.offset
-        if self.keys is not None:
-            quantized.keys = quantized._store(self._prefix(self.keys))
-            quantized.values = quantized._store(self._prefix(self.values))
+        if self.values is not None:
+            quantized.keys = quantized._store(seq_prefix(self.keys, self.grouped_length))
+            quantized.grouped_length = self.grouped_length
+            quantized.values = quantized._store(seq_prefix(self.values, self.offset))
             quantized.neighbor_keys = self.neighbor_keys
             quantized.neighbor_start = self.neighbor_start
             quantized.neighbor_length = self.neighbor_length
@@ -291,8 +337,10 @@ def load_cache(path, *, model_id: str, config: SelfExtendConfig):
     except Exception as e:
         raise CacheMismatchError(f"{path} is not a readable prompt cache ({type(e).__name__}: {e})") from None
     version = info.get("format_version")
-    if version != CACHE_FORMAT_VERSION:
-        raise CacheMismatchError(f"{path} has cache format {version}, this version reads {CACHE_FORMAT_VERSION}")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise CacheMismatchError(
+            f"{path} has cache format {version}, this version reads {', '.join(READABLE_FORMAT_VERSIONS)}"
+        )
     made_for = (info.get("model_id"), info.get("group_size"), info.get("window"))
     wanted = (model_id, str(config.group_size), str(config.window))
     if made_for != wanted:
