@@ -14,6 +14,7 @@ from selfextend_mlx import (
     make_cache,
     save_cache,
 )
+from selfextend_mlx.attention import rotate_further
 from selfextend_mlx.cache import QuantizedSelfExtendKVCache, SelfExtendKVCache, cache_nbytes
 from tiny_models import random_tokens, tiny_model
 
@@ -125,6 +126,29 @@ def test_save_then_load_gives_identical_next_token_logits(tmp_path, kv_bits):
     nxt = mx.array([[11, 12]])
     assert mx.array_equal(model(nxt, cache=loaded), model(nxt, cache=cache)).item()
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_format_1_files_with_grouped_keys_for_every_position_still_load(tmp_path, monkeypatch):
+    # Format 1 kept grouped keys for all positions; format 2 keeps them only before the window.
+    model = apply_selfextend(tiny_model("llama"), CONFIG)
+    tokens = random_tokens(90, seed=9)
+    cache, _ = prefilled(model, tokens)
+    for layer, entry in zip(model.layers, cache):
+        start = entry.grouped_length
+        assert start < entry.offset
+        window = entry.neighbor_keys[..., start - entry.neighbor_start : entry.neighbor_length, :]
+        positions = mx.arange(start, entry.offset)
+        rest = rotate_further(layer.self_attn.rope, window, positions // CONFIG.group_size - positions)
+        entry.keys = mx.concatenate([entry.keys[..., :start, :], rest], axis=2)
+        entry.grouped_length = entry.offset
+    monkeypatch.setattr("selfextend_mlx.cache.CACHE_FORMAT_VERSION", "1")
+    path = tmp_path / "old.safetensors"
+    save_cache(path, cache, model_id="tiny", config=CONFIG)
+    loaded, _ = load_cache(path, model_id="tiny", config=CONFIG)
+    assert loaded[0].grouped_length == tokens.size
+    fresh, _ = prefilled(model, tokens)
+    nxt = mx.array([[11, 12, 13]])
+    assert mx.allclose(model(nxt, cache=loaded), model(nxt, cache=fresh), atol=1e-5).item()
 
 
 def test_mismatched_or_corrupt_cache_files_are_refused(tmp_path):
