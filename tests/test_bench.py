@@ -40,6 +40,19 @@ def test_run_bench_rows_and_restores_the_model():
     assert mx.array_equal(model(random_tokens(20)[None]), plain).item()  # plain again afterwards
 
 
+def test_peak_memory_of_a_mode_leaves_out_the_other_modes_caches():
+    # The modes' caches all stay alive for the interleaved decode: a mode measured after
+    # another must not be charged for the other's cache (here larger than its own working set).
+    model = tiny_model("llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=8,
+                       intermediate_size=64, vocab_size=64)
+    tokens = random_tokens(512, vocab=64)
+    config = SelfExtendConfig(group_size=4, window=64)
+    alone = run_bench(model, tokens, [512], config, modes=("selfextend",), decode_steps=1, prefill_step=128)
+    after = run_bench(model, tokens, [512], config, modes=("plain", "selfextend"), decode_steps=1, prefill_step=128)
+    plain_cache = after[0].kv_cache_bytes
+    assert abs(after[1].peak_memory_bytes - alone[0].peak_memory_bytes) < plain_cache / 4
+
+
 def test_bench_command_json(stories_dir):
     from cli.main import app
 
