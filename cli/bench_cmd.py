@@ -110,7 +110,8 @@ def selftest(
 ):
     """Check the fast attention paths of this machine against the plain-MLX reference.
 
-    On a Mac this runs the Metal decode kernel; everywhere it runs the fused prefill path.
+    On a Mac this runs the Metal kernel (decode and prefill); everywhere it runs the fused
+    prefill path.
     Each check prints the largest difference from the reference and both timings.
 
     Example:
@@ -130,6 +131,8 @@ def selftest(
         for c in checks:
             if c.max_error is None:
                 print(f"{c.name:28s} skipped: {c.note} (reference {c.reference_ms:.2f} ms)")
+            elif c.fast_ms is None:
+                print(f"{c.name:28s} FAILED  {c.note}")
             else:
                 verdict = "OK" if c.ok else "MISMATCH"
                 print(f"{c.name:28s} {verdict}  max |diff| {c.max_error:.2e}  reference {c.reference_ms:.2f} ms  "

@@ -24,12 +24,14 @@ def _use_fused(config: SelfExtendConfig) -> bool:
     (the fused call does twice the dot-product work on zero halves)."""
     if config.backend == "auto":
         return mx.default_device() == mx.gpu
-    return config.backend in ("fused", "metal")
+    return config.backend == "fused"
 
 
-def _use_metal_decode(config: SelfExtendConfig) -> bool:
+def _use_metal(config: SelfExtendConfig, n_queries: int) -> bool:
+    """The Metal kernel: for decode steps on an Apple GPU; for prefill only when asked for
+    ("metal"), since it has no tiling and the fused call may well beat it (selftest times both)."""
     if config.backend == "auto":
-        return mx.default_device() == mx.gpu and mx.metal.is_available()
+        return n_queries == 1 and mx.default_device() == mx.gpu and mx.metal.is_available()
     return config.backend == "metal"
 
 
@@ -253,12 +255,11 @@ def selfextend_attention(
         mask = "causal" if L > 1 else None
         return mx.fast.scaled_dot_product_attention(q_neighbor, k_neighbor, values, scale=1.0, mask=mask)
 
-    if L == 1 and quant is None and _use_metal_decode(config):
-        from .kernels import decode_attention
+    if quant is None and _use_metal(config, L):
+        from .kernels import selfextend_kernel_attention
 
-        grouped_end = max(0, q_start - config.window + 1)
-        return decode_attention(q_neighbor, q_grouped, k_grouped, k_neighbor, neighbor_start, values, grouped_end,
-                                1.0, softcap)
+        return selfextend_kernel_attention(q_neighbor, q_grouped, k_grouped, k_neighbor, neighbor_start, values,
+                                           q_start, config.window, 1.0, softcap)
 
     fused = L > 1 and quant is None and softcap is None and _use_fused(config)
     outputs = []

@@ -18,8 +18,8 @@ class SelfExtendConfig:
         heads x chunk_size x N per layer, whatever the caller feeds in.
     backend: "auto" (on a GPU fused prefill, and on Apple GPUs the Metal decode kernel;
         explicit scores on a CPU), "explicit" (the plain-MLX reference path everywhere), "fused"
-        (one fused attention call per prefill chunk) or "metal" (fused prefill and the Metal
-        decode kernel). Every backend computes the same attention.
+        (one fused attention call per prefill chunk) or "metal" (the Metal kernel for decode
+        steps and prefill alike). Every backend computes the same attention.
     """
 
     group_size: int

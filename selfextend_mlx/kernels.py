@@ -1,9 +1,10 @@
-"""A fused SelfExtend decode kernel for Apple GPUs (mx.fast.metal_kernel).
+"""A fused SelfExtend attention kernel for Apple GPUs (mx.fast.metal_kernel).
 
-One SIMD group per (batch, query head) walks the keys once with an online softmax
-(running max and sum, as flash attention does), taking each key's score from the grouped
-query against the grouped key (j < grouped_end) or from the neighbor query against the
-neighbor key. No score vector is materialized, and the cache is read in place (strided).
+One SIMD group per (batch, query head, query) walks the query's keys j <= i once with an
+online softmax (running max and sum, as flash attention does), taking each key's score from
+the grouped query against the grouped key (i - j >= W) or from the neighbor query against the
+neighbor key. No score matrix is materialized, and the cache is read in place (strided).
+A decode step is the one-query case; a prefill chunk runs all its queries in one launch.
 
 The plain-MLX path in attention.py is the reference: `selfextend selftest` compares the two
 on the user's machine. Where Metal is absent (Linux, CI), this kernel never runs.
@@ -15,22 +16,25 @@ import mlx.core as mx
 
 SIMD_WIDTH = 32
 
-_DECODE_SOURCE = """
-    uint bh = threadgroup_position_in_grid.x;
+_SOURCE = """
+    uint row = threadgroup_position_in_grid.x;  // (batch, query head, query), flattened
     uint lane = thread_index_in_simdgroup;
+    int n_queries = q_neighbor_shape[2];
+    int bh = row / n_queries;
     int b = bh / HQ;
     int hk = (bh % HQ) / (HQ / HKV);
-    int n_keys = values_shape[2];
-    int grouped_end = params[0];
-    int neighbor_start = params[1];
+    int position = params[0] + int(row % n_queries);
+    int n_keys = position + 1;
+    int grouped_end = metal::max(0, position - params[1] + 1);
+    int neighbor_start = params[2];
     float scale = fparams[0];
     float softcap = fparams[1];
 
     float qn[D];
     float qg[D];
     for (int d = 0; d < D; d++) {
-        qn[d] = scale * float(q_neighbor[bh * D + d]);
-        qg[d] = scale * float(q_grouped[bh * D + d]);
+        qn[d] = scale * float(q_neighbor[row * D + d]);
+        qg[d] = scale * float(q_grouped[row * D + d]);
     }
     const device T* kg = k_grouped + b * k_grouped_strides[0] + hk * k_grouped_strides[1];
     const device T* kn = k_neighbor + b * k_neighbor_strides[0] + hk * k_neighbor_strides[1];
@@ -74,40 +78,43 @@ _DECODE_SOURCE = """
     for (int e = 0; e < DV; e++) {
         float total = simd_sum(acc[e] * correction);
         if (lane == 0) {
-            out[bh * DV + e] = static_cast<T>(total / l_all);
+            out[row * DV + e] = static_cast<T>(total / l_all);
         }
     }
 """
 
-_decode_kernel = None
+_kernel = None
 
 
 def metal_available() -> bool:
     return mx.metal.is_available()
 
 
-def decode_attention(qn, qg, k_grouped, k_neighbor, neighbor_start, values, grouped_end, scale, softcap=None):
-    """One decode step: qn, qg (B, Hq, 1, D) rotated queries (not scaled); keys and values as
-    the cache returns them. Returns (B, Hq, 1, Dv)."""
-    global _decode_kernel
-    if _decode_kernel is None:
-        _decode_kernel = mx.fast.metal_kernel(
-            name="selfextend_decode",
+def selfextend_kernel_attention(qn, qg, k_grouped, k_neighbor, neighbor_start, values, q_start, window, scale,
+                                softcap=None):
+    """Queries at positions q_start, q_start+1, ...: qn, qg (B, Hq, L, D) rotated queries;
+    keys and values as the cache returns them. Returns (B, Hq, L, Dv)."""
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.metal_kernel(
+            name="selfextend_attention",
             input_names=["q_neighbor", "q_grouped", "k_grouped", "k_neighbor", "values", "params", "fparams"],
             output_names=["out"],
-            source=_DECODE_SOURCE,
+            source=_SOURCE,
             ensure_row_contiguous=False,  # the cache is read in place through its strides
         )
-    B, Hq, _, D = qn.shape
-    Hkv, Dv = k_grouped.shape[1], values.shape[-1]
-    params = mx.array([grouped_end, neighbor_start], dtype=mx.int32)
+    B, Hq, L, D = qn.shape
+    Hkv, Dv = k_neighbor.shape[1], values.shape[-1]
+    if k_grouped.shape[2] == 0:
+        k_grouped = k_neighbor  # no query reaches a grouped key; the kernel still needs a buffer
+    params = mx.array([q_start, window, neighbor_start], dtype=mx.int32)
     fparams = mx.array([scale, softcap or 0.0], dtype=mx.float32)
-    (out,) = _decode_kernel(
+    (out,) = _kernel(
         inputs=[mx.contiguous(qn), mx.contiguous(qg), k_grouped, k_neighbor, values, params, fparams],
         template=[("T", values.dtype), ("D", D), ("DV", Dv), ("HQ", Hq), ("HKV", Hkv)],
-        grid=(B * Hq * SIMD_WIDTH, 1, 1),
+        grid=(B * Hq * L * SIMD_WIDTH, 1, 1),
         threadgroup=(SIMD_WIDTH, 1, 1),
-        output_shapes=[(B, Hq, 1, Dv)],
+        output_shapes=[(B, Hq, L, Dv)],
         output_dtypes=[values.dtype],
     )
     return out

@@ -80,11 +80,12 @@ def test_selftest_checks_the_fused_path_and_says_why_the_kernel_is_skipped():
     checks = {c.name: c for c in run_selftest(n_keys=256, window=64, prefill=32, repeats=1)}
     fused = checks["prefill: fused attention"]
     assert fused.ok and fused.fast_ms > 0
-    kernel = checks["decode: Metal kernel"]
-    if mx.metal.is_available():
-        assert kernel.ok
-    else:
-        assert kernel.max_error is None and "no Metal GPU" in kernel.note
+    for name in ("decode: Metal kernel", "prefill: Metal kernel"):
+        kernel = checks[name]
+        if mx.metal.is_available():
+            assert kernel.ok, name
+        else:
+            assert kernel.max_error is None and "no Metal GPU" in kernel.note
 
 
 def test_metal_backend_is_refused_without_metal():
