@@ -98,6 +98,10 @@ def seq_slice(x, start: int, end: int):
     return x[..., start:end, :]
 
 
+def seq_length(x) -> int:
+    return (x[0] if isinstance(x, tuple) else x).shape[2]
+
+
 def _scores(q, keys, quant):
     """q (B, Hkv, rep*C, D) against keys (B, Hkv, N, D) -> (B, Hkv, rep*C, N) in fp32.
     The query heads sharing a key head are stacked as rows: no broadcast copies of the keys."""
@@ -246,8 +250,7 @@ def selfextend_attention(
     end = q_start + L
     if neighbor_start > max(0, q_start - config.window + 1):
         raise ValueError("the neighbor keys do not reach back a full window")
-    grouped_length = (k_grouped[0] if isinstance(k_grouped, tuple) else k_grouped).shape[2]
-    if grouped_length < max(0, q_start - config.window + 1, end - config.window):
+    if seq_length(k_grouped) < max(0, q_start - config.window + 1, end - config.window):
         raise ValueError("the grouped keys do not reach the window")
 
     if quant is None and softcap is None and neighbor_start == 0 and (config.group_size == 1 or end <= config.window):

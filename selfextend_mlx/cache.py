@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask, load_prompt_cache, save_prompt_cache
 
-from .attention import rotate_further, seq_slice
+from .attention import rotate_further, seq_length, seq_slice
 from .config import SelfExtendConfig
 from .errors import CacheMismatchError
 
@@ -32,7 +32,7 @@ READABLE_FORMAT_VERSIONS = ("1", "2")
 
 def _grow(buffer, needed: int, like, step: int):
     """Return `buffer` (array or quantized triple) with room for `needed` positions on axis 2."""
-    if buffer is not None and _length(buffer) >= needed:
+    if buffer is not None and seq_length(buffer) >= needed:
         return buffer
     capacity = max(1, (needed + step - 1) // step) * step
 
@@ -45,10 +45,6 @@ def _grow(buffer, needed: int, like, step: int):
     if isinstance(like, tuple):
         return tuple(grown(None if buffer is None else o, n) for o, n in zip(buffer or (None,) * 3, like))
     return grown(buffer, like)
-
-
-def _length(buffer) -> int:
-    return (buffer[0] if isinstance(buffer, tuple) else buffer).shape[2]
 
 
 def _write(buffer, start: int, data):
@@ -214,7 +210,7 @@ class SelfExtendKVCache(_BaseCache):
         # safetensors round trips turn quantized triples into lists
         self.keys = tuple(keys) if isinstance(keys, list) else keys
         self.values = tuple(values) if isinstance(values, list) else values
-        self.grouped_length = _length(self.keys)
+        self.grouped_length = seq_length(self.keys)
         self.neighbor_keys, self.neighbor_length = window, window.shape[2]
         self.offset, self.neighbor_start = offset, start
         self.config = SelfExtendConfig(group_size=group_size, window=window_size)
