@@ -88,6 +88,25 @@ def test_selftest_checks_the_fused_path_and_says_why_the_kernel_is_skipped():
             assert kernel.max_error is None and "no Metal GPU" in kernel.note
 
 
+def test_selftest_reports_a_kernel_that_cannot_run_as_failed(monkeypatch):
+    # Pretend Metal is there: the "metal" backend then raises (no Apple GPU), as a kernel
+    # that does not compile would on a Mac. One FAILED line per kernel check, exit 1.
+    import mlx.core as mx
+
+    from cli.main import app
+
+    if mx.metal.is_available():
+        import pytest
+
+        pytest.skip("this machine has Metal: the kernel really runs here")
+    monkeypatch.setattr("selfextend_mlx.selftest.metal_available", lambda: True)
+    result = CliRunner().invoke(app, ["selftest", "--keys", "512"])
+    assert result.exit_code == 1, result.output
+    failed = [line for line in result.output.splitlines() if "FAILED" in line]
+    assert len(failed) == 2 and all("needs an Apple GPU" in line for line in failed), result.output
+    assert "Traceback" not in result.output
+
+
 def test_metal_backend_is_refused_without_metal():
     import mlx.core as mx
     import pytest
