@@ -48,10 +48,10 @@ def bench(
     """
     import mlx.core as mx
 
-    from selfextend_mlx.bench import MODES, run_bench
-    from selfextend_mlx.device import describe_runtime
+    from selfextend_mlx.evaluation.bench import MODES, run_bench
+    from selfextend_mlx.loading.device import describe_runtime
     from selfextend_mlx.errors import SettingsError
-    from selfextend_mlx.loading import load, settings_for
+    from selfextend_mlx.loading.load import load, settings_for
 
     sizes = _lengths(lengths)
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
@@ -120,8 +120,8 @@ def selftest(
     """
     from dataclasses import asdict
 
-    from selfextend_mlx.device import describe_runtime
-    from selfextend_mlx.selftest import run_selftest
+    from selfextend_mlx.loading.device import describe_runtime
+    from selfextend_mlx.evaluation.selftest import run_selftest
 
     checks = run_selftest(n_keys=keys)
     if json_output:

@@ -47,8 +47,8 @@ FilesArg = Annotated[
 def open_session(files, *, model, system, group_size, window, max_tokens, kv_bits, prefill_step_size,
                  cache_dir, no_cache, verbose, first_question=None):
     """Read the documents (bad files fail before the model loads), load the model, plan the run."""
-    from selfextend_mlx.documents import read_documents
-    from selfextend_mlx.session import Session, SessionOptions
+    from selfextend_mlx.app.documents import read_documents
+    from selfextend_mlx.app.session import Session, SessionOptions
 
     documents = read_documents(files)
     loaded_model, tokenizer = load_model(model)
@@ -174,8 +174,8 @@ def _chat_command(session, command: str) -> bool:
 
 
 def _info(session) -> str:
-    from selfextend_mlx.cache import cache_nbytes
-    from selfextend_mlx.session import format_bytes
+    from selfextend_mlx.core.cache import cache_nbytes
+    from selfextend_mlx.app.session import format_bytes
 
     plan = session.plan
     cache = format_bytes(cache_nbytes(session.cache)) if session.cache is not None else "empty"

@@ -69,7 +69,7 @@ def write_out(text: str) -> None:
 
 
 def make_sampling(max_tokens, temp, top_p, seed):
-    from selfextend_mlx.session import Sampling
+    from selfextend_mlx.app.session import Sampling
 
     return Sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
 
@@ -112,7 +112,7 @@ def _duration(seconds: float) -> str:
 
 def header(session) -> str:
     """One line: model, document tokens, trained context, G, W, N_max, answer budget, memory."""
-    from selfextend_mlx.session import format_bytes
+    from selfextend_mlx.app.session import format_bytes
 
     plan = session.plan
     g = f"G={plan.config.group_size}"
@@ -175,7 +175,7 @@ def answer_record(session, answer) -> dict:
 def load_model(model_ref: Optional[str]):
     """Load the model plain: the session applies SelfExtend once it knows the input length.
     A terminal sees a transient "loading" note, erased once the model is in."""
-    from selfextend_mlx.loading import load
+    from selfextend_mlx.loading.load import load
 
     interactive = sys.stderr.isatty()
     if interactive:
@@ -192,12 +192,12 @@ def load_model(model_ref: Optional[str]):
 def document_cache(cache_dir: Optional[Path], no_cache: bool):
     if no_cache:
         return None
-    from selfextend_mlx.doccache import DocumentCache
+    from selfextend_mlx.app.doccache import DocumentCache
 
     return DocumentCache(cache_dir, notice=status)
 
 
 def read_stdin_text() -> str:
-    from selfextend_mlx.documents import decode_text
+    from selfextend_mlx.app.documents import decode_text
 
     return decode_text("stdin", sys.stdin.buffer.read())

@@ -69,8 +69,8 @@ def _progress(label: str, total: int, progress: Optional[bool]):
 def _load(model_ref, group_size, window, plain, compare, dtype, longest: int):
     """Load once (SelfExtend settings chosen to reach `longest` tokens); the modes to run."""
     from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode
-    from selfextend_mlx.loading import load, model_info
-    from selfextend_mlx.patch import selfextend_config
+    from selfextend_mlx.loading.load import load, model_info
+    from selfextend_mlx.core.patch import selfextend_config
 
     if plain and compare:
         raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
@@ -116,7 +116,7 @@ def _emit(result: dict, as_json: bool) -> None:
 
 
 def _read_text(path: Path) -> str:
-    from selfextend_mlx.documents import read_document
+    from selfextend_mlx.app.documents import read_document
 
     return read_document(str(path)).text
 

@@ -53,7 +53,7 @@ def generate(
         cat long_prompt.txt | selfextend generate --prompt - --max-tokens 100 --temp 0.7 --seed 1
     """
     from selfextend_mlx.errors import SelfExtendError
-    from selfextend_mlx.session import Session, SessionOptions
+    from selfextend_mlx.app.session import Session, SessionOptions
 
     if prompt == "-":
         prompt = read_stdin_text()

@@ -115,7 +115,7 @@ bench_cmd.register(app)
 
 
 def run() -> None:
-    from selfextend_mlx.blas import reexec_with_openblas
+    from selfextend_mlx.loading.blas import reexec_with_openblas
 
     reexec_with_openblas()
     app(prog_name="selfextend")

@@ -40,8 +40,8 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
 ):
     """List the models the registry knows, with their SelfExtend settings (G, W) and reach."""
-    from selfextend_mlx.loading import is_available_locally
-    from selfextend_mlx.registry import default_model_name, entries
+    from selfextend_mlx.loading.load import is_available_locally
+    from selfextend_mlx.loading.registry import default_model_name, entries
 
     default = default_model_name()
     rows = []
@@ -96,11 +96,11 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Show a model's family, trained context, SelfExtend G and W, reach, and KV-cache memory."""
-    from selfextend_mlx.config import max_length
-    from selfextend_mlx.device import DTYPES, describe_runtime, resolve_dtype
+    from selfextend_mlx.core.config import max_length
+    from selfextend_mlx.loading.device import DTYPES, describe_runtime, resolve_dtype
     from selfextend_mlx.errors import SettingsError
-    from selfextend_mlx.loading import describe, kv_cache_bytes
-    from selfextend_mlx.registry import max_group_size, recommended_settings
+    from selfextend_mlx.loading.load import describe, kv_cache_bytes
+    from selfextend_mlx.loading.registry import max_group_size, recommended_settings
 
     spec = describe(model)
     if window is not None and window >= spec.trained_context:

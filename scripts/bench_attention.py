@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from selfextend_mlx import SelfExtendConfig
-from selfextend_mlx.attention import rotate_queries_and_keys, selfextend_attention
-from selfextend_mlx.blas import reexec_with_openblas
-from selfextend_mlx.selftest import median_ms
+from selfextend_mlx.core.attention import rotate_queries_and_keys, selfextend_attention
+from selfextend_mlx.loading.blas import reexec_with_openblas
+from selfextend_mlx.evaluation.selftest import median_ms
 
 
 def main(heads=9, kv_heads=3, head_dim=64, group_size=4, window=1024):

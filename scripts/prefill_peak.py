@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.llama import Model, ModelArgs
 
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache, remove_selfextend
-from selfextend_mlx.blas import reexec_with_openblas
+from selfextend_mlx.loading.blas import reexec_with_openblas
 
 
 def main(n_tokens: int = 4096, layers: int = 30, step: int = 512):

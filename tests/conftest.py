@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from selfextend_mlx.blas import reexec_with_openblas
+from selfextend_mlx.loading.blas import reexec_with_openblas
 
 SHARED = Path(os.environ.get("SELFEXTEND_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
 

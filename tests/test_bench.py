@@ -6,7 +6,7 @@ import mlx.core as mx
 from typer.testing import CliRunner
 
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache, remove_selfextend
-from selfextend_mlx.bench import apply_reference_baseline, run_bench
+from selfextend_mlx.evaluation.bench import apply_reference_baseline, run_bench
 from tiny_models import random_tokens, tiny_model
 
 CONFIG = SelfExtendConfig(group_size=4, window=12)
@@ -54,7 +54,7 @@ def test_peak_memory_of_a_mode_leaves_out_the_other_modes_caches():
 
 
 def test_bench_command_json(stories_dir):
-    from cli.main import app
+    from selfextend_cli.main import app
 
     result = CliRunner().invoke(app, ["bench", "--model", str(stories_dir), "-l", "256,384", "-G", "4", "-W", "64",
                                       "--decode-steps", "2", "--json"])
@@ -65,7 +65,7 @@ def test_bench_command_json(stories_dir):
 
 
 def test_bench_refuses_a_window_that_leaves_selfextend_idle(stories_dir):
-    from cli.main import app
+    from selfextend_cli.main import app
 
     result = CliRunner().invoke(app, ["bench", "--model", str(stories_dir), "-l", "256", "-G", "4", "-W", "300"])
     assert result.exit_code != 0
@@ -75,7 +75,7 @@ def test_bench_refuses_a_window_that_leaves_selfextend_idle(stories_dir):
 def test_selftest_checks_the_fused_path_and_says_why_the_kernel_is_skipped():
     import mlx.core as mx
 
-    from selfextend_mlx.selftest import run_selftest
+    from selfextend_mlx.evaluation.selftest import run_selftest
 
     checks = {c.name: c for c in run_selftest(n_keys=256, window=64, prefill=32, repeats=1)}
     fused = checks["prefill: fused attention"]
@@ -93,13 +93,13 @@ def test_selftest_reports_a_kernel_that_cannot_run_as_failed(monkeypatch):
     # that does not compile would on a Mac. One FAILED line per kernel check, exit 1.
     import mlx.core as mx
 
-    from cli.main import app
+    from selfextend_cli.main import app
 
     if mx.metal.is_available():
         import pytest
 
         pytest.skip("this machine has Metal: the kernel really runs here")
-    monkeypatch.setattr("selfextend_mlx.selftest.metal_available", lambda: True)
+    monkeypatch.setattr("selfextend_mlx.evaluation.selftest.metal_available", lambda: True)
     result = CliRunner().invoke(app, ["selftest", "--keys", "512"])
     assert result.exit_code == 1, result.output
     failed = [line for line in result.output.splitlines() if "FAILED" in line]

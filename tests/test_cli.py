@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import selfextend_mlx.loading as loading
-from cli.main import app
+import selfextend_mlx.loading.load as loading
+from selfextend_cli.main import app
 from conftest import shared_path
 from pdf_fixture import make_pdf
 
@@ -223,7 +223,7 @@ def test_chat_commands(tmp_path, stories):
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path, stories, monkeypatch):
-    import cli.chat_cmd as chat_cmd
+    import selfextend_cli.chat_cmd as chat_cmd
 
     document = write(tmp_path, "note.txt", "Tom has a red ball. Lily has a blue kite. " * 5)
     written = []

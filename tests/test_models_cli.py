@@ -6,9 +6,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli import models_cmd
-from selfextend_mlx.config import max_length
-from selfextend_mlx.registry import entries
+from selfextend_cli import models_cmd
+from selfextend_mlx.core.config import max_length
+from selfextend_mlx.loading.registry import entries
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from mlx_lm.utils import MODEL_REMAPPING
 
-from selfextend_mlx.config import max_length
+from selfextend_mlx.core.config import max_length
 from selfextend_mlx.errors import InputTooLongError, SettingsError
-from selfextend_mlx.registry import (
+from selfextend_mlx.loading.registry import (
     REQUIRED_FIELDS,
     RegistryError,
     builtin_registry_path,

@@ -10,12 +10,12 @@ from mlx_lm.utils import load_tokenizer
 
 from conftest import shared_path
 from selfextend_mlx import SelfExtendConfig
-from selfextend_mlx.cache import cache_nbytes
-from selfextend_mlx.doccache import DocumentCache
-from selfextend_mlx.documents import Document
+from selfextend_mlx.core.cache import cache_nbytes
+from selfextend_mlx.app.doccache import DocumentCache
+from selfextend_mlx.app.documents import Document
 from selfextend_mlx.errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
-from selfextend_mlx.loading import load
-from selfextend_mlx.session import (
+from selfextend_mlx.loading.load import load
+from selfextend_mlx.app.session import (
     ENV_MAX_MEMORY,
     PromptFormat,
     Sampling,
@@ -134,8 +134,8 @@ def test_window_must_be_below_the_trained_context():
 
 
 def test_registry_model_uses_its_settings():
-    from selfextend_mlx.config import smallest_group_size
-    from selfextend_mlx.registry import recommended_settings, registry_entry
+    from selfextend_mlx.core.config import smallest_group_size
+    from selfextend_mlx.loading.registry import recommended_settings, registry_entry
 
     name = "SmolLM2-135M-Instruct"
     entry = registry_entry(name)
@@ -281,8 +281,8 @@ def test_quantized_kv_cache_session(stories, tmp_path):
     """--kv-bits on a tiny random-weight Llama with 64-wide heads (stories260K's are 8 wide)."""
     from mlx_lm.models import llama
 
-    from selfextend_mlx.cache import QuantizedSelfExtendKVCache
-    from selfextend_mlx.loading import ModelInfo
+    from selfextend_mlx.core.cache import QuantizedSelfExtendKVCache
+    from selfextend_mlx.loading.load import ModelInfo
 
     _, tokenizer = stories
     args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,

@@ -6,11 +6,11 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from ..cache import make_cache
-from ..config import SelfExtendConfig
+from ..core.patch import make_cache
+from ..core.config import SelfExtendConfig
 from ..errors import EvaluationError
-from ..patch import apply_selfextend, remove_selfextend, selfextend_config
-from ..session import kv_group_size
+from ..core.patch import apply_selfextend, remove_selfextend, selfextend_config
+from ..app.session import kv_group_size
 
 PLAIN = "plain"
 SELFEXTEND = "selfextend"

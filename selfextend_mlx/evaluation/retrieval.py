@@ -4,7 +4,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from ..session import common_prefix_length
+from ..app.session import common_prefix_length
 from .common import Mode, greedy_generate, new_cache, use_mode
 from .prompts import RetrievalPrompt, answer_found
 

@@ -23,7 +23,7 @@ from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask, load
 
 from .attention import rotate_further, seq_length, seq_slice
 from .config import SelfExtendConfig
-from .errors import CacheMismatchError
+from ..errors import CacheMismatchError
 
 CACHE_FORMAT_VERSION = "2"
 # Version 1 held grouped keys for every position: a superset of what version 2 needs.
@@ -269,25 +269,6 @@ class QuantizedSelfExtendKVCache(SelfExtendKVCache):
 
 def is_selfextend_cache(cache) -> bool:
     return isinstance(cache, SelfExtendKVCache)
-
-
-def make_cache(model, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> list:
-    """One cache per layer: SelfExtend caches for SelfExtend layers, the model's own otherwise."""
-    from .patch import layer_attention, selfextend_config_of  # patch imports this module
-
-    own = type(model).make_cache(model) if hasattr(type(model), "make_cache") else [KVCache() for _ in model.layers]
-    caches = []
-    for layer, base in zip(model.layers, own):
-        config = selfextend_config_of(layer_attention(layer))
-        if config is None:
-            # mlx-lm can quantize only its plain KVCache (not the rotating one of sliding layers)
-            quantize = kv_bits is not None and type(base) is KVCache
-            caches.append(base.to_quantized(kv_group_size, kv_bits) if quantize else base)
-        elif kv_bits is None:
-            caches.append(SelfExtendKVCache(config))
-        else:
-            caches.append(QuantizedSelfExtendKVCache(config, group_size=kv_group_size, bits=kv_bits))
-    return caches
 
 
 def cache_nbytes(cache: list) -> int:

@@ -6,15 +6,18 @@ the parameter tree is untouched, so quantized weights and LoRA adapters keep wor
 """
 
 from functools import partial
+from typing import Optional
 
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import Llama3RoPE, SuScaledRoPE, YarnRoPE
 
 from .attention import rotate_queries_and_keys, selfextend_attention
-from .cache import is_selfextend_cache, make_cache
+from mlx_lm.models.cache import KVCache
+
+from .cache import QuantizedSelfExtendKVCache, SelfExtendKVCache, is_selfextend_cache
 from .config import SelfExtendConfig
-from .errors import UnsupportedModelError
-from .models import SUPPORTED, family_for
+from ..errors import UnsupportedModelError
+from .families import SUPPORTED, family_for
 
 # Ropes whose angle is position x fixed frequencies: these can be evaluated at any position.
 SUPPORTED_ROPES = (nn.RoPE, Llama3RoPE, SuScaledRoPE, YarnRoPE)
@@ -101,6 +104,23 @@ def selfextend_config(model):
         if config is not None:
             return config
     return None
+
+
+def make_cache(model, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> list:
+    """One cache per layer: SelfExtend caches for SelfExtend layers, the model's own otherwise."""
+    own = type(model).make_cache(model) if hasattr(type(model), "make_cache") else [KVCache() for _ in model.layers]
+    caches = []
+    for layer, base in zip(model.layers, own):
+        config = selfextend_config_of(layer_attention(layer))
+        if config is None:
+            # mlx-lm can quantize only its plain KVCache (not the rotating one of sliding layers)
+            quantize = kv_bits is not None and type(base) is KVCache
+            caches.append(base.to_quantized(kv_group_size, kv_bits) if quantize else base)
+        elif kv_bits is None:
+            caches.append(SelfExtendKVCache(config))
+        else:
+            caches.append(QuantizedSelfExtendKVCache(config, group_size=kv_group_size, bits=kv_bits))
+    return caches
 
 
 def _check_supported(model):

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .attention import rope_at, rope_grouped
-from .cache import cache_nbytes, make_cache
-from .config import SelfExtendConfig
-from .patch import apply_selfextend, remove_selfextend, selfextend_config, swap_attention
+from ..core.attention import rope_at, rope_grouped
+from ..core.cache import cache_nbytes
+from ..core.patch import make_cache
+from ..core.config import SelfExtendConfig
+from ..core.patch import apply_selfextend, remove_selfextend, selfextend_config, swap_attention
 
 MODES = ("plain", "selfextend", "reference")
 

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import BinaryIO, Iterable, Optional
 
-from .errors import DocumentError
+from ..errors import DocumentError
 
 STDIN = "-"
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}

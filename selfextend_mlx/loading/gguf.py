@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # ggml tensor type ids (ggml.h) -> names; only the first five load.

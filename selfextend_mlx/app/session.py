@@ -18,13 +18,13 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import make_cache
-from .config import SelfExtendConfig, smallest_group_size
+from ..core.patch import make_cache
+from ..core.config import SelfExtendConfig, smallest_group_size
 from .doccache import DocumentCache, cache_key
 from .documents import Document, format_documents
-from .errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
-from .loading import model_info
-from .patch import apply_selfextend, selfextend_config
+from ..errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
+from ..loading.load import model_info
+from ..core.patch import apply_selfextend, selfextend_config
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_PREFILL_STEP = 512
@@ -164,7 +164,7 @@ def choose_config(
     registry's rule, never above its max_group_size. Returns (config, requested G)."""
     from dataclasses import replace
 
-    from .registry import max_group_size, recommended_settings, registry_entry
+    from ..loading.registry import max_group_size, recommended_settings, registry_entry
 
     entry = registry_entry(model_name)
     default_g, default_w = recommended_settings(trained_context, None, entry)

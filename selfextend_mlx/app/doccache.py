@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .cache import load_cache, save_cache
-from .config import SelfExtendConfig
-from .errors import CacheMismatchError
+from ..core.cache import load_cache, save_cache
+from ..core.config import SelfExtendConfig
+from ..errors import CacheMismatchError
 
 STORE_FORMAT_VERSION = "1"
 ENV_CACHE_DIR = "SELFEXTEND_CACHE_DIR"

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .blas import OPT_OUT, find_openblas, loaded_blas
-from .errors import SettingsError
+from ..errors import SettingsError
 
 # What `dtype=` accepts. "native" keeps the stored dtypes and quantized layers.
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "native": None}

@@ -10,9 +10,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .attention import rope_at, rope_grouped, selfextend_attention
-from .config import SelfExtendConfig
-from .kernels import metal_available
+from ..core.attention import rope_at, rope_grouped, selfextend_attention
+from ..core.config import SelfExtendConfig
+from ..core.kernels import metal_available
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Optional
 
 import yaml
 
-from .config import smallest_group_size
-from .errors import InputTooLongError, SelfExtendError, SettingsError
+from ..core.config import smallest_group_size
+from ..errors import InputTooLongError, SelfExtendError, SettingsError
 
 USER_REGISTRY_ENV = "SELFEXTEND_MODELS"
 DEFAULT_MAX_GROUP_SIZE = 16  # for models the registry does not know
@@ -76,12 +76,12 @@ class ModelEntry:
 
 
 def builtin_registry_path() -> Path:
-    # Installed: a copy next to this module (package data); in a checkout: the repo root.
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "models.yaml", here.parent / "models.yaml"):
+    # Installed: a copy in the package (package data); in a checkout: the repository root.
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "models.yaml", package.parent / "models.yaml"):
         if candidate.is_file():
             return candidate
-    raise RegistryError(f"models.yaml is missing from {here}; reinstall selfextend-mlx")
+    raise RegistryError(f"models.yaml is missing from {package}; reinstall selfextend-mlx")
 
 
 def validate_entry(raw, where: str) -> ModelEntry:

@@ -14,10 +14,10 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .config import SelfExtendConfig
+from ..core.config import SelfExtendConfig
 from .device import DTYPES, apply_dtype, resolve_dtype
-from .errors import ModelNotFoundError, SelfExtendError, SettingsError, UnsupportedModelError
-from .patch import apply_selfextend
+from ..errors import ModelNotFoundError, SelfExtendError, SettingsError, UnsupportedModelError
+from ..core.patch import apply_selfextend
 from .registry import DEFAULT_MAX_GROUP_SIZE, ModelEntry, default_model_name, recommended_settings, registry_entry
 
 # What an mlx-lm model needs from a Hub repo (code only when trust_remote_code asks for it).
