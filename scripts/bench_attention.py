@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from selfextend_mlx import SelfExtendConfig
-from selfextend_mlx.core.attention import rotate_queries_and_keys, selfextend_attention
+from selfextend_mlx.core.attention import CachedKV, rotate_queries_and_keys, selfextend_attention
 from selfextend_mlx.loading.blas import reexec_with_openblas
 from selfextend_mlx.evaluation.selftest import median_ms
 
@@ -26,8 +26,8 @@ def main(heads=9, kv_heads=3, head_dim=64, group_size=4, window=1024):
 
         def selfextend():
             q_neighbor, q_grouped, _, _ = rotate_queries_and_keys(rope, q * scale, q[:, :kv_heads], n - 1, config)
-            return selfextend_attention(q_neighbor, q_grouped, k, window_keys, n - window, v, q_start=n - 1,
-                                        config=config)
+            kv = CachedKV(k, v, window_keys, n - window)
+            return selfextend_attention(q_neighbor, q_grouped, kv, q_start=n - 1, config=config)
 
         se = 1e3 * median_ms(selfextend, 30)
         plain = 1e3 * median_ms(lambda: mx.fast.scaled_dot_product_attention(rope(q, offset=n - 1), k, v, scale=head_dim**-0.5), 30)

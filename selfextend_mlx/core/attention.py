@@ -13,10 +13,13 @@ j <= a - W is grouped for every query, so only the last C - 1 + W keys need neig
 O(heads x chunk x N), one matrix per chunk as in plain attention.
 """
 
+from typing import NamedTuple, Optional
+
 import mlx.core as mx
 import numpy as np
 
 from .config import SelfExtendConfig
+from .kernels import selfextend_kernel_attention
 
 
 def _use_fused(config: SelfExtendConfig) -> bool:
@@ -92,6 +95,23 @@ def rotate_queries_and_keys(rope, q: mx.array, k: mx.array, start: int, config: 
 # Keys and values are plain arrays, or (packed, scales, biases) triples in a quantized cache.
 
 
+class CachedKV(NamedTuple):
+    """What a step's queries at [q_start, end) attend to, as a cache hands it over.
+
+    grouped_keys: keys rotated at j // G for positions [0, g), g >= max(0, q_start - W + 1,
+        end - W): every key grouped for at least one query (a cache keeps no grouped forms
+        of the window's keys).
+    values: for positions [0, end).
+    neighbor_keys: keys rotated at j for positions [neighbor_start, end).
+    neighbor_start: at most max(0, q_start - W + 1), so a full window is there.
+    """
+
+    grouped_keys: object
+    values: object
+    neighbor_keys: mx.array
+    neighbor_start: int
+
+
 def seq_slice(x, start: int, end: int):
     if isinstance(x, tuple):
         return tuple(part[..., start:end, :] for part in x)
@@ -122,7 +142,7 @@ def _softcap(s, cap):
     return s if cap is None else mx.tanh(s / cap) * cap
 
 
-def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant):
+def _attend_chunk(qn, qg, *, a: int, b: int, kv: CachedKV, config: SelfExtendConfig, softcap, quant):
     """Queries at positions [a, b) against keys [0, b); q* are (B, Hkv, rep*C, D), pre-scaled.
 
     Keys before the band [a-W+1, b-W) are grouped for every query, keys in it need both
@@ -132,6 +152,7 @@ def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, c
     scores against the grouped keys followed by the last W neighbor keys, then the band and
     the last W columns written over in place.
     """
+    k_grouped, values, k_neighbor, neighbor_start = kv
     W, C = config.window, b - a
     band_start = max(0, a - W + 1)
     near_start = max(band_start, b - W)
@@ -181,13 +202,14 @@ def _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, c
     return out if out.dtype == qn.dtype else out.astype(qn.dtype)
 
 
-def _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config):
+def _attend_chunk_fused(qn, qg, *, a: int, b: int, kv: CachedKV, config: SelfExtendConfig):
     """The same chunk as one fused scaled_dot_product_attention call (flash attention on a GPU:
     no C x N score matrix is materialized). Both score sources fold into one by concatenating
     along the head dimension: the query is [q_neighbor | q_grouped], a grouped key is
     [0 | k_grouped], a neighbor key [k_neighbor | 0], so each dot product picks one source.
     Keys of the mixed band appear twice (once per source) and a boolean mask keeps the right
     copy for each query. q* are (B, Hq, C, D), pre-scaled."""
+    k_grouped, values, k_neighbor, neighbor_start = kv
     W = config.window
     grouped_end, neighbor_begin = max(0, a - W + 1), max(0, b - W)
 
@@ -222,47 +244,38 @@ def _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, val
 def selfextend_attention(
     q_neighbor: mx.array,
     q_grouped: mx.array,
-    k_grouped,
-    k_neighbor: mx.array,
-    neighbor_start: int,
-    values,
+    kv: CachedKV,
     *,
     q_start: int,
     config: SelfExtendConfig,
-    softcap=None,
-    quant=None,
+    softcap: Optional[float] = None,
+    quant: Optional[tuple] = None,
 ) -> mx.array:
     """Attention output (B, Hq, L, Dv) for queries at positions q_start, q_start+1, ...
 
     q_neighbor, q_grouped: the queries rotated at i and at i // G + shift (see
         rotate_queries_and_keys), already multiplied by the attention scale.
-    values: for positions [0, q_start + L).
-    k_grouped: keys rotated at j // G for positions [0, g), where g >= max(0, q_start - W + 1,
-        q_start + L - W): the keys grouped for at least one query (a cache does not keep grouped
-        forms of the window's keys).
-    k_neighbor: keys rotated at j for positions [neighbor_start, q_start + L), where
-        neighbor_start <= max(0, q_start - W + 1).
-    quant: (group_size, bits) when k_grouped and values are quantized triples.
+    kv: the keys and values they attend to (see CachedKV).
+    quant: (group_size, bits) when kv's grouped keys and values are quantized triples.
     """
     B, Hq, L, D = q_neighbor.shape
-    Hkv = k_neighbor.shape[1]
+    Hkv = kv.neighbor_keys.shape[1]
     rep = Hq // Hkv
     end = q_start + L
-    if neighbor_start > max(0, q_start - config.window + 1):
+    if kv.neighbor_start > max(0, q_start - config.window + 1):
         raise ValueError("the neighbor keys do not reach back a full window")
-    if seq_length(k_grouped) < max(0, q_start - config.window + 1, end - config.window):
+    if seq_length(kv.grouped_keys) < max(0, q_start - config.window + 1, end - config.window):
         raise ValueError("the grouped keys do not reach the window")
 
-    if quant is None and softcap is None and neighbor_start == 0 and (config.group_size == 1 or end <= config.window):
+    every_key_neighbor = config.group_size == 1 or end <= config.window
+    if quant is None and softcap is None and kv.neighbor_start == 0 and every_key_neighbor:
         # Every distance is neighbor (or G == 1 makes both the same): plain attention.
         mask = "causal" if L > 1 else None
-        return mx.fast.scaled_dot_product_attention(q_neighbor, k_neighbor, values, scale=1.0, mask=mask)
+        return mx.fast.scaled_dot_product_attention(q_neighbor, kv.neighbor_keys, kv.values, scale=1.0, mask=mask)
 
     if quant is None and _use_metal(config, L):
-        from .kernels import selfextend_kernel_attention
-
-        return selfextend_kernel_attention(q_neighbor, q_grouped, k_grouped, k_neighbor, neighbor_start, values,
-                                           q_start, config.window, 1.0, softcap)
+        return selfextend_kernel_attention(q_neighbor, q_grouped, kv, q_start=q_start, window=config.window,
+                                           scale=1.0, softcap=softcap)
 
     fused = L > 1 and quant is None and softcap is None and _use_fused(config)
     outputs = []
@@ -270,9 +283,9 @@ def selfextend_attention(
         b = min(end, a + config.chunk_size)
         qn, qg = (q[:, :, a - q_start : b - q_start, :] for q in (q_neighbor, q_grouped))
         if fused:
-            out = _attend_chunk_fused(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config)
+            out = _attend_chunk_fused(qn, qg, a=a, b=b, kv=kv, config=config)
         else:
             qn, qg = (x.reshape(B, Hkv, rep * (b - a), D) for x in (qn, qg))
-            out = _attend_chunk(qn, qg, a, b, k_grouped, k_neighbor, neighbor_start, values, config, softcap, quant)
+            out = _attend_chunk(qn, qg, a=a, b=b, kv=kv, config=config, softcap=softcap, quant=quant)
         outputs.append(out.reshape(B, Hq, b - a, -1))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)

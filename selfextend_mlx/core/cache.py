@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask, load_prompt_cache, save_prompt_cache
 
-from .attention import rotate_further, seq_length, seq_slice
+from .attention import CachedKV, rotate_further, seq_length, seq_slice
 from .config import SelfExtendConfig
 from ..errors import CacheMismatchError
 
@@ -84,9 +84,9 @@ class SelfExtendKVCache(_BaseCache):
 
     def update_and_fetch(self, grouped_keys, values, neighbor_keys, rope):
         """Append one step's keys (rotated both ways) and values; return what the step's
-        queries at [a, b) attend to: (grouped keys [0, g), values [0, b), neighbor keys
-        [start, b), start), with start = max(0, a - W + 1) and g >= max(start, b - W), the
-        first key that is a neighbor of every query of the step."""
+        queries at [a, b) attend to (a CachedKV): grouped keys [0, g), values [0, b), neighbor
+        keys [start, b) with start = max(0, a - W + 1), and g >= max(start, b - W), the first
+        key that is a neighbor of every query of the step."""
         a, n = self.offset, values.shape[2]
         b = a + n
         window = self.config.window
@@ -98,7 +98,7 @@ class SelfExtendKVCache(_BaseCache):
         self.offset = b
         self._update_keys(grouped_keys, neighbor_keys, a, keep_from, grouped_needed, rope)
         view = self.neighbor_keys[..., keep_from - self.neighbor_start : self.neighbor_length, :]
-        return (seq_prefix(self.keys, self.grouped_length), seq_prefix(self.values, b), view, keep_from)
+        return CachedKV(seq_prefix(self.keys, self.grouped_length), seq_prefix(self.values, b), view, keep_from)
 
     def _update_keys(self, grouped_keys, neighbor_keys, a: int, keep_from: int, grouped_needed: int, rope):
         """Keep neighbor keys for positions >= keep_from and append the new ones; extend the

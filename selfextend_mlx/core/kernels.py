@@ -90,11 +90,12 @@ def metal_available() -> bool:
     return mx.metal.is_available()
 
 
-def selfextend_kernel_attention(qn, qg, k_grouped, k_neighbor, neighbor_start, values, q_start, window, scale,
-                                softcap=None):
+def selfextend_kernel_attention(qn, qg, kv, *, q_start: int, window: int, scale: float, softcap=None):
     """Queries at positions q_start, q_start+1, ...: qn, qg (B, Hq, L, D) rotated queries;
-    keys and values as the cache returns them. Returns (B, Hq, L, Dv)."""
+    kv: the keys and values as the cache hands them over (attention.CachedKV).
+    Returns (B, Hq, L, Dv)."""
     global _kernel
+    k_grouped, values, k_neighbor, neighbor_start = kv
     if _kernel is None:
         _kernel = mx.fast.metal_kernel(
             name="selfextend_attention",

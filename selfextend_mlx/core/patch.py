@@ -11,7 +11,7 @@ from typing import Optional
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import Llama3RoPE, SuScaledRoPE, YarnRoPE
 
-from .attention import rotate_queries_and_keys, selfextend_attention
+from .attention import CachedKV, rotate_queries_and_keys, selfextend_attention
 from mlx_lm.models.cache import KVCache
 
 from .cache import QuantizedSelfExtendKVCache, SelfExtendKVCache, is_selfextend_cache
@@ -33,9 +33,9 @@ def _selfextend_call(self, x, mask=None, cache=None):
         self.rope, q * family.scale(self), k, start, config
     )
     if cache is None:
-        keys, values, window, window_start = grouped_keys, v, neighbor_keys, 0
+        kv = CachedKV(grouped_keys, v, neighbor_keys, 0)
     elif is_selfextend_cache(cache):
-        keys, values, window, window_start = cache.update_and_fetch(grouped_keys, v, neighbor_keys, self.rope)
+        kv = cache.update_and_fetch(grouped_keys, v, neighbor_keys, self.rope)
     else:
         raise TypeError(
             f"SelfExtend layers need their own cache ({type(cache).__name__} given): "
@@ -44,10 +44,7 @@ def _selfextend_call(self, x, mask=None, cache=None):
     out = selfextend_attention(
         q_neighbor,
         q_grouped,
-        keys,
-        window,
-        window_start,
-        values,
+        kv,
         q_start=start,
         config=config,
         softcap=family.softcap(self),

@@ -10,7 +10,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..core.attention import rope_at, rope_grouped, selfextend_attention
+from ..core.attention import CachedKV, rope_at, rope_grouped, selfextend_attention
 from ..core.config import SelfExtendConfig
 from ..core.kernels import metal_available
 
@@ -60,9 +60,9 @@ def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, wi
         # as a cache hands them over: neighbor keys from the window on, grouped keys up to it
         window_start = max(0, start - window + 1)
         grouped_end = max(window_start, end - window)
-        return selfextend_attention(q_neighbor, q_grouped, k_grouped[..., :grouped_end, :],
-                                    k_neighbor[..., window_start:end, :], window_start, values[..., :end, :],
-                                    q_start=start, config=config)
+        kv = CachedKV(k_grouped[..., :grouped_end, :], values[..., :end, :], k_neighbor[..., window_start:end, :],
+                      window_start)
+        return selfextend_attention(q_neighbor, q_grouped, kv, q_start=start, config=config)
 
     def check(name, fast, reference, ref_ms, available=True):
         if not available:
