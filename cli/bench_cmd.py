@@ -51,7 +51,8 @@ def bench(
     from selfextend_mlx.evaluation.bench import MODES, run_bench
     from selfextend_mlx.loading.device import describe_runtime
     from selfextend_mlx.errors import SettingsError
-    from selfextend_mlx.loading.load import load, settings_for
+    from selfextend_mlx.loading.load import load
+    from selfextend_mlx.planning import choose_settings
 
     sizes = _lengths(lengths)
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
@@ -60,14 +61,17 @@ def bench(
         raise typer.BadParameter(f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}", param_hint="--modes")
     loaded, tokenizer = load(model, selfextend=False, dtype=dtype)
     info = loaded.model_info
-    config = settings_for(info, group_size, window, tokens=max(sizes))
+    settings = choose_settings(info.limits, max(sizes), group_size=group_size, window=window)
+    if settings.plain:  # the lengths fit the model: measure SelfExtend at the registry's G all the same
+        settings = choose_settings(info.limits, None, group_size=group_size, window=window)
+    config = settings.config()
+    if config is None:
+        raise SettingsError("group size G=1 is the plain model; give -G 2 or more")
     if config.window >= min(sizes):
         raise SettingsError(
             f"window W={config.window} is not below the shortest length {min(sizes)}: SelfExtend would be the "
             "plain model there; give a smaller -W or longer --lengths"
         )
-    if config.group_size < 2:
-        raise SettingsError("group size G=1 is the plain model; give -G 2 or more")
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 256
     tokens = mx.random.randint(0, vocab, (max(sizes),), key=mx.random.key(0))
     if not json_output:

@@ -29,7 +29,7 @@ def list_caches(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False):
     \b
         selfextend cache list
     """
-    from selfextend_mlx.app.session import format_bytes
+    from selfextend_mlx.planning import format_bytes
 
     store = _store(cache_dir)
     entries = store.entries()
@@ -61,7 +61,7 @@ def clear_caches(cache_dir: CacheDirOpt = None):
     \b
         selfextend cache clear
     """
-    from selfextend_mlx.app.session import format_bytes
+    from selfextend_mlx.planning import format_bytes
 
     store = _store(cache_dir)
     count, size = store.clear()

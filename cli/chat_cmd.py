@@ -175,7 +175,7 @@ def _chat_command(session, command: str) -> bool:
 
 def _info(session) -> str:
     from selfextend_mlx.core.cache import cache_nbytes
-    from selfextend_mlx.app.session import format_bytes
+    from selfextend_mlx.planning import format_bytes
 
     plan = session.plan
     cache = format_bytes(cache_nbytes(session.cache)) if session.cache is not None else "empty"

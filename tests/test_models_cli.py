@@ -7,7 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 from selfextend_cli import models_cmd
-from selfextend_mlx.core.config import max_length
+from selfextend_mlx.planning import ModelShape, Settings, kv_cache_bytes, max_length
 from selfextend_mlx.loading.registry import entries
 
 
@@ -51,7 +51,7 @@ def test_info_for_the_default_model(app):
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     assert fields["model"] == "SmolLM2-135M-Instruct" and fields["family"] == "llama"
     assert fields["trained context"].startswith("8192")
-    assert fields["SelfExtend"].startswith("G=4, W=1024")
+    assert fields["SelfExtend"].startswith("G=4 W=1,024")
     assert fields["reach"].endswith("29696 tokens")
     assert fields["available locally"].startswith("yes: ") and fields["available locally"].endswith(".gguf")
     assert fields["runtime"].startswith("CPU, ") and "float32" in fields["runtime"]  # which BLAS, which dtype
@@ -64,11 +64,13 @@ def test_info_plans_for_a_length_and_sizes_the_kv_cache(app):
     # W=2048 from the registry; the smallest G with (8192 - 2048) * G + 2048 >= 20000 is 3.
     assert (record["group_size"], record["window"], record["max_length"]) == (3, 2048, 20480)
     assert record["fits"] and record["local"] is False and record["dtype"] == "float32"
-    # 32 layers x 8 kv heads x 128 x fp32 x (grouped keys + values for all + plain keys for W)
-    assert record["kv_cache_bytes"] == 32 * 8 * 128 * 4 * (2 * 20000 + 2048)
+    # 32 layers x 8 kv heads x 128, fp32: planning's KV rule (its own tests pin it against real caches)
+    settings = Settings(3, 2048, "extends", 20480)
+    assert record["kv_cache_bytes"] == kv_cache_bytes(ModelShape(32, 8, 128, item_bytes=4), 20000, settings)
+    assert 32 * 8 * 128 * 4 * 2 * 20000 < record["kv_cache_bytes"] < 32 * 8 * 128 * 4 * 2 * 21000
 
     code, out, _ = run(app, "info", "Llama-3-8B-Instruct", "--tokens", "20000", "--dtype", "native", "--json")
-    assert json.loads(out)["kv_cache_bytes"] == 32 * 8 * 128 * 2 * (2 * 20000 + 2048)
+    assert json.loads(out)["kv_cache_bytes"] == kv_cache_bytes(ModelShape(32, 8, 128, item_bytes=2), 20000, settings)
 
 
 def test_info_on_a_local_folder(app, stories_dir):
@@ -76,7 +78,7 @@ def test_info_on_a_local_folder(app, stories_dir):
     record = json.loads(out)
     assert code == 0 and record["local"] is True and record["path"] == str(stories_dir.resolve())
     assert (record["trained_context"], record["group_size"], record["window"]) == (512, 3, 128)
-    assert record["kv_cache_bytes"] == 5 * 4 * 8 * 4 * (2 * 1000 + 128)
+    assert record["kv_cache_bytes"] == kv_cache_bytes(ModelShape(5, 4, 8), 1000, Settings(3, 128, "extends", 1280))
 
 
 def test_errors_are_one_line(app, tmp_path, monkeypatch):
@@ -85,7 +87,7 @@ def test_errors_are_one_line(app, tmp_path, monkeypatch):
     for args, text in [
         (("info", "no-such-model"), "unknown model 'no-such-model'"),
         (("info", "acme/not-cached"), "HF_HUB_OFFLINE is set"),
-        (("info", "Phi-2", "--window", "2048"), "must be smaller than the trained context 2048"),
+        (("info", "Phi-2", "--window", "2048"), "must be smaller than the model's trained context 2048"),
         (("info", "SmolLM2-135M-Instruct", "--tokens", "100000"), "beyond this model's reach"),
         (("info", "--dtype", "int3"), "unknown dtype"),
     ]:

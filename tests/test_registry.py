@@ -1,4 +1,4 @@
-"""models.yaml: its schema, the models it must know, and the G/W rule."""
+"""models.yaml: its schema and the models it must know (the G/W rule itself: test_planning.py)."""
 
 import importlib
 from pathlib import Path
@@ -7,8 +7,6 @@ import pytest
 import yaml
 from mlx_lm.utils import MODEL_REMAPPING
 
-from selfextend_mlx.core.config import max_length
-from selfextend_mlx.errors import InputTooLongError, SettingsError
 from selfextend_mlx.loading.registry import (
     REQUIRED_FIELDS,
     RegistryError,
@@ -16,7 +14,6 @@ from selfextend_mlx.loading.registry import (
     default_model_name,
     entries,
     parse_registry,
-    recommended_settings,
     registry_entry,
     validate_entry,
 )
@@ -53,8 +50,7 @@ def test_builtin_registry_passes_the_schema():
         # mlx-lm has a model file for the family, so the repo can be loaded at all.
         family = MODEL_REMAPPING.get(entry.family, entry.family)
         importlib.import_module(f"mlx_lm.models.{family}")
-        assert entry.window < entry.rule_context and entry.group_size <= entry.max_group_size
-        assert entry.max_length() == max_length(entry.trained_context, entry.group_size, entry.window)
+        assert entry.window < entry.limits.context and entry.group_size <= entry.max_group_size
         assert entry.notes.strip()
 
 
@@ -125,40 +121,3 @@ def test_user_registry_adds_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFEXTEND_MODELS", str(tmp_path / "absent.yaml"))
     with pytest.raises(RegistryError, match="not a file"):
         registry_entry("phi-2")
-
-
-# ------------------------------------------------------------------ the G/W rule
-
-
-def test_rule_without_a_registry_entry():
-    assert recommended_settings(4096) == (4, 1024)  # W = L/4; G = 4 when the length is unknown
-    assert recommended_settings(4096, tokens=3000) == (1, 1024)  # fits: plain positions
-    for tokens in (4097, 7168, 7169, 20000, 40000):
-        group_size, window = recommended_settings(4096, tokens=tokens)
-        assert max_length(4096, group_size, window) >= tokens
-        assert group_size == 1 or max_length(4096, group_size - 1, window) < tokens
-    assert recommended_settings(4096, tokens=7168) == (2, 1024)
-    assert recommended_settings(4096, tokens=7169) == (3, 1024)
-
-
-def test_rule_uses_the_registry_and_its_limits():
-    llama2 = registry_entry("Llama-2-7b-chat")
-    assert recommended_settings(4096, entry=llama2) == (8, 1024)
-    assert recommended_settings(4096, tokens=16000, entry=llama2) == (5, 1024)
-    assert recommended_settings(4096, tokens=16000, entry=llama2, window=512) == (5, 512)
-    with pytest.raises(InputTooLongError, match="beyond this model's reach of 99328"):
-        recommended_settings(4096, tokens=100_000, entry=llama2)  # would need G=33 > 32
-    with pytest.raises(SettingsError):
-        recommended_settings(4096, entry=llama2, window=4096)
-
-
-def test_rule_keeps_grouped_positions_where_the_model_works():
-    smollm2 = registry_entry("SmolLM2-135M-Instruct")  # L=8192, works to about 5k
-    assert smollm2.rule_context == 5120
-    group_size, window = recommended_settings(8192, tokens=10_000, entry=smollm2)
-    assert (group_size, window) == (3, 1024)  # (5120 - 1024) * 3 + 1024 >= 10000
-    assert (group_size - 1) * (5120 - 1024) + 1024 < 10_000
-    # Beyond the comfortable range (G=8 reaches 33792) but within the hard one: the largest G allowed.
-    assert recommended_settings(8192, tokens=40_000, entry=smollm2) == (8, 1024)
-    with pytest.raises(InputTooLongError):
-        recommended_settings(8192, tokens=60_000, entry=smollm2)  # hard reach at G=8: 58368

@@ -15,17 +15,11 @@ from selfextend_mlx.app.doccache import DocumentCache
 from selfextend_mlx.app.documents import Document
 from selfextend_mlx.errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
 from selfextend_mlx.loading.load import load
-from selfextend_mlx.app.session import (
-    ENV_MAX_MEMORY,
-    PromptFormat,
-    Sampling,
-    Session,
-    SessionOptions,
-    choose_config,
-    common_prefix_length,
-    estimate_memory,
-    parse_size,
-)
+from selfextend_mlx.app.generation import Sampling
+from selfextend_mlx.app.prompts import PromptFormat, common_prefix_length
+from selfextend_mlx.app.session import Session, SessionOptions
+from selfextend_mlx.core.patch import selfextend_config
+from selfextend_mlx.planning import ENV_MAX_MEMORY, estimate_memory, max_length
 
 CHATML = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -106,54 +100,46 @@ def test_common_prefix_length():
 
 
 # -- planning ----------------------------------------------------------------------------------
+# The rules themselves are pinned in test_planning.py; here: the session follows them.
 
 
-def test_short_input_keeps_the_requested_group_size():
-    config, requested = choose_config("unknown-model", 512, 400, group_size=4, window=128)
-    assert config == SelfExtendConfig(4, 128) and requested == 4
+def test_short_documents_run_the_plain_model(stories):
+    model, tokenizer = stories
+    session = Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(max_tokens=8))
+    assert session.plan.settings.plain and session.plan.config is None
+    session.ask("What does Tom have?")
+    assert selfextend_config(model) is None  # the model ran unpatched
+    assert not any(type(c).__name__.startswith("SelfExtend") for c in session.cache)
 
 
-def test_group_size_is_raised_to_reach_the_input():
-    # L=512, W=128: G=4 reaches 1664 tokens; 3000 tokens need G=8 ((3000-128)/384 -> 7.5).
-    config, requested = choose_config("unknown-model", 512, 3000, group_size=4, window=128)
-    assert (config.group_size, requested) == (8, 4)
-    assert config.max_length(512) >= 3000 > SelfExtendConfig(7, 128).max_length(512)
+def test_long_documents_get_the_smallest_group_size_that_reaches(stories, story_text):
+    model, tokenizer = stories
+    session = Session(model, tokenizer, [doc(story_text[:3000])], options=SessionOptions(max_tokens=16))
+    needed = max(session.plan.prompt_tokens, len(session.prefix_tokens) + 128) + 16
+    settings = session.plan.settings
+    assert settings.reason == "extends" and settings.window == 128  # no registry entry: W = 512 // 4
+    assert max_length(512, settings.group_size, 128) >= needed > max_length(512, settings.group_size - 1, 128)
+    session.ask("Who is Lily?", Sampling(max_tokens=2))
+    assert selfextend_config(model) == session.plan.config
 
 
-def test_too_long_names_the_numbers():
-    with pytest.raises(InputTooLongError) as caught:
-        choose_config("unknown-model", 512, 10_000, window=128, answer_tokens=500)
-    message = str(caught.value)
-    assert message.startswith("input too long: 9500 prompt tokens + 500 answer tokens = 10000 > N_max 6272")
-    assert "G=16, the most this model allows" in message and "it would need G=26" in message
+def test_given_group_size_is_used_as_given(stories):
+    model, tokenizer = stories
+    session = Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(group_size=3, window=64))
+    assert (session.plan.settings.group_size, session.plan.settings.window) == (3, 64)
+    assert session.plan.settings.reason == "given" and session.plan.requested_group_size == 3
 
 
-def test_window_must_be_below_the_trained_context():
-    with pytest.raises(SelfExtendError, match="--window 512 must be smaller than the model's trained context 512"):
-        choose_config("unknown-model", 512, 100, window=512)
-
-
-def test_registry_model_uses_its_settings():
-    from selfextend_mlx.core.config import smallest_group_size
-    from selfextend_mlx.loading.registry import recommended_settings, registry_entry
-
-    name = "SmolLM2-135M-Instruct"
-    entry = registry_entry(name)
-    L = entry.trained_context
-    config, requested = choose_config(name, L, 2000)
-    assert (config, requested) == (SelfExtendConfig(entry.group_size, entry.window), entry.group_size)
-    # Past the default reach: the registry's rule, which keeps grouped positions inside the
-    # context the model really handles, within its max_group_size.
-    tokens = SelfExtendConfig(entry.group_size, entry.window).max_length(L) + 1000
-    config, requested = choose_config(name, L, tokens)
-    assert config.group_size == recommended_settings(L, tokens, entry)[0] > requested == entry.group_size
-    assert config.group_size <= entry.max_group_size and config.max_length(L) >= tokens
-    # A window past that effective context: the smallest G that reaches, the window kept as given.
-    window = entry.rule_context + 64
-    tokens = SelfExtendConfig(entry.group_size + 1, window).max_length(L)
-    config, _ = choose_config(name, L, tokens, window=window)
-    assert config == SelfExtendConfig(smallest_group_size(L, window, tokens), window)
-    assert config.group_size == entry.group_size + 1
+def test_sessions_sharing_a_model_each_run_in_their_own_mode(stories, story_text):
+    model, tokenizer = stories
+    short = Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(max_tokens=4))
+    long = Session(model, tokenizer, [doc(story_text[:3000])], options=SessionOptions(max_tokens=4))
+    long.ask("Who is Lily?")
+    assert selfextend_config(model) == long.plan.config
+    short.ask("What does Tom have?")
+    assert selfextend_config(model) is None
+    again = long.ask("Who is Tom?")
+    assert selfextend_config(model) == long.plan.config and again.prefilled_tokens < again.prompt_tokens
 
 
 def test_memory_estimate_tracks_the_real_cache(stories, story_text):
@@ -161,11 +147,12 @@ def test_memory_estimate_tracks_the_real_cache(stories, story_text):
     session = Session(model, tokenizer, [doc(story_text[:3000])], options=SessionOptions(max_tokens=8))
     session.prepare()
     tokens = len(session.prefix_tokens)
-    estimate = estimate_memory(model, tokens, session.plan.config)
-    real = cache_nbytes(session.cache)  # buffers grow in steps, so the real size is a bit above the data
-    assert 0.5 * real <= estimate.kv_cache <= 1.5 * real
+    info = session.info
+    estimate = estimate_memory(info.shape, info.weights_bytes, tokens, session.plan.settings)
+    real = cache_nbytes(session.cache)
+    assert 0.9 * real <= estimate.kv_cache <= 1.1 * real
     assert estimate.weights == sum(array.nbytes for _, array in tree_flatten(model.parameters()))
-    bigger = estimate_memory(model, 4 * tokens, session.plan.config)
+    bigger = estimate_memory(info.shape, info.weights_bytes, 4 * tokens, session.plan.settings)
     assert bigger.kv_cache > 3 * estimate.kv_cache and bigger.prefill > estimate.prefill
 
 
@@ -174,12 +161,6 @@ def test_memory_beyond_the_machine_is_refused_before_prefill(stories, monkeypatc
     monkeypatch.setenv(ENV_MAX_MEMORY, "2MB")
     with pytest.raises(InsufficientMemoryError, match=r"^not enough memory: this run needs about .* and the machine has 2.0 MB"):
         Session(model, tokenizer, [doc("Tom has a red ball.")])
-
-
-def test_parse_size():
-    assert parse_size("8GB") == 8_000_000_000 and parse_size("512m") == 512_000_000 and parse_size("1000") == 1000
-    with pytest.raises(SelfExtendError):
-        parse_size("lots")
 
 
 # -- turns ---------------------------------------------------------------------------------------
@@ -247,10 +228,46 @@ def test_interrupted_answer_keeps_cache_and_conversation_consistent(stories, sto
 
 def test_conversation_past_the_reach_is_refused(stories):
     model, tokenizer = stories
-    session = Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(max_tokens=8, group_size=1, window=128))
-    session.plan = session.plan.__class__(**{**session.plan.__dict__, "config": SelfExtendConfig(1, 128)})
+    session = Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(max_tokens=8, group_size=1))
     with pytest.raises(InputTooLongError, match=r"^too long: \d+ prompt tokens \+ 8 answer tokens = \d+ > N_max 512"):
         session.ask("word " * 600)
+
+
+def test_a_chat_that_outgrows_its_plan_replans_and_answers_every_turn(stories, story_text):
+    model, tokenizer = stories
+    notices = []
+    session = Session(model, tokenizer, [doc(story_text[:600])], options=SessionOptions(max_tokens=24),
+                      notice=notices.append)
+    assert session.plan.settings.plain  # the document and a question fit the 512-token context
+    questions = ["What happened next in the story? Tell me about the park and the dog. " * 4] * 6
+    group_sizes = []
+    for question in questions:
+        answer = session.ask(question, Sampling(max_tokens=24))
+        assert answer.generation_tokens > 0
+        group_sizes.append(session.plan.settings.group_size)
+        assert answer.prompt_tokens + 24 <= session.plan.max_length
+    assert group_sizes[0] == 1 and group_sizes[-1] > 1 and group_sizes == sorted(group_sizes)
+    assert len(session.history) == len(questions)  # nothing dropped: a larger G still reached
+    assert any("re-planned to G=" in n for n in notices)
+    # After re-planning, the answer is what a fresh session with those settings gives.
+    last_q = "Who was in the park?"
+    answer = session.ask(last_q, Sampling(max_tokens=12))
+    fresh = Session(model, tokenizer, session.documents, options=SessionOptions(
+        max_tokens=12, group_size=session.plan.settings.group_size, window=session.plan.settings.window))
+    fresh.history = session.history[:-1]
+    assert answer.text == fresh.ask(last_q, Sampling(max_tokens=12)).text
+
+
+def test_at_the_largest_reach_the_oldest_turns_are_dropped(stories, story_text):
+    model, tokenizer = stories
+    notices = []
+    options = SessionOptions(max_tokens=16, group_size=2, window=128)  # given: never re-planned, reach 896
+    session = Session(model, tokenizer, [doc(story_text[:600])], options=options, notice=notices.append)
+    for i in range(8):
+        session.ask(f"Question {i}: what happened next in the story? " * 6, Sampling(max_tokens=16))
+    assert any(n.startswith("dropped the ") and "the documents stay" in n for n in notices)
+    assert len(session.history) < 8 and session.history[-1][0].startswith("Question 7")
+    assert session.conversation_tokens <= session.plan.max_length
 
 
 # -- the document cache ----------------------------------------------------------------------------
@@ -282,14 +299,16 @@ def test_quantized_kv_cache_session(stories, tmp_path):
     from mlx_lm.models import llama
 
     from selfextend_mlx.core.cache import QuantizedSelfExtendKVCache
-    from selfextend_mlx.loading.load import ModelInfo
+    from selfextend_mlx.loading.load import ModelInfo, model_shape
+    from selfextend_mlx.planning import ModelLimits
 
     _, tokenizer = stories
     args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
                            vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)
     model = llama.Model(args)
-    model.model_info = ModelInfo(model_id="tiny-random", family="llama", trained_context=256)
+    model.model_info = ModelInfo(model_id="tiny-random", family="llama", limits=ModelLimits(256),
+                                 shape=model_shape(vars(args)))
     documents = [doc("Tom has a red ball. Lily has a blue kite. " * 15)]  # ~400 tokens: beyond 256
     options = SessionOptions(max_tokens=6, kv_bits=8)
     session = Session(model, tokenizer, documents, options=options, doc_cache=DocumentCache(tmp_path))

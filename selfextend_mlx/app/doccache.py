@@ -33,9 +33,12 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("selfextend-mlx")) / "documents"
 
 
-def cache_key(model_id: str, config: SelfExtendConfig, kv_bits: Optional[int], tokens: Sequence[int]) -> str:
+def cache_key(model_id: str, settings, kv_bits: Optional[int], tokens: Sequence[int]) -> str:
+    """`settings`: anything with group_size and window (planning's Settings); G=1 is plain
+    attention, whatever W."""
+    window = 0 if settings.group_size == 1 else settings.window
     digest = hashlib.sha256()
-    header = f"selfextend-doccache/{STORE_FORMAT_VERSION}\0{model_id}\0G={config.group_size}\0W={config.window}\0kv={kv_bits}\0"
+    header = f"selfextend-doccache/{STORE_FORMAT_VERSION}\0{model_id}\0G={settings.group_size}\0W={window}\0kv={kv_bits}\0"
     digest.update(header.encode())
     digest.update(struct.pack(f"<{len(tokens)}q", *tokens))
     return digest.hexdigest()
@@ -57,7 +60,7 @@ class DocumentCache:
     def path_for(self, key: str) -> Path:
         return self.directory / f"{key}{SUFFIX}"
 
-    def load(self, key: str, *, model_id: str, config: SelfExtendConfig, tokens: int):
+    def load(self, key: str, *, model_id: str, config: Optional[SelfExtendConfig], tokens: int):
         """The saved cache for `key`, or None. A corrupt or mismatched file is reported through
         `notice` in one line and removed, so the caller rebuilds it."""
         path = self.path_for(key)
@@ -76,7 +79,7 @@ class DocumentCache:
             return None
         return cache
 
-    def save(self, key: str, cache: list, *, model_id: str, config: SelfExtendConfig, metadata: dict) -> Path:
+    def save(self, key: str, cache: list, *, model_id: str, config: Optional[SelfExtendConfig], metadata: dict) -> Path:
         path = self.path_for(key)
         info = {"key": key, "store_format": STORE_FORMAT_VERSION, "saved": str(time.time()), **metadata}
         save_cache(path, cache, model_id=model_id, config=config, metadata={k: str(v) for k, v in info.items()})

@@ -1,351 +1,34 @@
-"""The engine behind chat, ask, summarize and generate: one conversation about some documents.
+"""One conversation with a model about some documents: the engine behind chat, ask,
+summarize, generate and the server.
 
-- The prompt is the model's chat template (or a plain "Question:/Answer:" layout for models
-  without one), laid out so the system text and documents form a stable token prefix: that
-  prefix is prefilled once (or read from the document cache) and every question is appended.
-- Prefill runs in steps with a progress callback; answers stream through mlx-lm.
+- The plan (selfextend_mlx.planning) is made from the documents plus room for a question:
+  plain attention when that fits the model's own context, else the smallest G that reaches.
+  Nothing is patched until the session runs: each turn puts the shared model in the plan's
+  mode first, so several sessions can share one loaded model.
+- The system text and documents are a stable token prefix: prefilled once (or read from the
+  document cache) and every question appended.
 - Between turns the KV cache is kept: a new question prefills only the tokens that differ
   from what the cache already holds (the cache is trimmed back to the common prefix).
-- Before any prefill the input is checked against the reach N_max = (L - W) * G + W (raising G
-  within the registry's limit when needed) and against the machine's memory.
+- A turn that would pass the plan's reach re-plans with a larger G and reads the conversation
+  again; at the model's largest reach the oldest turns are dropped (the documents stay).
 """
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from ..core.patch import make_cache
-from ..core.config import SelfExtendConfig, smallest_group_size
+from ..core.patch import make_cache, use_selfextend
+from ..core.prefill import DEFAULT_STEP, Progress, prefill
+from ..errors import InputTooLongError, SelfExtendError
+from ..loading.load import model_info
+from ..planning import QUESTION_RESERVE, check_memory, kv_group_size, plan_run
 from .doccache import DocumentCache, cache_key
 from .documents import Document, format_documents
-from ..errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
-from ..loading.load import model_info
-from ..core.patch import apply_selfextend, selfextend_config
-
-DEFAULT_MAX_TOKENS = 512
-DEFAULT_PREFILL_STEP = 512
-QUESTION_RESERVE = 128  # tokens kept free for a chat question when planning a chat
-MEMORY_FRACTION = 0.9  # refuse a run whose estimate is above this share of the machine's memory
-ENV_MAX_MEMORY = "SELFEXTEND_MAX_MEMORY"
-
-ProgressCallback = Callable[[int, int, float], None]  # (tokens done, tokens total, seconds so far)
-
-
-# -- prompt layout -----------------------------------------------------------------------------
-
-_SENTINEL = "\uE000QUESTION\uE000"  # a private-use marker no document or template contains
-
-
-class PromptFormat:
-    """Renders (system, documents, past turns, question) to prompt text.
-
-    With a chat template the documents open the first user message and the question follows
-    them; without one the layout is plain text with Question:/Answer: lines.
-    """
-
-    def __init__(self, tokenizer, system: Optional[str] = None, use_chat_template: bool = True):
-        self.tokenizer = tokenizer
-        self.system = system
-        self.chat = use_chat_template and bool(getattr(tokenizer, "has_chat_template", False))
-        self._system_role = True
-
-    def render(self, documents: str, turns: Sequence[tuple[str, str]], question: str) -> str:
-        return self._render_chat(documents, turns, question) if self.chat else self._render_plain(documents, turns, question)
-
-    def _render_plain(self, documents, turns, question):
-        parts = [part for part in (self.system, documents) if part]
-        text = "\n\n".join(parts)
-        for past_question, answer in turns:
-            text += f"{_join(text)}Question: {past_question}\nAnswer: {answer}"
-        if not parts and not turns:
-            return question  # a bare prompt (generate) goes in as it is
-        return text + f"{_join(text)}Question: {question}\nAnswer:"
-
-    def _render_chat(self, documents, turns, question):
-        messages = []
-        first = lambda q: f"{documents}\n\n{q}" if documents else q
-        system = self.system
-        if system and self._system_role:
-            messages.append({"role": "system", "content": system})
-            system = None
-        for i, (past_question, answer) in enumerate(turns):
-            content = first(past_question) if i == 0 else past_question
-            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-        messages.append({"role": "user", "content": first(question) if not turns else question})
-        if system:  # the template refused a system role: the text leads the first user message
-            messages[0]["content"] = f"{system}\n\n{messages[0]['content']}"
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as error:
-            if self.system and self._system_role and "system" in str(error).lower():
-                self._system_role = False
-                return self._render_chat(documents, turns, question)
-            raise SelfExtendError(f"the model's chat template failed: {error}") from None
-
-    def document_prefix(self, documents: str) -> Optional[str]:
-        """The text every prompt about these documents starts with, or None when the template
-        puts something that depends on the question before the documents' end."""
-        if not documents:
-            return None
-        probes = [self.render(documents, [], f"{_SENTINEL}{tail}") for tail in ("a", "b c")]
-        cuts = [probe.find(_SENTINEL) for probe in probes]
-        if min(cuts) < 0 or probes[0][: cuts[0]] != probes[1][: cuts[1]]:
-            return None
-        return probes[0][: cuts[0]]
-
-
-def _join(text: str) -> str:
-    return "\n\n" if text else ""
-
-
-def encode(tokenizer, text: str, first: bool) -> list[int]:
-    """Token ids of `text`; `first` adds the BOS token unless the text already starts with it."""
-    bos = getattr(tokenizer, "bos_token", None)
-    special = first and (bos is None or not text.startswith(bos))
-    return list(tokenizer.encode(text, add_special_tokens=special))
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-# -- planning: reach and memory -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    weights: int
-    kv_cache: int
-    prefill: int  # transient: attention scores and logits of one prefill step
-    machine: Optional[int]  # bytes the machine has (or the SELFEXTEND_MAX_MEMORY cap); None if unknown
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.prefill
-
-
-@dataclass(frozen=True)
-class Plan:
-    model_id: str
-    trained_context: int
-    config: SelfExtendConfig
-    prompt_tokens: int  # the document part (chat) or the whole prompt (ask, generate)
-    max_tokens: int
-    requested_group_size: int
-    memory: MemoryEstimate
-
-    @property
-    def max_length(self) -> int:
-        return self.config.max_length(self.trained_context)
-
-    @property
-    def group_size_raised(self) -> bool:
-        return self.config.group_size != self.requested_group_size
-
-
-def choose_config(
-    model_name: str,
-    trained_context: int,
-    needed_tokens: int,
-    group_size: Optional[int] = None,
-    window: Optional[int] = None,
-    answer_tokens: int = 0,
-) -> tuple[SelfExtendConfig, int]:
-    """SelfExtend settings for `needed_tokens` (prompt + `answer_tokens` budget): the requested
-    G (the registry's by default) when it reaches that far, else a larger G chosen by the
-    registry's rule, never above its max_group_size. Returns (config, requested G)."""
-    from dataclasses import replace
-
-    from ..loading.registry import max_group_size, recommended_settings, registry_entry
-
-    entry = registry_entry(model_name)
-    default_g, default_w = recommended_settings(trained_context, None, entry)
-    requested, window = group_size or default_g, window or default_w
-    if window >= trained_context:
-        raise SelfExtendError(f"--window {window} must be smaller than the model's trained context {trained_context}")
-    if SelfExtendConfig(requested, window).max_length(trained_context) >= needed_tokens:
-        return SelfExtendConfig(requested, window), requested
-    limit = max(max_group_size(entry), requested)
-    needed_g = smallest_group_size(trained_context, window, needed_tokens)
-    if needed_g > limit:
-        prompt = needed_tokens - answer_tokens
-        reach = SelfExtendConfig(limit, window).max_length(trained_context)
-        raise InputTooLongError(
-            f"input too long: {prompt} prompt tokens + {answer_tokens} answer tokens = {needed_tokens} > N_max {reach} "
-            f"(L={trained_context}, W={window}, G={limit}, the most this model allows); it would need G={needed_g}: "
-            "shorten the document or lower --max-tokens"
-        )
-    if entry is not None and group_size is None and window < entry.rule_context:
-        # The registry's rule may pick a G with more headroom (it fills the context the model really handles).
-        needed_g = recommended_settings(trained_context, needed_tokens, replace(entry, window=window))[0]
-    return SelfExtendConfig(needed_g, window), requested
-
-
-def machine_memory() -> Optional[int]:
-    cap = os.environ.get(ENV_MAX_MEMORY)
-    if cap:
-        return parse_size(cap)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def parse_size(text: str) -> int:
-    """'8GB', '512M', '1e9' or a plain number of bytes."""
-    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-    value = text.strip().lower().removesuffix("b").removesuffix("i")
-    scale = units.get(value[-1:], 1) if value else 1
-    try:
-        return int(float(value[:-1] if scale != 1 else value) * scale)
-    except ValueError:
-        raise SelfExtendError(f"{ENV_MAX_MEMORY}={text!r} is not a size (use bytes or e.g. 8GB)") from None
-
-
-def _model_shape(model):
-    args = getattr(model, "args", None)
-    layers = len(model.layers)
-    heads = getattr(args, "num_attention_heads", None) or 1
-    hidden = getattr(args, "hidden_size", None) or 0
-    kv_heads = getattr(args, "num_key_value_heads", None) or heads
-    head_dim = getattr(args, "head_dim", None) or (hidden // heads if hidden else 128)
-    vocab = getattr(args, "vocab_size", None) or 32000
-    return layers, heads, kv_heads, head_dim, vocab
-
-
-def _activation_bytes(model) -> int:
-    """Bytes per element of the activations (and so of the KV cache): the floating dtype of the weights."""
-    sizes = {v.dtype.size for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
-    return min(sizes) if sizes else 4
-
-
-def estimate_memory(
-    model, tokens: int, config: SelfExtendConfig, kv_bits: Optional[int] = None, prefill_step: int = DEFAULT_PREFILL_STEP
-) -> MemoryEstimate:
-    """What a run over `tokens` tokens needs at its peak: the weights, the SelfExtend KV cache
-    (keys at grouped positions and values for every token, keys at plain positions for the
-    last W), and one prefill step's attention scores (per chunk of queries) and logits."""
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    layers, heads, kv_heads, head_dim, vocab = _model_shape(model)
-    item = _activation_bytes(model)
-    per_element = item if kv_bits is None else kv_bits / 8 + 2 * item / 64  # + scales and biases
-    grouped_and_values = 2 * tokens * kv_heads * head_dim * per_element
-    neighbors = (min(tokens, config.window) + prefill_step) * kv_heads * head_dim * item
-    kv_cache = int(layers * (grouped_and_values + neighbors))
-    queries = min(prefill_step, config.chunk_size)
-    scores = 3 * heads * queries * tokens * 4  # float32 scores, softmax, band
-    logits = prefill_step * vocab * 4
-    return MemoryEstimate(weights, kv_cache, scores + logits, machine_memory())
-
-
-def kv_group_size(model, kv_bits: Optional[int]) -> int:
-    """The quantization group for a KV cache of `kv_bits`: 64 values, or 32 for small heads."""
-    head_dim = _model_shape(model)[3]
-    if kv_bits is None or head_dim % 64 == 0:
-        return 64
-    if head_dim % 32 == 0:
-        return 32
-    raise SelfExtendError(f"--kv-bits needs a head size divisible by 32; this model's is {head_dim}: leave --kv-bits out")
-
-
-def check_memory(estimate: MemoryEstimate) -> None:
-    if estimate.machine is None or estimate.total <= MEMORY_FRACTION * estimate.machine:
-        return
-    raise InsufficientMemoryError(
-        f"not enough memory: this run needs about {format_bytes(estimate.total)} (weights "
-        f"{format_bytes(estimate.weights)}, KV cache {format_bytes(estimate.kv_cache)}, prefill "
-        f"{format_bytes(estimate.prefill)}) and the machine has {format_bytes(estimate.machine)}; "
-        "use a shorter document, --kv-bits 4, or a smaller --prefill-step-size"
-    )
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-# -- running the model ---------------------------------------------------------------------------
-
-
-def prefill(model, cache: list, tokens: Sequence[int], step: int, on_progress: Optional[ProgressCallback] = None) -> float:
-    """Run `tokens` through the model into `cache`, `step` tokens at a time; returns seconds."""
-    start = time.perf_counter()
-    total = len(tokens)
-    if on_progress:
-        on_progress(0, total, 0.0)
-    for begin in range(0, total, step):
-        chunk = mx.array(tokens[begin : begin + step])
-        model(chunk[None], cache=cache)
-        mx.eval([entry.state for entry in cache])
-        mx.clear_cache()
-        if on_progress:
-            on_progress(min(begin + step, total), total, time.perf_counter() - start)
-    return time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temp: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-
-    def sampler(self):
-        from mlx_lm.sample_utils import make_sampler
-
-        if self.seed is not None:
-            mx.random.seed(self.seed)
-        return make_sampler(temp=self.temp, top_p=self.top_p)
-
-
-@dataclass
-class Answer:
-    text: str = ""
-    prompt_tokens: int = 0  # the whole prompt this answer followed
-    prefilled_tokens: int = 0  # how many of them this call computed (the rest were cached)
-    prompt_seconds: float = 0.0
-    generation_tokens: int = 0
-    generation_seconds: float = 0.0
-    finish_reason: str = "length"  # "stop", "length" or "interrupted"
-    peak_memory_bytes: int = 0
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prefilled_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def generation_tps(self) -> float:
-        return self.generation_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-
-def stream_answer(model, tokenizer, cache, last_token: int, sampling: Sampling, on_token) -> None:
-    """Generate after `last_token` (the prompt's final token, not yet in the cache); calls
-    on_token(token_id, text_segment, finish_reason) for every token that enters the cache."""
-    from mlx_lm.generate import stream_generate
-
-    for response in stream_generate(
-        model,
-        tokenizer,
-        mx.array([last_token]),
-        max_tokens=sampling.max_tokens,
-        sampler=sampling.sampler(),
-        prompt_cache=cache,
-    ):
-        on_token(response.token, response.text, response.finish_reason)
-
-
-# -- the session ---------------------------------------------------------------------------------
+from .generation import DEFAULT_MAX_TOKENS, Answer, Sampling, stream_answer
+from .prompts import PromptFormat, common_prefix_length, encode
 
 
 @dataclass
@@ -354,7 +37,7 @@ class SessionOptions:
     window: Optional[int] = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     kv_bits: Optional[int] = None
-    prefill_step_size: int = DEFAULT_PREFILL_STEP
+    prefill_step_size: int = DEFAULT_STEP
     use_chat_template: bool = True
 
 
@@ -387,7 +70,7 @@ class Session:
         if options.prefill_step_size < 1:
             raise SelfExtendError(f"--prefill-step-size must be at least 1, got {options.prefill_step_size}")
         self.model, self.tokenizer, self.info = model, tokenizer, info
-        self.kv_group_size = kv_group_size(model, options.kv_bits)
+        self.kv_group_size = kv_group_size(info.shape.head_dim, options.kv_bits)
         self.options, self.doc_cache, self.notice = options, doc_cache, notice
         self.documents = list(documents)
         self.format = PromptFormat(tokenizer, system, options.use_chat_template)
@@ -403,26 +86,27 @@ class Session:
         self._pending = _Prefill()  # document prefill not yet reported in an Answer
         self.last_answer: Optional[Answer] = None
 
-        # G is planned on the documents plus room for a question, so chat and ask about the same
-        # documents pick the same G (and share the document cache); a longer question raises it.
+        # Planned on the documents plus room for a question, so chat and ask about the same
+        # documents pick the same settings (and share the document cache).
         prompt = len(self.prefix_tokens) or len(self.prompt_tokens(""))
         if first_question is not None:
             prompt = len(self.prompt_tokens(first_question))
         planned = max(prompt, len(self.prefix_tokens) + QUESTION_RESERVE) + options.max_tokens
-        registry_name = getattr(info, "registry_name", None) or info.model_id
-        plan_for = lambda tokens: choose_config(
-            registry_name, info.trained_context, tokens, options.group_size, options.window, options.max_tokens
-        )
         try:
-            config, requested = plan_for(planned)
+            self.plan = self._plan_for(planned, prompt)
         except InputTooLongError:  # without the room for a question it may still fit; else say by how much
-            planned = prompt + options.max_tokens
-            config, requested = plan_for(planned)
-        memory = estimate_memory(model, planned, config, options.kv_bits, options.prefill_step_size)
-        self.plan = Plan(info.model_id, info.trained_context, config, prompt, options.max_tokens, requested, memory)
-        check_memory(memory)
-        if selfextend_config(model) != config:
-            apply_selfextend(model, config)
+            self.plan = self._plan_for(prompt + options.max_tokens, prompt)
+        check_memory(self.plan.memory)
+
+    def _plan_for(self, tokens: int, prompt: int, **overrides):
+        options = self.options
+        settings = dict(group_size=options.group_size, window=options.window, **overrides)
+        return plan_run(self.info, tokens, prompt_tokens=prompt, max_tokens=options.max_tokens, kv_bits=options.kv_bits,
+                        prefill_step=options.prefill_step_size, **settings)
+
+    def _activate(self) -> None:
+        """Put the shared model in this session's attention mode."""
+        use_selfextend(self.model, self.plan.config)
 
     # -- prompts ------------------------------------------------------------------------------
     def prompt_tokens(self, question: str) -> list[int]:
@@ -435,30 +119,39 @@ class Session:
 
     # -- the document part ----------------------------------------------------------------------
     def _document_key(self) -> str:
-        return cache_key(self.info.model_id, self.plan.config, self.options.kv_bits, self.prefix_tokens)
+        return cache_key(self.info.model_id, self.plan.settings, self.options.kv_bits, self.prefix_tokens)
 
-    def prepare(self, on_progress: Optional[ProgressCallback] = None) -> str:
+    def _new_cache(self) -> list:
+        return make_cache(self.model, self.options.kv_bits, self.kv_group_size)
+
+    def prepare(self, on_progress: Optional[Progress] = None) -> str:
         """Have the document part in the KV cache: from the document cache, or by prefilling
         it (and saving it). Returns where it came from: "cache", "prefill" or "none"."""
         if self.cache is not None:
             return self.document_source
-        config = self.plan.config
+        self._activate()
         if self.prefix_tokens and self.doc_cache is not None:
-            cache = self.doc_cache.load(self._document_key(), model_id=self.info.model_id, config=config, tokens=len(self.prefix_tokens))
+            cache = self.doc_cache.load(self._document_key(), model_id=self.info.model_id, config=self.plan.config,
+                                        tokens=len(self.prefix_tokens))
             if cache is not None:
                 self.cache, self.cache_tokens, self.document_source = cache, list(self.prefix_tokens), "cache"
                 return self.document_source
-        self.cache, self.cache_tokens = make_cache(self.model, self.options.kv_bits, self.kv_group_size), []
+        self.cache, self.cache_tokens = self._new_cache(), []
         if not self.prefix_tokens:
             self.document_source = "none"
             return self.document_source
-        seconds = prefill(self.model, self.cache, self.prefix_tokens, self.options.prefill_step_size, on_progress)
+        seconds = self._prefill(self.prefix_tokens, on_progress)
         self.cache_tokens = list(self.prefix_tokens)
         self._pending = _Prefill(len(self.prefix_tokens), seconds)
         self.document_source = "prefill"
         if self.doc_cache is not None:
             self._save_document_cache()
         return self.document_source
+
+    def _prefill(self, tokens: Sequence[int], on_progress: Optional[Progress]) -> float:
+        started = time.perf_counter()
+        prefill(self.model, self.cache, tokens, step=self.options.prefill_step_size, on_progress=on_progress)
+        return time.perf_counter() - started
 
     def _save_document_cache(self):
         try:
@@ -476,31 +169,67 @@ class Session:
         except OSError as error:
             self.notice(f"could not save the document cache: {error.strerror or error}")
 
-    # -- turns --------------------------------------------------------------------------------
-    def check_length(self, prompt_tokens: int) -> None:
-        needed = prompt_tokens + self.options.max_tokens
+    # -- fitting a turn in ----------------------------------------------------------------------
+    def _fit(self, question: str) -> list[int]:
+        """The prompt tokens for `question`, after re-planning (a larger G, the conversation read
+        again) or dropping the oldest turns when the conversation outgrew the plan."""
+        tokens = self.prompt_tokens(question)
+        needed = len(tokens) + self.options.max_tokens
+        if needed <= self.plan.max_length:
+            return tokens
+        if self.options.group_size is None:
+            try:
+                plan = self._plan_for(needed, self.plan.prompt_tokens)
+            except InputTooLongError:
+                plan = None
+            if plan is not None:
+                check_memory(plan.memory)
+                self.notice(
+                    f"the conversation ({len(tokens):,} tokens + {self.options.max_tokens:,} for the answer) passes "
+                    f"the reach of {self.plan.settings.describe()} ({self.plan.max_length:,}): re-planned to "
+                    f"{plan.settings.describe()}, reading it again{self._estimate(len(tokens))}"
+                )
+                self.plan, self.cache, self.cache_tokens = plan, None, []
+                return tokens
+        dropped = 0
+        while self.history and needed > self.plan.max_length:
+            self.history.pop(0)
+            dropped += 1
+            tokens = self.prompt_tokens(question)
+            needed = len(tokens) + self.options.max_tokens
         if needed > self.plan.max_length:
             raise InputTooLongError(
-                f"too long: {prompt_tokens} prompt tokens + {self.options.max_tokens} answer tokens = {needed} "
-                f"> N_max {self.plan.max_length} (L={self.plan.trained_context}, G={self.plan.config.group_size}, "
-                f"W={self.plan.config.window})" + (": /reset to start the conversation over" if self.history else "")
+                f"too long: {len(tokens)} prompt tokens + {self.options.max_tokens} answer tokens = {needed} "
+                f"> N_max {self.plan.max_length} ({self.plan.settings.describe()}, L={self.plan.trained_context}): "
+                "shorten the question or lower --max-tokens"
             )
+        if dropped:
+            self.notice(f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to stay within the reach of "
+                        f"{self.plan.settings.describe()} ({self.plan.max_length:,} tokens); the documents stay")
+        return tokens
 
+    def _estimate(self, tokens: int) -> str:
+        last = self.last_answer
+        if last is None or last.prompt_tps <= 0:
+            return ""
+        return f" (about {tokens / last.prompt_tps:.0f}s)"
+
+    # -- turns --------------------------------------------------------------------------------
     def ask(
         self,
         question: str,
         sampling: Optional[Sampling] = None,
         on_text: Callable[[str], None] = lambda text: None,
-        on_progress: Optional[ProgressCallback] = None,
+        on_progress: Optional[Progress] = None,
     ) -> Answer:
         """Answer `question` after the conversation so far, streaming text through on_text.
 
         Ctrl-C (KeyboardInterrupt) stops the answer: the part already given stays in the
         conversation and the cache, and the interrupt is raised again for the caller."""
         sampling = sampling or Sampling(max_tokens=self.options.max_tokens)
-        tokens = self.prompt_tokens(question)
-        self.check_length(len(tokens))
+        tokens = self._fit(question)
         self.prepare(on_progress)
+        self._activate()
         answer = Answer(prompt_tokens=len(tokens))
         answer.prefilled_tokens, answer.prompt_seconds = self._pending.tokens, self._pending.seconds
         self._pending = _Prefill()
@@ -525,7 +254,7 @@ class Session:
                 on_text(text)
 
         try:
-            prefill(self.model, self.cache, new[:-1], self.options.prefill_step_size, on_progress)
+            self._prefill(new[:-1], on_progress)
             stream_answer(self.model, self.tokenizer, self.cache, new[-1], sampling, on_token)
         except KeyboardInterrupt:
             answer.finish_reason = "interrupted"
@@ -549,9 +278,8 @@ class Session:
         drop = len(self.cache_tokens) - keep
         if drop == 0:
             return keep
-        if all(entry.is_trimmable() for entry in self.cache):
-            for entry in self.cache:
-                entry.trim(drop)
+        if can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, drop)
             self.cache_tokens = self.cache_tokens[:keep]
             return keep
         # A cache that cannot go back (a full rotating window): start again from the
@@ -561,7 +289,7 @@ class Session:
         self._pending = _Prefill()
         keep = common_prefix_length(self.cache_tokens, target)
         if keep < len(self.cache_tokens):
-            self.cache, self.cache_tokens = make_cache(self.model, self.options.kv_bits, self.kv_group_size), []
+            self.cache, self.cache_tokens = self._new_cache(), []
             return 0
         return keep
 
@@ -575,8 +303,7 @@ class Session:
             return
         held = offsets.pop()
         if held > len(fed):  # a token computed but never handed out
-            for entry in self.cache:
-                entry.trim(held - len(fed))
+            trim_prompt_cache(self.cache, held - len(fed))
             held = len(fed)
         self.cache_tokens = fed[:held]
 
@@ -589,3 +316,4 @@ class Session:
     @property
     def conversation_tokens(self) -> int:
         return len(self.cache_tokens)
+

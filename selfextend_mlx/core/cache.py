@@ -282,17 +282,19 @@ for _cls in (SelfExtendKVCache, QuantizedSelfExtendKVCache):
     setattr(mlx_cache, _cls.__name__, _cls)
 
 
-def save_cache(path, cache: list, *, model_id: str, config: SelfExtendConfig, metadata: Optional[dict] = None):
+def _made_with(config: Optional[SelfExtendConfig]) -> tuple:
+    """(G, W) as recorded in a cache file; plain attention (config None) is G=1, W=0."""
+    return ("1", "0") if config is None else (str(config.group_size), str(config.window))
+
+
+def save_cache(path, cache: list, *, model_id: str, config: Optional[SelfExtendConfig],
+               metadata: Optional[dict] = None):
     """Write a prompt cache atomically (a temp file in the same folder, then a rename), with
-    the model id, G, W and format version it was made with."""
+    the model id, G, W (config None: plain attention) and format version it was made with."""
     path = Path(path)
     info = {str(k): str(v) for k, v in (metadata or {}).items()}
-    info.update(
-        format_version=CACHE_FORMAT_VERSION,
-        model_id=model_id,
-        group_size=str(config.group_size),
-        window=str(config.window),
-    )
+    group_size, window = _made_with(config)
+    info.update(format_version=CACHE_FORMAT_VERSION, model_id=model_id, group_size=group_size, window=window)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
     os.close(fd)
@@ -305,7 +307,7 @@ def save_cache(path, cache: list, *, model_id: str, config: SelfExtendConfig, me
         raise
 
 
-def load_cache(path, *, model_id: str, config: SelfExtendConfig):
+def load_cache(path, *, model_id: str, config: Optional[SelfExtendConfig]):
     """Read a prompt cache saved by save_cache; refuse a corrupt one, or one made for another
     model, G, W or format version, with one line saying which."""
     path = Path(path)
@@ -319,11 +321,11 @@ def load_cache(path, *, model_id: str, config: SelfExtendConfig):
             f"{path} has cache format {version}, this version reads {', '.join(READABLE_FORMAT_VERSIONS)}"
         )
     made_for = (info.get("model_id"), info.get("group_size"), info.get("window"))
-    wanted = (model_id, str(config.group_size), str(config.window))
+    wanted = (model_id, *_made_with(config))
     if made_for != wanted:
         raise CacheMismatchError(
             f"{path} was made for model {made_for[0]} with G={made_for[1]}, W={made_for[2]}; "
-            f"this run uses model {model_id} with G={config.group_size}, W={config.window}"
+            f"this run uses model {model_id} with G={wanted[1]}, W={wanted[2]}"
         )
     for entry in cache:
         if is_selfextend_cache(entry):

@@ -1,4 +1,7 @@
-"""SelfExtend settings: group size G, neighbor window W, and the reach they give."""
+"""SelfExtend settings: group size G, neighbor window W, and how attention is computed.
+
+Which G and W a run should use, and how far they reach, is planning's rule
+(selfextend_mlx.planning)."""
 
 from dataclasses import dataclass
 
@@ -47,25 +50,3 @@ class SelfExtendConfig:
     def shift(self) -> int:
         """Added to grouped query positions so both regimes meet at distance W."""
         return self.window - self.window // self.group_size
-
-    def max_length(self, trained_context: int) -> int:
-        """N_max = (L - W) * G + W: the longest input whose positions all stay below L."""
-        if self.window >= trained_context:
-            raise ValueError(
-                f"window {self.window} must be smaller than the trained context {trained_context}"
-            )
-        return (trained_context - self.window) * self.group_size + self.window
-
-
-def max_length(trained_context: int, group_size: int, window: int) -> int:
-    return SelfExtendConfig(group_size, window).max_length(trained_context)
-
-
-def smallest_group_size(trained_context: int, window: int, tokens: int) -> int:
-    """The smallest G whose reach covers `tokens` (G=1 when the model already does)."""
-    if window >= trained_context:
-        raise ValueError(f"window {window} must be smaller than the trained context {trained_context}")
-    if tokens <= trained_context:
-        return 1
-    span = trained_context - window
-    return -(-(tokens - window) // span)  # ceil

@@ -160,3 +160,12 @@ def remove_selfextend(model):
     if "make_cache" in vars(model):
         del model.make_cache
     return model
+
+
+def use_selfextend(model, config: Optional[SelfExtendConfig]) -> None:
+    """The one switch between plain attention (None) and SelfExtend(config) for callers that
+    share a loaded model between runs; cheap (classes are swapped), a no-op when already so."""
+    if config is None:
+        remove_selfextend(model)  # also undoes any other attention swap
+    elif selfextend_config(model) != config:
+        apply_selfextend(model, config)

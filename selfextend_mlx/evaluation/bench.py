@@ -14,9 +14,9 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..core.attention import rope_at, rope_grouped
 from ..core.cache import cache_nbytes
-from ..core.patch import make_cache
 from ..core.config import SelfExtendConfig
-from ..core.patch import apply_selfextend, remove_selfextend, selfextend_config, swap_attention
+from ..core.patch import apply_selfextend, make_cache, remove_selfextend, selfextend_config, swap_attention, use_selfextend
+from ..core.prefill import prefill
 
 MODES = ("plain", "selfextend", "reference")
 
@@ -72,10 +72,8 @@ def apply_reference_baseline(model, config: SelfExtendConfig):
 
 def _use_mode(model, mode, config):
     """Put `model` in `mode` (plain, SelfExtend or the baseline); cheap: classes are swapped."""
-    remove_selfextend(model)
-    if mode == "selfextend":
-        apply_selfextend(model, config)
-    elif mode == "reference":
+    use_selfextend(model, config if mode == "selfextend" else None)
+    if mode == "reference":
         apply_reference_baseline(model, config)
 
 
@@ -88,18 +86,16 @@ def _new_cache(model, mode):
 
 
 def _prefill(model, tokens, cache, step, resident: int):
-    """Time a prefill; its peak memory counts what was in use when the length's measurements
-    began (weights, tokens) but not the other modes' caches, kept alive meanwhile for the
-    interleaved decode."""
+    """Time a prefill (the session's loop: caches evaluated, logits only for the last step);
+    its peak memory counts what was in use when the length's measurements began (weights,
+    tokens) but not the other modes' caches, kept alive meanwhile for the interleaved decode."""
     mx.synchronize()
     others = max(0, mx.get_active_memory() - resident)
     mx.reset_peak_memory()
     start = time.perf_counter()
-    for s in range(0, tokens.size, step):
-        logits = model(tokens[None, s : s + step], cache=cache)
-        mx.eval(logits)  # the caches are computed with them
+    logits = prefill(model, cache, tokens, step=step, keep_last=True)
     seconds = time.perf_counter() - start
-    return seconds, int(mx.get_peak_memory()) - others, logits[:, -1:].argmax(axis=-1)
+    return seconds, int(mx.get_peak_memory()) - others, mx.argmax(logits).reshape(1, 1)
 
 
 def run_bench(model, tokens: mx.array, lengths, config: SelfExtendConfig, modes=MODES, decode_steps=16,

@@ -1,4 +1,5 @@
-"""Pieces every evaluation shares: argument parsing, plain/SelfExtend modes, chunked feeding."""
+"""Pieces every evaluation shares: argument parsing, plain / SelfExtend / planned modes,
+fresh caches and greedy decoding."""
 
 import re
 from dataclasses import dataclass
@@ -6,11 +7,12 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from ..core.patch import make_cache
 from ..core.config import SelfExtendConfig
+from ..core.patch import make_cache, use_selfextend
+from ..core.prefill import prefill
 from ..errors import EvaluationError
-from ..core.patch import apply_selfextend, remove_selfextend, selfextend_config
-from ..app.session import kv_group_size
+from ..loading.load import model_shape
+from ..planning import ModelLimits, choose_settings, kv_group_size
 
 PLAIN = "plain"
 SELFEXTEND = "selfextend"
@@ -49,64 +51,46 @@ def parse_depths(text: str) -> list[float]:
 
 @dataclass(frozen=True)
 class Mode:
-    """How the model attends during one pass: plainly, or with SelfExtend(config)."""
+    """How the model attends during one pass: plainly, with SelfExtend(config), or (limits
+    given) with what planning chooses for each prompt's length, as the product does."""
 
     name: str
     config: Optional[SelfExtendConfig] = None
+    limits: Optional[ModelLimits] = None
+
+    @property
+    def planned(self) -> bool:
+        return self.limits is not None
+
+    def config_for(self, tokens: int) -> Optional[SelfExtendConfig]:
+        """The configuration for a pass over `tokens` tokens (None: plain attention)."""
+        if self.limits is None:
+            return self.config
+        return choose_settings(self.limits, tokens).config()
 
 
-def use_mode(model, mode: Mode) -> None:
-    """Patch or unpatch the one loaded model, so a comparison never loads it twice."""
-    current = selfextend_config(model)
-    if current == mode.config:
-        return
-    if current is not None:
-        remove_selfextend(model)
-    if mode.config is not None:
-        apply_selfextend(model, mode.config)
+def use_mode(model, mode: Mode, tokens: int = 0) -> Optional[SelfExtendConfig]:
+    """Put the one loaded model in `mode` for a pass over `tokens` tokens; returns the config."""
+    config = mode.config_for(tokens)
+    use_selfextend(model, config)
+    return config
 
 
 def new_cache(model, kv_bits: Optional[int] = None) -> list:
-    # Small heads need a smaller quantization group; the session picks it (or says why it cannot).
-    group = kv_group_size(model, kv_bits) if kv_bits is not None else 64
-    return make_cache(model, kv_bits=kv_bits, kv_group_size=group)
-
-
-def feed(model, tokens: Sequence[int], cache: list, chunk_size: int,
-         on_logits: Optional[Callable[[int, mx.array], None]] = None,
-         on_progress: Optional[Callable[[int], None]] = None) -> mx.array:
-    """Run `tokens` through the model in chunks, growing `cache`; return the last position's logits.
-
-    `on_logits(start, logits)` sees each chunk's (chunk, vocab) logits, so callers can score
-    them without ever holding all N x vocab logits at once; `on_progress(n)` hears of each
-    chunk of n tokens done.
-    """
-    if not tokens:
-        raise EvaluationError("nothing to feed: the token list is empty")
-    logits = None
-    for start in range(0, len(tokens), chunk_size):
-        chunk = mx.array(list(tokens[start:start + chunk_size]))[None]
-        logits = model(chunk, cache=cache)[0]
-        last = start + chunk_size >= len(tokens)
-        if on_logits is not None:
-            on_logits(start, logits)
-        if on_logits is None and not last:
-            # Only the cache is needed: MLX is lazy, so the vocabulary projection of this chunk's
-            # logits (a fifth of a small model's prefill work) is never computed.
-            mx.eval([entry.state for entry in cache])
-        else:
-            # Evaluate per chunk: one lazy graph over the whole text would hold every activation.
-            # The cache's new keys and values are inputs of these logits, so they are computed too.
-            mx.eval(logits)
-        if on_progress is not None:
-            on_progress(chunk.shape[1])
-    return logits[-1]
+    if kv_bits is None:
+        return make_cache(model)
+    # Small heads need a smaller quantization group (or cannot be quantized: one error line).
+    head_dim = model_shape(vars(model.args)).head_dim
+    return make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size(head_dim, kv_bits))
 
 
 def greedy_generate(model, prompt: Sequence[int], cache: list, max_tokens: int, chunk_size: int,
                     stop_ids: Sequence[int] = (), on_progress: Optional[Callable[[int], None]] = None) -> list[int]:
     """Greedy decoding: the paper's passkey protocol (no sampling, so runs repeat exactly)."""
-    logits = feed(model, prompt, cache, chunk_size, on_progress=on_progress)
+    if not prompt:
+        raise EvaluationError("nothing to feed: the prompt is empty")
+    progress = None if on_progress is None else chunk_progress(on_progress)
+    logits = prefill(model, cache, prompt, step=chunk_size, on_progress=progress, keep_last=True)
     stop = set(stop_ids)
     out: list[int] = []
     for _ in range(max_tokens):
@@ -116,3 +100,16 @@ def greedy_generate(model, prompt: Sequence[int], cache: list, max_tokens: int, 
         out.append(token)
         logits = model(mx.array([[token]]), cache=cache)[0, -1]
     return out
+
+
+def chunk_progress(on_tokens: Callable[[int], None]):
+    """prefill's (done, total, seconds) progress as the evaluations' tokens-done increments."""
+    done = 0
+
+    def progress(now: int, total: int, seconds: float) -> None:
+        nonlocal done
+        if now > done:
+            on_tokens(now - done)
+        done = now
+
+    return progress

@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import EvaluationError
-from .common import feed, new_cache
+from ..core.prefill import prefill
+from .common import chunk_progress, new_cache
 
 DEFAULT_CHUNK = 512
 
@@ -46,7 +47,8 @@ def token_nll(model, tokens: Sequence[int], cache: list, chunk_size: int = DEFAU
         nll[start:start + logits.shape[0]] = np.array(values, dtype=np.float64)
 
     # The last token is only ever a target, never an input.
-    feed(model, tokens[:-1], cache, chunk_size, on_logits=score, on_progress=on_chunk)
+    progress = None if on_chunk is None else chunk_progress(on_chunk)
+    prefill(model, cache, tokens[:-1], step=chunk_size, on_logits=score, on_progress=progress)
     return nll
 
 

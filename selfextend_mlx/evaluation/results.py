@@ -16,12 +16,18 @@ def _number(value: float) -> Optional[float]:
 
 
 def run_header(task: str, model_id: str, modes: Sequence[Mode], kv_bits: Optional[int],
-               trained_context: Optional[int]) -> dict:
-    config = next((m.config for m in modes if m.config is not None), None)
+               trained_context: Optional[int], tokens: Optional[int] = None) -> dict:
+    """What a run was: `settings` is "planned" when SelfExtend's G and W were chosen per
+    length as the product does (each row then says which), else "given" (-G/-W)."""
+    planned = any(m.planned for m in modes)
+    config = next((c for c in (m.config_for(tokens or 0) for m in modes if m.name == SELFEXTEND) if c), None)
+    if planned and tokens is None:
+        config = None  # one per length: the rows say
     return {
         "task": task,
         "model": model_id,
         "mode": "compare" if len(modes) > 1 else modes[0].name,
+        "settings": "planned" if planned else "given",
         "group_size": config.group_size if config else None,
         "window": config.window if config else None,
         "kv_bits": kv_bits,
@@ -51,6 +57,11 @@ def retrieval_result(header: dict, cells: Sequence[Cell], mode_names: Sequence[s
         row = {"length": cell.length, "depth": cell.depth, "tokens": cell.tokens, "trials": cell.trials}
         row["correct"] = dict(cell.correct) if compare else cell.correct[mode_names[0]]
         row["outputs"] = dict(cell.outputs) if compare else cell.outputs[mode_names[0]]
+        if cell.settings:
+            group = {name: cell.settings[name][0] for name in mode_names}
+            window = {name: cell.settings[name][1] for name in mode_names}
+            row["group_size"] = group if compare else group[mode_names[0]]
+            row["window"] = window if compare else window[mode_names[0]]
         rows.append(row)
     overall = {name: _number(accuracy(cells, name)) for name in mode_names}
     return {**header, **settings, "results": rows, "accuracy": overall if compare else overall[mode_names[0]]}

@@ -4,7 +4,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from ..app.session import common_prefix_length
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+from ..app.prompts import common_prefix_length
 from .common import Mode, greedy_generate, new_cache, use_mode
 from .prompts import RetrievalPrompt, answer_found
 
@@ -18,6 +20,7 @@ class Cell:
     prompts: list
     correct: dict = field(default_factory=dict)  # mode name -> count
     outputs: dict = field(default_factory=dict)  # mode name -> decoded answers
+    settings: dict = field(default_factory=dict)  # mode name -> (G, W), G=1 for plain attention
 
     @property
     def trials(self) -> int:
@@ -45,17 +48,22 @@ def build_cells(lengths: Sequence[int], depths: Sequence[float], trials: int,
 def run_cells(model, tokenizer, cells: Sequence[Cell], modes: Sequence[Mode], max_tokens: int,
               kv_bits: Optional[int] = None, chunk_size: int = 512,
               on_tokens: Optional[Callable[[int], None]] = None) -> None:
-    """Fill each cell's `correct` and `outputs` for every mode (the model is switched once per mode).
+    """Fill each cell's `correct`, `outputs` and `settings` for every mode.
 
-    Prompts of one length share their filler up to the needle, so the cache is trimmed back to
-    the common prefix with the previous prompt instead of being rebuilt: at five depths that
-    saves about a third of the prefill. `on_tokens(n)` hears of prompt tokens done, chunk by chunk.
+    A planned mode is set up for each cell's length (plain attention where it fits, as the
+    product runs it). Prompts of one length share their filler up to the needle, so the cache
+    is trimmed back to the common prefix with the previous prompt instead of being rebuilt:
+    at five depths (deepest first) that saves about a third of the prefill. `on_tokens(n)`
+    hears of prompt tokens done, chunk by chunk.
     """
     stop_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
     for mode in modes:
-        use_mode(model, mode)
-        reuse = _PrefixCache(model, kv_bits)
+        reuse, current = None, object()
         for cell in cells:
+            config = use_mode(model, mode, cell.tokens + max_tokens)
+            if reuse is None or config != current:
+                reuse, current = _PrefixCache(model, kv_bits), config
+            cell.settings[mode.name] = (1, 0) if config is None else (config.group_size, config.window)
             outputs = []
             for prompt in cell.prompts:
                 cache, held = reuse.rewind(prompt.tokens)
@@ -82,9 +90,8 @@ class _PrefixCache:
         held = self.cache[0].offset if self.cache else 0
         if keep == held:
             return self.cache, keep
-        if keep > 0 and all(entry.is_trimmable() for entry in self.cache):
-            for entry in self.cache:
-                entry.trim(held - keep)
+        if keep > 0 and can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, held - keep)
             return self.cache, keep
         self.cache = new_cache(self.model, self.kv_bits)
         return self.cache, 0

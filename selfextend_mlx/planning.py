@@ -1,0 +1,376 @@
+"""The rules that decide how a run uses a model, each written once.
+
+- reach: N_max = (L - W) * G + W                                         max_length()
+- the G/W choice: plain attention while input + answer fit the model's own context; past
+  it the smallest G that covers them, W from the registry or the window rule   choose_settings()
+- what to do with a document past the largest reach                          choose_strategy()
+- the KV cache's size, SelfExtend's or plain                                 kv_cache_bytes()
+- the memory a run needs, and the check against the machine       estimate_memory(), check_memory()
+
+Everything here is arithmetic on a model's limits and shape and on token counts: nothing is
+loaded or patched, so load, the session, `info`, `eval`, `bench` and the server all get the
+same answers, and tests pin each rule with a table of cases.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import InputTooLongError, InsufficientMemoryError, SelfExtendError, SettingsError
+
+DEFAULT_MAX_GROUP_SIZE = 16  # for models the registry does not know
+DEFAULT_GROUP_SIZE = 4  # G when nothing says how long the input is
+WINDOW_DIVISOR = 4  # W = context // 4 for models the registry does not know
+QUESTION_RESERVE = 128  # tokens kept free for a chat question when planning on the documents
+MEMORY_FRACTION = 0.9  # refuse a run whose estimate is above this share of the machine's memory
+ENV_MAX_MEMORY = "SELFEXTEND_MAX_MEMORY"
+
+# How the settings were chosen.
+FITS = "fits"  # input + answer within the model's own context: plain attention (G = 1)
+EXTENDS = "extends"  # the smallest G that covers input + answer, grouped positions within the context
+LARGEST = "largest"  # past the comfortable range: the largest G, up to the hard limit of L
+GIVEN = "given"  # the user's G (and W)
+UNKNOWN_LENGTH = "unknown length"  # no length to plan for: the registry's G
+
+
+# -- a model's limits ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What bounds a model's positions, from the registry or its config.
+
+    trained_context (L): the hard limit; no grouped or neighbor position may reach it.
+    effective_context: where the plain model really stops working, when that is below L.
+    group_size, window: the registry's G (used when no length is known) and W.
+    max_group_size: the largest G worth using.
+    """
+
+    trained_context: int
+    effective_context: Optional[int] = None
+    group_size: Optional[int] = None
+    window: Optional[int] = None
+    max_group_size: int = DEFAULT_MAX_GROUP_SIZE
+
+    @property
+    def context(self) -> int:
+        """The context the plain model handles: plain attention runs inside it, and SelfExtend
+        keeps its grouped positions below it."""
+        return self.effective_context or self.trained_context
+
+    def default_window(self) -> int:
+        """W for extended inputs: the registry's, else the window rule."""
+        return self.window or max(1, self.context // WINDOW_DIVISOR)
+
+
+# -- reach and the G/W choice --------------------------------------------------------------
+
+
+def max_length(context: int, group_size: int, window: int) -> int:
+    """N_max = (L - W) * G + W: the longest input whose positions all stay below `context`."""
+    if group_size == 1:
+        return context
+    if window >= context:
+        raise SettingsError(f"window {window} must be smaller than the trained context {context}")
+    return (context - window) * group_size + window
+
+
+def smallest_group_size(context: int, window: int, tokens: int) -> int:
+    """The smallest G whose reach over `context` covers `tokens` (1 when the context does)."""
+    if tokens <= context:
+        return 1
+    if window >= context:
+        raise SettingsError(f"window {window} must be smaller than the trained context {context}")
+    return math.ceil((tokens - window) / (context - window))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """SelfExtend's G and W for a run, why, and how far they reach."""
+
+    group_size: int
+    window: int
+    reason: str  # FITS, EXTENDS, LARGEST, GIVEN or UNKNOWN_LENGTH
+    reach: int  # the longest input + answer these settings were chosen for
+
+    @property
+    def plain(self) -> bool:
+        return self.group_size == 1
+
+    def config(self, **options):
+        """The SelfExtendConfig to apply, or None when the run is plain attention."""
+        from .core.config import SelfExtendConfig
+
+        return None if self.plain else SelfExtendConfig(self.group_size, self.window, **options)
+
+    def describe(self) -> str:
+        if self.plain:
+            return "plain attention" + (" (fits the model's context)" if self.reason == FITS else "")
+        return f"G={self.group_size} W={self.window:,}" + {
+            EXTENDS: " (the smallest G that reaches)",
+            LARGEST: " (the largest G)",
+        }.get(self.reason, "")
+
+
+def _check_given(limits: ModelLimits, group_size, window) -> None:
+    for name, value in (("--group-size", group_size), ("--window", window)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SettingsError(f"{name} must be a positive integer, got {value!r}")
+    if window is not None and window >= limits.trained_context:
+        raise SettingsError(
+            f"--window {window} must be smaller than the model's trained context {limits.trained_context}"
+        )
+    if group_size is not None and group_size > limits.max_group_size:
+        raise SettingsError(
+            f"--group-size {group_size} is above this model's largest useful G ({limits.max_group_size})"
+        )
+
+
+def choose_settings(
+    limits: ModelLimits,
+    tokens: Optional[int] = None,
+    *,
+    group_size: Optional[int] = None,
+    window: Optional[int] = None,
+    answer_tokens: int = 0,
+) -> Settings:
+    """G and W for an input of `tokens` tokens (prompt plus answer budget).
+
+    - G given by the user: used as given, with their W or the default one.
+    - Input + answer within the model's context: plain attention (G = 1), the exact model.
+    - Past it: the smallest G whose reach over the context covers them, W the user's or the
+      default (registry, else context // 4); past the comfortable range but within the hard
+      one of L, the largest G.
+    - Past that: InputTooLongError with the numbers (see choose_strategy for what the
+      product does instead).
+    `answer_tokens` (part of `tokens`) only words the error.
+    """
+    _check_given(limits, group_size, window)
+    L = limits.trained_context
+    W = window or limits.default_window()
+    if W >= L:
+        raise SettingsError(f"window {W} must be smaller than the trained context {L}")
+    if group_size is not None:
+        return Settings(group_size, W, GIVEN, max_length(L, group_size, W))
+    if tokens is None:
+        G = limits.group_size or DEFAULT_GROUP_SIZE
+        return Settings(G, W, UNKNOWN_LENGTH, max_length(L, G, W))
+    context = limits.context if W < limits.context else L  # a user's wide window: only L bounds it
+    if tokens <= context:
+        return Settings(1, W, FITS, context)
+    G = smallest_group_size(context, W, tokens)
+    if G <= limits.max_group_size:
+        return Settings(G, W, EXTENDS, max_length(context, G, W))
+    largest = max_length(L, limits.max_group_size, W)
+    if tokens <= largest:
+        return Settings(limits.max_group_size, W, LARGEST, largest)
+    what = f"{tokens - answer_tokens} prompt tokens + {answer_tokens} answer tokens = {tokens}" if answer_tokens else f"{tokens} tokens"
+    raise InputTooLongError(
+        f"input too long: {what} > N_max {largest}, beyond this model's reach (L={L}, W={W}, "
+        f"G={limits.max_group_size}, the most this model allows); it would need G={smallest_group_size(L, W, tokens)}: "
+        "shorten the document or lower --max-tokens"
+    )
+
+
+def largest_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
+    """The most input + answer any G this model allows can take."""
+    return max_length(limits.trained_context, limits.max_group_size, window or limits.default_window())
+
+
+# -- documents past the largest reach --------------------------------------------------------
+
+FULL = "full"  # the whole document in the prompt
+RETRIEVAL = "retrieval"  # the passages most relevant to the question, in document order
+MAP_REDUCE = "map-reduce"  # summarize parts, then the summaries
+
+STRATEGY_FOR_TASK = {"ask": RETRIEVAL, "summarize": MAP_REDUCE}
+
+
+def choose_strategy(task: str, limits: ModelLimits, tokens: int, window: Optional[int] = None) -> str:
+    """FULL when `tokens` (document + question + answer) fit the largest reach; else what
+    `task` does with a longer document. A chat cannot hold such a document: one error line."""
+    if tokens <= largest_reach(limits, window):
+        return FULL
+    if task in STRATEGY_FOR_TASK:
+        return STRATEGY_FOR_TASK[task]
+    raise InputTooLongError(
+        f"the document is {tokens:,} tokens with the question and answer, beyond this model's largest reach "
+        f"of {largest_reach(limits, window):,}: a chat needs it whole; use `selfextend ask` (it picks the "
+        "relevant passages) or `selfextend summarize` (it summarizes the parts) instead"
+    )
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+CACHE_STEP = 256  # mlx-lm's KVCache and SelfExtendKVCache grow their buffers by this many positions
+NEIGHBOR_SLACK = 128  # the SelfExtend window buffer's room beyond W (2 x its compaction step)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes memory depends on."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    heads: int = 1
+    vocab: int = 32000
+    item_bytes: int = 4  # bytes per activation (and so per cached key or value element)
+
+
+def _rounded(n: int, step: int = CACHE_STEP) -> int:
+    return math.ceil(n / step) * step if n > 0 else 0
+
+
+def kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
+    """The quantization group of a `kv_bits` cache: 64 values, or 32 for small heads."""
+    if kv_bits is None or head_dim % 64 == 0:
+        return 64
+    if head_dim % 32 == 0:
+        return 32
+    raise SettingsError(f"--kv-bits needs a head size divisible by 32; this model's is {head_dim}: leave --kv-bits out")
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int, settings: Settings, kv_bits: Optional[int] = None) -> int:
+    """The KV cache after `tokens` tokens, as the caches allocate it.
+
+    Plain (G = 1): mlx-lm's KVCache, keys and values for every position. SelfExtend: values
+    for every position, keys held about once (grouped before the window, at their own position
+    within it; the window buffer has a little slack). Quantized grouped keys and values
+    (`kv_bits`) take bits/8 bytes an element plus a scale and a bias per group."""
+    row = shape.kv_heads * shape.head_dim  # elements per position per layer
+    if kv_bits is None:
+        quantized = shape.item_bytes
+    else:
+        quantized = kv_bits / 8 + 2 * shape.item_bytes / kv_group_size(shape.head_dim, kv_bits)
+    if settings.plain:
+        per_layer = 2 * _rounded(tokens) * row * quantized
+    else:
+        window = min(tokens, settings.window)
+        grouped = _rounded(max(0, tokens - window + 1))
+        per_layer = (_rounded(tokens) + grouped) * row * quantized + (window + NEIGHBOR_SLACK) * row * shape.item_bytes
+    return int(shape.layers * per_layer)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    prefill: int  # transient: one prefill step's attention scores and logits
+    machine: Optional[int]  # what the machine has (or the SELFEXTEND_MAX_MEMORY cap); None if unknown
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.prefill
+
+
+def estimate_memory(
+    shape: ModelShape,
+    weights_bytes: int,
+    tokens: int,
+    settings: Settings,
+    kv_bits: Optional[int] = None,
+    prefill_step: int = 512,
+    chunk_size: int = 512,
+) -> MemoryEstimate:
+    """What a run over `tokens` tokens needs at its peak: the weights, the KV cache, and one
+    prefill step's fp32 scores (scores, softmax and the mixed band: three heads x chunk x N
+    matrices) and logits."""
+    queries = min(prefill_step, chunk_size)
+    scores = 3 * shape.heads * queries * tokens * 4
+    logits = prefill_step * shape.vocab * 4
+    kv = kv_cache_bytes(shape, tokens, settings, kv_bits)
+    return MemoryEstimate(weights_bytes, kv, scores + logits, machine_memory())
+
+
+def machine_memory() -> Optional[int]:
+    """$SELFEXTEND_MAX_MEMORY, else the machine's physical memory (None when unknown)."""
+    cap = os.environ.get(ENV_MAX_MEMORY)
+    if cap:
+        return parse_size(cap, ENV_MAX_MEMORY)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(estimate: MemoryEstimate) -> None:
+    if estimate.machine is None or estimate.total <= MEMORY_FRACTION * estimate.machine:
+        return
+    raise InsufficientMemoryError(
+        f"not enough memory: this run needs about {format_bytes(estimate.total)} (weights "
+        f"{format_bytes(estimate.weights)}, KV cache {format_bytes(estimate.kv_cache)}, prefill "
+        f"{format_bytes(estimate.prefill)}) and the machine has {format_bytes(estimate.machine)}; "
+        "use a shorter document, --kv-bits 4, or a smaller --prefill-step-size"
+    )
+
+
+# -- sizes as people write them ----------------------------------------------------------------
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'8GB', '512M', '1e9' or a plain number of bytes."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+    value = str(text).strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(value[-1:], 1) if value else 1
+    try:
+        number = float(value[:-1] if scale != 1 else value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise SelfExtendError(f"{what}={text!r} is not a size (use bytes or e.g. 8GB)")
+    return int(number * scale)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# -- a run's plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one run uses a model: its settings, the tokens planned for, the memory it needs."""
+
+    model_id: str
+    limits: ModelLimits
+    settings: Settings
+    prompt_tokens: int  # the document part (chat) or the whole prompt (ask, generate)
+    max_tokens: int  # the answer budget
+    memory: MemoryEstimate
+    requested_group_size: Optional[int] = None  # the user's -G, if any
+
+    @property
+    def max_length(self) -> int:
+        return self.settings.reach
+
+    @property
+    def trained_context(self) -> int:
+        return self.limits.trained_context
+
+    @property
+    def config(self):
+        """The SelfExtendConfig to run with, or None for plain attention."""
+        return self.settings.config()
+
+
+def plan_run(model, tokens: int, *, prompt_tokens: int, max_tokens: int, group_size: Optional[int] = None,
+             window: Optional[int] = None, kv_bits: Optional[int] = None, prefill_step: int = 512) -> Plan:
+    """The plan for `tokens` tokens (prompt + answer budget) on a model described by `model`
+    (a loaded model's ModelInfo: model_id, limits, shape, weights_bytes)."""
+    settings = choose_settings(model.limits, tokens, group_size=group_size, window=window,
+                               answer_tokens=max_tokens)
+    if tokens > settings.reach:  # only given settings can fall short
+        needed = choose_settings(model.limits, tokens, window=window, answer_tokens=max_tokens)
+        raise InputTooLongError(
+            f"input too long for -G {group_size}: {prompt_tokens} prompt tokens + {max_tokens} answer tokens = {tokens} "
+            f"> N_max {settings.reach}; it needs {needed.describe()}: leave -G out to have it chosen"
+        )
+    memory = estimate_memory(model.shape, model.weights_bytes, tokens, settings, kv_bits, prefill_step)
+    return Plan(model.model_id, model.limits, settings, prompt_tokens, max_tokens, memory, group_size)

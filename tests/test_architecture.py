@@ -1,0 +1,126 @@
+"""The package's shape: layers import only downwards, no import cycles, a light --help."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "selfextend_mlx"
+
+# What each part may import from the package (besides itself). The CLI may import anything.
+ALLOWED = {
+    "errors": set(),
+    "core": {"errors"},
+    "planning": {"errors", "core"},
+    "loading": {"errors", "core", "planning"},
+    "app": {"errors", "core", "planning", "loading"},
+    "evaluation": {"errors", "core", "planning", "loading", "app"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set) -> set:
+    """Every selfextend_mlx module `path` imports, at any depth of the code (function-level
+    imports count: hiding a cycle inside a function is still a cycle)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            # `from pkg import module` imports the module; `from module import name` the module.
+            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def graph() -> dict:
+    found = modules()
+    known = set(found)
+    return {name: imports_of(name, path, known) for name, path in found.items()}
+
+
+def part(module: str) -> str:
+    pieces = module.split(".")
+    return pieces[1] if len(pieces) > 1 else ""
+
+
+def test_no_import_cycles():
+    edges = graph()
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for target in sorted(edges[node]):
+            if state.get(target) == "open":
+                cycle = trail[trail.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, trail + [target])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_each_layer_imports_only_the_layers_below():
+    wrong = []
+    for module, targets in graph().items():
+        layer = part(module)
+        if layer not in ALLOWED:
+            continue  # the package __init__ (lazy re-exports)
+        for target in targets:
+            if part(target) != layer and part(target) not in ALLOWED[layer]:
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, wrong
+
+
+def test_every_folder_says_what_lives_there():
+    for init in PACKAGE.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.splitlines()) <= 4, init
+
+
+def test_help_imports_neither_mlx_lm_nor_transformers():
+    code = (
+        "import sys\n"
+        "from selfextend_cli.main import app\n"
+        "try:\n"
+        "    app(['--help'], prog_name='selfextend')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'mlx_lm', 'transformers', 'mlx', 'huggingface_hub'})\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert "Usage: selfextend" in done.stdout, done.stderr
+    assert "HEAVY []" in done.stdout
+
+
+def test_public_api_is_importable_lazily():
+    code = (
+        "import sys, selfextend_mlx\n"
+        "assert 'mlx_lm' not in sys.modules\n"
+        "from selfextend_mlx import load, apply_selfextend, make_cache, SelfExtendConfig, save_cache, load_cache\n"
+        "print('OK', callable(load) and callable(make_cache) and SelfExtendConfig(2, 4).shift)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip() == "OK 2", done.stderr
