@@ -26,14 +26,22 @@ def _lengths(text: str) -> list:
 
 def bench(
     model: ModelOpt = None,
-    lengths: Annotated[str, typer.Option("--lengths", "-l", help="Context lengths to measure, e.g. 1k,2k,4k,8k.")] = "1k,2k,4k",
+    lengths: Annotated[
+        str, typer.Option("--lengths", "-l", help="Context lengths to measure, e.g. 1k,2k,4k,8k.")
+    ] = "1k,2k,4k",
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
-    modes: Annotated[str, typer.Option(help="Which of plain, selfextend, reference to run.")] = "plain,selfextend,reference",
+    modes: Annotated[
+        str, typer.Option(help="Which of plain, selfextend, reference to run.")
+    ] = "plain,selfextend,reference",
     decode_steps: Annotated[int, typer.Option(min=1, help="Decode steps timed at each length.")] = 16,
     prefill_step_size: Annotated[int, typer.Option(min=1, help="Tokens per prefill step.")] = 512,
-    repeats: Annotated[int, typer.Option(min=1, help="Alternate the modes this many times and keep each one's best.")] = 1,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, float16, bfloat16 or native (default: float32 on CPU).")] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Alternate the modes this many times and keep each one's best.")
+    ] = 1,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="float32, float16, bfloat16 or native (default: float32 on CPU).")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list of rows instead of a table.")] = False,
 ):
     """Measure prefill and decode speed, peak memory and KV-cache size at each length.
@@ -48,9 +56,9 @@ def bench(
     """
     import mlx.core as mx
 
+    from selfextend_mlx.errors import SettingsError
     from selfextend_mlx.evaluation.bench import MODES, run_bench
     from selfextend_mlx.loading.device import describe_runtime
-    from selfextend_mlx.errors import SettingsError
     from selfextend_mlx.loading.load import load
     from selfextend_mlx.planning import choose_settings
 
@@ -58,7 +66,9 @@ def bench(
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODES]
     if unknown or not chosen:
-        raise typer.BadParameter(f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}", param_hint="--modes")
+        raise typer.BadParameter(
+            f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}", param_hint="--modes"
+        )
     loaded, tokenizer = load(model, selfextend=False, dtype=dtype)
     info = loaded.model_info
     settings = choose_settings(info.limits, max(sizes), group_size=group_size, window=window)
@@ -79,7 +89,10 @@ def bench(
             f"{info.model_id} | {describe_runtime(dtype)} | G={config.group_size} W={config.window} "
             f"| trained context {info.trained_context}"
         )
-        print(f"{'length':>8} {'mode':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak memory':>12} {'KV cache':>10}")
+        print(
+            f"{'length':>8} {'mode':>10} {'prefill tok/s':>14} {'decode tok/s':>13} "
+            f"{'peak memory':>12} {'KV cache':>10}"
+        )
 
     def show(row):
         if not json_output:
@@ -89,8 +102,17 @@ def bench(
                 flush=True,
             )
 
-    rows = run_bench(loaded, tokens, sizes, config, modes=chosen, decode_steps=decode_steps,
-                     prefill_step=prefill_step_size, repeats=repeats, on_row=show)
+    rows = run_bench(
+        loaded,
+        tokens,
+        sizes,
+        config,
+        modes=chosen,
+        decode_steps=decode_steps,
+        prefill_step=prefill_step_size,
+        repeats=repeats,
+        on_row=show,
+    )
     if json_output:
         print(json.dumps([row.as_dict() for row in rows]))
         return
@@ -99,8 +121,12 @@ def bench(
         print("\nratios (SelfExtend / plain: time, peak memory, KV bytes; reference / SelfExtend decode time)")
         for length in sizes:
             p, s = by[(length, "plain")], by[(length, "selfextend")]
-            line = (f"{length:>8}  decode {p.decode_tps / s.decode_tps:5.2f}x  prefill {p.prefill_tps / s.prefill_tps:5.2f}x  "
-                    f"peak {s.peak_memory_bytes / p.peak_memory_bytes:5.2f}x  KV {s.kv_cache_bytes / p.kv_cache_bytes:5.2f}x")
+            line = (
+                f"{length:>8}  decode {p.decode_tps / s.decode_tps:5.2f}x  "
+                f"prefill {p.prefill_tps / s.prefill_tps:5.2f}x  "
+                f"peak {s.peak_memory_bytes / p.peak_memory_bytes:5.2f}x  "
+                f"KV {s.kv_cache_bytes / p.kv_cache_bytes:5.2f}x"
+            )
             if (length, "reference") in by:
                 r = by[(length, "reference")]
                 line += f"  | reference decode {s.decode_tps / r.decode_tps:5.2f}x slower than SelfExtend"
@@ -124,8 +150,8 @@ def selftest(
     """
     from dataclasses import asdict
 
-    from selfextend_mlx.loading.device import describe_runtime
     from selfextend_mlx.evaluation.selftest import run_selftest
+    from selfextend_mlx.loading.device import describe_runtime
 
     checks = run_selftest(n_keys=keys)
     if json_output:
@@ -139,8 +165,10 @@ def selftest(
                 print(f"{c.name:28s} FAILED  {c.note}")
             else:
                 verdict = "OK" if c.ok else "MISMATCH"
-                print(f"{c.name:28s} {verdict}  max |diff| {c.max_error:.2e}  reference {c.reference_ms:.2f} ms  "
-                      f"fast {c.fast_ms:.2f} ms  ({c.reference_ms / c.fast_ms:.2f}x)")
+                print(
+                    f"{c.name:28s} {verdict}  max |diff| {c.max_error:.2e}  reference {c.reference_ms:.2f} ms  "
+                    f"fast {c.fast_ms:.2f} ms  ({c.reference_ms / c.fast_ms:.2f}x)"
+                )
     if any(c.max_error is not None and not c.ok for c in checks):
         raise typer.Exit(1)
 

@@ -34,10 +34,14 @@ def list_caches(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False):
     store = _store(cache_dir)
     entries = store.entries()
     if json_output:
-        print_json({
-            "directory": str(store.directory),
-            "entries": [{"path": str(e.path), "bytes": e.size, "modified": e.modified, **e.metadata} for e in entries],
-        })
+        print_json(
+            {
+                "directory": str(store.directory),
+                "entries": [
+                    {"path": str(e.path), "bytes": e.size, "modified": e.modified, **e.metadata} for e in entries
+                ],
+            }
+        )
         return
     if not entries:
         print(f"no cached documents in {store.directory}")
@@ -47,9 +51,11 @@ def list_caches(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False):
         meta = entry.metadata
         age = _age(time.time() - entry.modified)
         tokens = f"{int(meta['tokens']):,} tokens" if meta.get("tokens", "").isdigit() else "? tokens"
-        print(f"  {entry.path.name[:12]}  {format_bytes(entry.size):>9}  {tokens:>14}  "
-              f"G={meta.get('group_size', '?')} W={meta.get('window', '?')}  {age:>8} ago  "
-              f"{meta.get('model_id', '?')}: {meta.get('documents', '?')}")
+        print(
+            f"  {entry.path.name[:12]}  {format_bytes(entry.size):>9}  {tokens:>14}  "
+            f"G={meta.get('group_size', '?')} W={meta.get('window', '?')}  {age:>8} ago  "
+            f"{meta.get('model_id', '?')}: {meta.get('documents', '?')}"
+        )
 
 
 @cache_app.command("clear")

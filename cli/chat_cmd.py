@@ -1,7 +1,7 @@
 """`selfextend chat`, `ask` and `summarize`: talk with whole documents."""
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Optional
 
 import typer
@@ -40,22 +40,51 @@ ChatFilesArg = Annotated[
     list[str], typer.Argument(metavar="FILE", help="Text, Markdown, HTML or PDF files.", show_default=False)
 ]
 FilesArg = Annotated[
-    list[str], typer.Argument(metavar="FILE", help="Text, Markdown, HTML or PDF files; - reads standard input.", show_default=False)
+    list[str],
+    typer.Argument(
+        metavar="FILE", help="Text, Markdown, HTML or PDF files; - reads standard input.", show_default=False
+    ),
 ]
 
 
-def open_session(files, *, model, system, group_size, window, max_tokens, kv_bits, prefill_step_size,
-                 cache_dir, no_cache, verbose, first_question=None):
+def open_session(
+    files,
+    *,
+    model,
+    system,
+    group_size,
+    window,
+    max_tokens,
+    kv_bits,
+    prefill_step_size,
+    cache_dir,
+    no_cache,
+    verbose,
+    first_question=None,
+):
     """Read the documents (bad files fail before the model loads), load the model, plan the run."""
     from selfextend_mlx.app.documents import read_documents
     from selfextend_mlx.app.session import Session, SessionOptions
 
     documents = read_documents(files)
     loaded_model, tokenizer = load_model(model)
-    options = SessionOptions(group_size=group_size, window=window, max_tokens=max_tokens, kv_bits=kv_bits,
-                             prefill_step_size=prefill_step_size)
-    session = Session(loaded_model, tokenizer, documents, system=system, options=options,
-                      doc_cache=document_cache(cache_dir, no_cache), first_question=first_question, notice=status)
+    options = SessionOptions(
+        group_size=group_size,
+        window=window,
+        max_tokens=max_tokens,
+        kv_bits=kv_bits,
+        prefill_step_size=prefill_step_size,
+    )
+    session = Session(
+        loaded_model,
+        tokenizer,
+        documents,
+        system=system,
+        options=options,
+        doc_cache=document_cache(cache_dir, no_cache),
+        first_question=first_question,
+        notice=status,
+    )
     if verbose:
         status(header(session))
     return session
@@ -101,9 +130,19 @@ def chat(
         from selfextend_mlx.errors import DocumentError
 
         raise DocumentError("chat reads its questions from standard input: give the documents as files (or use ask -)")
-    session = open_session(files, model=model, system=system, group_size=group_size, window=window,
-                           max_tokens=max_tokens, kv_bits=kv_bits, prefill_step_size=prefill_step_size,
-                           cache_dir=cache_dir, no_cache=no_cache, verbose=True)
+    session = open_session(
+        files,
+        model=model,
+        system=system,
+        group_size=group_size,
+        window=window,
+        max_tokens=max_tokens,
+        kv_bits=kv_bits,
+        prefill_step_size=prefill_step_size,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        verbose=True,
+    )
     source = session.prepare(ProgressBar("reading"))
     if source == "cache":
         status("document read from the cache: no prefill needed")
@@ -180,7 +219,9 @@ def _info(session) -> str:
     plan = session.plan
     cache = format_bytes(cache_nbytes(session.cache)) if session.cache is not None else "empty"
     names = ", ".join(doc.name for doc in session.documents)
-    source = {"cache": "read from the document cache", "prefill": "prefilled"}.get(session.document_source, "not reused")
+    source = {"cache": "read from the document cache", "prefill": "prefilled"}.get(
+        session.document_source, "not reused"
+    )
     lines = [
         header(session),
         f"documents: {names} ({source})",
@@ -203,7 +244,9 @@ def _info(session) -> str:
 
 def ask(
     files: FilesArg,
-    question: Annotated[Optional[str], typer.Option("--question", "-q", help="The question.", show_default=False)] = None,
+    question: Annotated[
+        Optional[str], typer.Option("--question", "-q", help="The question.", show_default=False)
+    ] = None,
     json_output: JsonOpt = False,
     model: ModelOpt = None,
     group_size: GroupSizeOpt = None,
@@ -234,12 +277,25 @@ def ask(
 
             raise SelfExtendError('give the question with -q, for example: selfextend ask FILE -q "What is it about?"')
         question = typer.prompt("Question")
-    _answer_once(files, question, json_output, progress, model=model, system=system, group_size=group_size,
-                 window=window, max_tokens=max_tokens, kv_bits=kv_bits, prefill_step_size=prefill_step_size,
-                 cache_dir=cache_dir, no_cache=no_cache, sampling=make_sampling(max_tokens, temp, top_p, seed))
+    _answer_once(
+        files,
+        question,
+        json_output,
+        progress,
+        model=model,
+        system=system,
+        group_size=group_size,
+        window=window,
+        max_tokens=max_tokens,
+        kv_bits=kv_bits,
+        prefill_step_size=prefill_step_size,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        sampling=make_sampling(max_tokens, temp, top_p, seed),
+    )
 
 
-class Style(str, Enum):
+class Style(StrEnum):
     bullets = "bullets"
     paragraph = "paragraph"
 
@@ -279,10 +335,22 @@ def summarize(
         selfextend summarize paper.pdf --style paragraph --max-tokens 200
         pbpaste | selfextend summarize - --json
     """
-    _answer_once(files, SUMMARY_REQUESTS[style], json_output, progress, model=model, system=system,
-                 group_size=group_size, window=window, max_tokens=max_tokens, kv_bits=kv_bits,
-                 prefill_step_size=prefill_step_size, cache_dir=cache_dir, no_cache=no_cache,
-                 sampling=make_sampling(max_tokens, temp, top_p, seed))
+    _answer_once(
+        files,
+        SUMMARY_REQUESTS[style],
+        json_output,
+        progress,
+        model=model,
+        system=system,
+        group_size=group_size,
+        window=window,
+        max_tokens=max_tokens,
+        kv_bits=kv_bits,
+        prefill_step_size=prefill_step_size,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        sampling=make_sampling(max_tokens, temp, top_p, seed),
+    )
 
 
 def _answer_once(files, question, json_output, progress, *, sampling, **session_args) -> None:
@@ -295,9 +363,12 @@ def _answer_once(files, question, json_output, progress, *, sampling, **session_
     else:
         write_out("\n")
     if verbose:
-        status(f"prompt {answer.prompt_tokens:,} tokens ({answer.prefilled_tokens:,} computed, {answer.prompt_tps:,.1f} tok/s), "
-               f"answer {answer.generation_tokens:,} tokens ({answer.generation_tps:,.1f} tok/s), "
-               f"peak memory {answer.peak_memory_bytes / 1e9:.2f} GB")
+        status(
+            f"prompt {answer.prompt_tokens:,} tokens ({answer.prefilled_tokens:,} computed, "
+            f"{answer.prompt_tps:,.1f} tok/s), "
+            f"answer {answer.generation_tokens:,} tokens ({answer.generation_tps:,.1f} tok/s), "
+            f"peak memory {answer.peak_memory_bytes / 1e9:.2f} GB"
+        )
 
 
 def register(app: typer.Typer) -> None:

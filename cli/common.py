@@ -18,38 +18,67 @@ def _kv_bits(value: Optional[int]) -> Optional[int]:
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Model: a registry name, a local mlx-lm folder, a GGUF file or a Hugging Face repo. "
-                 "Default: the bundled SmolLM2-135M-Instruct.", show_default=False),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model: a registry name, a local mlx-lm folder, a GGUF file or a Hugging Face repo. "
+        "Default: the bundled SmolLM2-135M-Instruct.",
+        show_default=False,
+    ),
 ]
 GroupSizeOpt = Annotated[
     Optional[int],
-    typer.Option("--group-size", "-G", min=1, help="SelfExtend group size G (default: the model's; raised when the input needs it).",
-                 show_default=False),
+    typer.Option(
+        "--group-size",
+        "-G",
+        min=1,
+        help="SelfExtend group size G (default: the model's; raised when the input needs it).",
+        show_default=False,
+    ),
 ]
 WindowOpt = Annotated[
     Optional[int],
-    typer.Option("--window", "-W", min=1, help="SelfExtend neighbor window W (default: the model's).", show_default=False),
+    typer.Option(
+        "--window", "-W", min=1, help="SelfExtend neighbor window W (default: the model's).", show_default=False
+    ),
 ]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Longest answer, in tokens.")]
-TempOpt = Annotated[float, typer.Option("--temp", "-t", min=0.0, help="Sampling temperature (0: always the likeliest token).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep tokens within this probability mass.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed, for repeatable sampling.", show_default=False)]
+TempOpt = Annotated[
+    float, typer.Option("--temp", "-t", min=0.0, help="Sampling temperature (0: always the likeliest token).")
+]
+TopPOpt = Annotated[
+    float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep tokens within this probability mass.")
+]
+SeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", help="Random seed, for repeatable sampling.", show_default=False)
+]
 KvBitsOpt = Annotated[
     Optional[int],
-    typer.Option("--kv-bits", callback=_kv_bits, help="Quantize the KV cache to 4 or 8 bits (less memory).", show_default=False),
+    typer.Option(
+        "--kv-bits", callback=_kv_bits, help="Quantize the KV cache to 4 or 8 bits (less memory).", show_default=False
+    ),
 ]
-PrefillStepOpt = Annotated[int, typer.Option("--prefill-step-size", min=1, help="Tokens fed to the model per prefill step.")]
+PrefillStepOpt = Annotated[
+    int, typer.Option("--prefill-step-size", min=1, help="Tokens fed to the model per prefill step.")
+]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="System prompt.", show_default=False)]
 CacheDirOpt = Annotated[
     Optional[Path],
-    typer.Option("--cache-dir", help="Document cache folder (default: $SELFEXTEND_CACHE_DIR or the platform's cache folder).",
-                 show_default=False, file_okay=False),
+    typer.Option(
+        "--cache-dir",
+        help="Document cache folder (default: $SELFEXTEND_CACHE_DIR or the platform's cache folder).",
+        show_default=False,
+        file_okay=False,
+    ),
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the document cache.")]
 ProgressOpt = Annotated[
     Optional[bool],
-    typer.Option("--progress/--no-progress", help="Show the header and a prefill progress bar on stderr (default: when stderr is a terminal).",
-                 show_default=False),
+    typer.Option(
+        "--progress/--no-progress",
+        help="Show the header and a prefill progress bar on stderr (default: when stderr is a terminal).",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the streamed text.")]
 
@@ -151,7 +180,8 @@ def answer_record(session, answer) -> dict:
         "prefilled_tokens": answer.prefilled_tokens,
         "document_tokens": len(session.prefix_tokens),
         "document_cache": {"cache": "hit", "prefill": "miss"}.get(session.document_source, "off")
-        if session.doc_cache is not None else "off",
+        if session.doc_cache is not None
+        else "off",
         "generation_tokens": answer.generation_tokens,
         "finish_reason": answer.finish_reason,
         "group_size": plan.settings.group_size,

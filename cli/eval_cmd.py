@@ -3,14 +3,23 @@
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from selfextend_mlx.errors import EvaluationError
 
-from .common import (GroupSizeOpt, KvBitsOpt, ModelOpt, ProgressBar, ProgressOpt, WindowOpt, print_json, show_status,
-                     status)
+from .common import (
+    GroupSizeOpt,
+    KvBitsOpt,
+    ModelOpt,
+    ProgressBar,
+    ProgressOpt,
+    WindowOpt,
+    print_json,
+    show_status,
+    status,
+)
 
 eval_app = typer.Typer(
     help="Measure a model on long inputs: perplexity by position, passkey and needle retrieval, "
@@ -22,17 +31,29 @@ CompareOpt = Annotated[bool, typer.Option("--compare", help="Run plain and SelfE
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Run only the plain model (no SelfExtend).")]
 DtypeOpt = Annotated[
     Optional[str],
-    typer.Option("--dtype", help="Compute dtype: float32, float16, bfloat16 or native (keep quantized weights). "
-                 "Default: float32 on CPU, native on a GPU.", show_default=False),
+    typer.Option(
+        "--dtype",
+        help="Compute dtype: float32, float16, bfloat16 or native (keep quantized weights). "
+        "Default: float32 on CPU, native on a GPU.",
+        show_default=False,
+    ),
 ]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", min=1, help="Tokens fed to the model at once (bounds memory).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot of the result to this file.",
-                                                 show_default=False, dir_okay=False)]
+PlotOpt = Annotated[
+    Optional[Path],
+    typer.Option("--plot", help="Write a PNG plot of the result to this file.", show_default=False, dir_okay=False),
+]
 LengthsOpt = Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens, e.g. 2k,4k,8k,16k (k = 1024).")]
-DepthsOpt = Annotated[str, typer.Option("--depths", help="Where the needle sits: 0 (start) to 1 (end), comma-separated.")]
-ChatTemplateOpt = Annotated[bool, typer.Option("--chat-template", help="Wrap the prompt in the model's chat template "
-                                               "(the paper uses the raw prompt).")]
+DepthsOpt = Annotated[
+    str, typer.Option("--depths", help="Where the needle sits: 0 (start) to 1 (end), comma-separated.")
+]
+ChatTemplateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--chat-template", help="Wrap the prompt in the model's chat template (the paper uses the raw prompt)."
+    ),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -60,8 +81,10 @@ def _progress(label: str, total: int, progress: Optional[bool]):
         if not bar.interactive and tenth > logged and done < total:
             logged = tenth
             left = elapsed * (total - done) / done
-            status(f"{label}: {done:,}/{total:,} tokens ({done / total:.0%}), {done / elapsed:,.0f} tok/s, "
-                   f"about {left / 60:.1f} min left")
+            status(
+                f"{label}: {done:,}/{total:,} tokens ({done / total:.0%}), {done / elapsed:,.0f} tok/s, "
+                f"about {left / 60:.1f} min left"
+            )
 
     yield advance
 
@@ -95,8 +118,11 @@ def _load(model_ref, group_size, window, plain, compare, dtype, longest: int):
 def _warn_beyond_reach(settings, longest: int) -> None:
     """Explicit -G/-W may not reach the input: measure anyway (that is informative), but say so."""
     if longest > settings.reach:
-        typer.echo(f"warning: {longest} tokens is beyond the reach of SelfExtend G={settings.group_size} "
-                   f"W={settings.window} ({settings.reach} tokens)", err=True)
+        typer.echo(
+            f"warning: {longest} tokens is beyond the reach of SelfExtend G={settings.group_size} "
+            f"W={settings.window} ({settings.reach} tokens)",
+            err=True,
+        )
 
 
 def _header(task, info, modes, kv_bits, tokens=None):
@@ -130,9 +156,14 @@ def _check_plot_path(plot: Optional[Path]) -> None:
 def ppl(
     file: Annotated[Path, typer.Option("--file", "-f", help="The long text to score (txt, md, html, pdf).")],
     tokens: Annotated[str, typer.Option("--tokens", "-n", help="Score the first N tokens, e.g. 4096 or 16k.")] = "4k",
-    buckets: Annotated[Optional[str], typer.Option(
-        "--buckets", help="Bucket boundaries in tokens, e.g. 512,1024,2048 (default: doubling from 512).",
-        show_default=False)] = None,
+    buckets: Annotated[
+        Optional[str],
+        typer.Option(
+            "--buckets",
+            help="Bucket boundaries in tokens, e.g. 512,1024,2048 (default: doubling from 512).",
+            show_default=False,
+        ),
+    ] = None,
     model: ModelOpt = None,
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
@@ -168,8 +199,12 @@ def ppl(
     result = ppl_result(_header("ppl", info, modes, kv_bits, total), total, per_mode)
     result["file"] = str(file)
     if plot:
-        plot_perplexity(series_labels(result, ppl_series(result)), plot, info.trained_context,
-                        title=f"Perplexity of {file.name} ({Path(info.model_id).name})")
+        plot_perplexity(
+            series_labels(result, ppl_series(result)),
+            plot,
+            info.trained_context,
+            title=f"Perplexity of {file.name} ({Path(info.model_id).name})",
+        )
     _emit(result, as_json)
 
 
@@ -202,11 +237,11 @@ def _retrieval_grid(lengths: str, depths: str, plot: Optional[Path]):
     return parse_token_counts(lengths), parse_depths(depths)
 
 
-def _run_retrieval(task, loaded, tokenizer, info, modes, cells, kv_bits, chunk_size, max_tokens,
-                   as_json, plot, progress, **settings):
+def _run_retrieval(
+    task, loaded, tokenizer, info, modes, cells, kv_bits, chunk_size, max_tokens, as_json, plot, progress, **settings
+):
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid
-    from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series
-    from selfextend_mlx.evaluation.results import series_labels
+    from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series, series_labels
     from selfextend_mlx.evaluation.retrieval import run_cells
 
     work = len(modes) * sum(len(p.tokens) for c in cells for p in c.prompts)
@@ -244,13 +279,28 @@ def passkey(
     from selfextend_mlx.evaluation.retrieval import build_cells, passkey_keys
 
     length_list, depth_list = _retrieval_grid(lengths, depths, plot)
-    loaded, tokenizer, info, modes = _load(model, group_size, window, plain, compare, dtype,
-                                           max(length_list) + max_tokens)
+    loaded, tokenizer, info, modes = _load(
+        model, group_size, window, plain, compare, dtype, max(length_list) + max_tokens
+    )
     encode = _encoder(tokenizer, chat_template)
     keys = passkey_keys(seed, length_list, depth_list, trials)
     cells = build_cells(length_list, depth_list, trials, lambda n, d, t: passkey_prompt(encode, n, d, keys[(n, d)][t]))
-    _run_retrieval("passkey", loaded, tokenizer, info, modes, cells, kv_bits, chunk_size, max_tokens,
-                   as_json, plot, progress, seed=seed, chat_template=chat_template)
+    _run_retrieval(
+        "passkey",
+        loaded,
+        tokenizer,
+        info,
+        modes,
+        cells,
+        kv_bits,
+        chunk_size,
+        max_tokens,
+        as_json,
+        plot,
+        progress,
+        seed=seed,
+        chat_template=chat_template,
+    )
 
 
 @eval_app.command("needle")
@@ -281,25 +331,45 @@ def needle(
 
     length_list, depth_list = _retrieval_grid(lengths, depths, plot)
     text = _read_text(haystack)
-    loaded, tokenizer, info, modes = _load(model, group_size, window, plain, compare, dtype,
-                                           max(length_list) + max_tokens)
+    loaded, tokenizer, info, modes = _load(
+        model, group_size, window, plain, compare, dtype, max(length_list) + max_tokens
+    )
     encode = _encoder(tokenizer, chat_template)
-    cells = build_cells(length_list, depth_list, 1,
-                        lambda n, d, t: needle_prompt(encode, text, needle_text, question, answer, n, d))
-    _run_retrieval("needle", loaded, tokenizer, info, modes, cells, kv_bits, chunk_size, max_tokens,
-                   as_json, plot, progress, haystack=str(haystack), needle=needle_text, question=question,
-                   answer=answer, chat_template=chat_template)
+    cells = build_cells(
+        length_list, depth_list, 1, lambda n, d, t: needle_prompt(encode, text, needle_text, question, answer, n, d)
+    )
+    _run_retrieval(
+        "needle",
+        loaded,
+        tokenizer,
+        info,
+        modes,
+        cells,
+        kv_bits,
+        chunk_size,
+        max_tokens,
+        as_json,
+        plot,
+        progress,
+        haystack=str(haystack),
+        needle=needle_text,
+        question=question,
+        answer=answer,
+        chat_template=chat_template,
+    )
 
 
 @eval_app.command("compare")
 def compare_cmd(
-    results: Annotated[List[Path], typer.Argument(help="JSON files written by `selfextend eval ppl/passkey/needle --json`.")],
+    results: Annotated[
+        list[Path], typer.Argument(help="JSON files written by `selfextend eval ppl/passkey/needle --json`.")
+    ],
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
 ):
     """Several runs side by side in one table: e.g. a 4-bit and an 8-bit model, or --kv-bits 4 against none."""
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid, plot_perplexity
-    from selfextend_mlx.evaluation.results import comparison_table, compare_results, grid_panel, load_result
+    from selfextend_mlx.evaluation.results import compare_results, comparison_table, grid_panel, load_result
 
     _check_plot_path(plot)
     loaded = [load_result(path) for path in results]
@@ -310,8 +380,9 @@ def compare_cmd(
             plot_perplexity(comparison["columns"], plot, trained.pop() if len(trained) == 1 else None)
         else:
             panels = {label: grid_panel(cells) for label, cells in comparison["columns"].items()}
-            plot_accuracy_grid(panels, plot, title=f"{comparison['task']} retrieval",
-                               size=(max(800, 400 * len(panels)), 500))
+            plot_accuracy_grid(
+                panels, plot, title=f"{comparison['task']} retrieval", size=(max(800, 400 * len(panels)), 500)
+            )
     if as_json:
         print_json({"task": comparison["task"], "runs": loaded})
     else:

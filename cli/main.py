@@ -30,7 +30,9 @@ class _OneLineErrors(TyperGroup):
         debug = DEBUG_FLAG in args or bool(os.environ.get("SELFEXTEND_DEBUG"))
         args = [arg for arg in args if arg != DEBUG_FLAG]
         try:
-            result = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+            result = super().main(
+                args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+            )
             code = result if isinstance(result, int) else 0
             if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into this exit code
                 _error("interrupted", prefix="")
@@ -59,7 +61,10 @@ class _OneLineErrors(TyperGroup):
             elif isinstance(error, OSError) and error.errno == errno.ENOSPC:
                 _error(f"no space left on the device: {error.filename or ''}".rstrip(": "))
             else:
-                _error(f"{type(error).__name__}: {error}" + ("" if debug else f" (run with {DEBUG_FLAG} for the traceback)"))
+                _error(
+                    f"{type(error).__name__}: {error}"
+                    + ("" if debug else f" (run with {DEBUG_FLAG} for the traceback)")
+                )
             code = 1
         return _finish(code, standalone_mode)
 

@@ -23,7 +23,7 @@ def _one_line_errors(command):
             return command(*args, **kwargs)
         except SelfExtendError as error:
             typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -78,14 +78,17 @@ def models(
 
 def info(
     model: Optional[str] = typer.Argument(
-        None, help="A registry name, a local folder, a .gguf file or a Hugging Face repo id (default: the default model)."
+        None,
+        help="A registry name, a local folder, a .gguf file or a Hugging Face repo id (default: the default model).",
     ),
     tokens: Optional[int] = typer.Option(
         None, "--tokens", "-n", min=1, help="Input plus answer length to plan for (picks G; default: the registry's G)."
     ),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-G", min=1, help="Use this G instead."),
     window: Optional[int] = typer.Option(None, "--window", "-W", min=1, help="Use this W instead."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype to size the KV cache for (default: fp32 on CPU)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Compute dtype to size the KV cache for (default: fp32 on CPU)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Show a model's family, trained context, SelfExtend G and W, reach, and KV-cache memory."""
@@ -97,8 +100,9 @@ def info(
     settings = choose_settings(spec.limits, tokens, group_size=group_size, window=window)
     dtype_name = resolve_dtype(dtype)
     item = 2 if DTYPES[dtype_name] is None else DTYPES[dtype_name].size  # native: fp16/bf16 activations
-    shape = ModelShape(layers=spec.shape.layers, kv_heads=spec.shape.kv_heads, head_dim=spec.shape.head_dim,
-                       item_bytes=item)
+    shape = ModelShape(
+        layers=spec.shape.layers, kv_heads=spec.shape.kv_heads, head_dim=spec.shape.head_dim, item_bytes=item
+    )
     at = tokens or settings.reach
     record = {
         "model": spec.name,
@@ -128,7 +132,10 @@ def info(
         ("family", spec.family),
         ("trained context", f"{spec.trained_context} tokens (L)"),
         ("SelfExtend", f"{settings.describe()} (G at most {record['max_group_size']})"),
-        ("reach", f"{settings.reach} tokens" if settings.plain else f"N_max = (L - W) * G + W = {settings.reach} tokens"),
+        (
+            "reach",
+            f"{settings.reach} tokens" if settings.plain else f"N_max = (L - W) * G + W = {settings.reach} tokens",
+        ),
         (
             "KV cache",
             f"{format_bytes(record['kv_cache_bytes'])} at {at} tokens ({dtype_name}, "

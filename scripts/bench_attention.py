@@ -9,8 +9,8 @@ import mlx.nn as nn
 
 from selfextend_mlx import SelfExtendConfig
 from selfextend_mlx.core.attention import CachedKV, rotate_queries_and_keys, selfextend_attention
-from selfextend_mlx.loading.blas import reexec_with_openblas
 from selfextend_mlx.evaluation.selftest import median_ms
+from selfextend_mlx.loading.blas import reexec_with_openblas
 
 
 def main(heads=9, kv_heads=3, head_dim=64, group_size=4, window=1024):
@@ -30,7 +30,9 @@ def main(heads=9, kv_heads=3, head_dim=64, group_size=4, window=1024):
             return selfextend_attention(q_neighbor, q_grouped, kv, q_start=n - 1, config=config)
 
         se = 1e3 * median_ms(selfextend, 30)
-        plain = 1e3 * median_ms(lambda: mx.fast.scaled_dot_product_attention(rope(q, offset=n - 1), k, v, scale=head_dim**-0.5), 30)
+        plain = 1e3 * median_ms(
+            lambda: mx.fast.scaled_dot_product_attention(rope(q, offset=n - 1), k, v, scale=head_dim**-0.5), 30
+        )
         print(f"{n:>6} {se:>14.0f} {plain:>9.0f} {se / plain:>6.2f}")
 
 

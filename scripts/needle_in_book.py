@@ -29,7 +29,7 @@ def needle(code: int) -> str:
 
 def haystack(book: str, chars: int, depth: float, code: int) -> str:
     start = book.find("CHAPTER I")  # skip the Gutenberg front matter
-    text = book[max(start, 0):][:chars]
+    text = book[max(start, 0) :][:chars]
     cut = int(len(text) * depth)
     cut = text.rfind(". ", 0, cut) + 1 or cut  # at a sentence end
     return text[:cut] + needle(code) + text[cut:]
@@ -45,7 +45,9 @@ def ask(script: str, path: Path, model, max_tokens: int, group_size=None) -> tup
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}, wall
+        return {
+            "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        }, wall
     return json.loads(done.stdout), wall
 
 
@@ -81,10 +83,11 @@ def main():
         "# Needle in a book: `selfextend ask` on a fact placed deep inside a long document",
         "",
         f"Book: `{Path(args.book).name}` (from CHAPTER I on), one sentence with a five-digit code inserted at each "
-        f"depth; question: \"{QUESTION}\"; found = the code appears in the answer (greedy, `--max-tokens "
+        f'depth; question: "{QUESTION}"; found = the code appears in the answer (greedy, `--max-tokens '
         f"{args.max_tokens}`).",
         f"Model: {args.model or 'default (SmolLM2-135M-Instruct, embedded Q4_1 GGUF)'}; "
-        + (f"-G {args.group_size}" if args.group_size else "G and W chosen by the CLI") + ". "
+        + (f"-G {args.group_size}" if args.group_size else "G and W chosen by the CLI")
+        + ". "
         f"Machine: {platform.machine()}, {platform.system()}, CPU only; measured {time.strftime('%Y-%m-%d')}.",
         "",
         "Command: `python scripts/needle_in_book.py " + " ".join(sys.argv[1:]) + "`",
@@ -94,7 +97,9 @@ def main():
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| ({row['chars']} chars) | {row['depth']} | | | error | {row['error']} | | {row['wall_s']} |")
+            lines.append(
+                f"| ({row['chars']} chars) | {row['depth']} | | | error | {row['error']} | | {row['wall_s']} |"
+            )
             continue
         answer = row["answer"].strip().replace("\n", " ").replace("|", "/")[:60]
         lines.append(

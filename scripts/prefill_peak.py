@@ -17,9 +17,18 @@ from selfextend_mlx.loading.blas import reexec_with_openblas
 
 
 def main(n_tokens: int = 4096, layers: int = 30, step: int = 512):
-    args = ModelArgs(model_type="llama", hidden_size=576, num_hidden_layers=layers, intermediate_size=64,
-                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, vocab_size=500,
-                     rope_theta=100000.0, tie_word_embeddings=True)
+    args = ModelArgs(
+        model_type="llama",
+        hidden_size=576,
+        num_hidden_layers=layers,
+        intermediate_size=64,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        vocab_size=500,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
     model = Model(args)
     mx.eval(model.parameters())
     tokens = mx.random.randint(0, args.vocab_size, (n_tokens,), key=mx.random.key(0))

@@ -165,7 +165,11 @@ def choose_settings(
     largest = max_length(L, limits.max_group_size, W)
     if tokens <= largest:
         return Settings(limits.max_group_size, W, LARGEST, largest)
-    what = f"{tokens - answer_tokens} prompt tokens + {answer_tokens} answer tokens = {tokens}" if answer_tokens else f"{tokens} tokens"
+    what = (
+        f"{tokens - answer_tokens} prompt tokens + {answer_tokens} answer tokens = {tokens}"
+        if answer_tokens
+        else f"{tokens} tokens"
+    )
     raise InputTooLongError(
         f"input too long: {what} > N_max {largest}, beyond this model's reach (L={L}, W={W}, "
         f"G={limits.max_group_size}, the most this model allows); it would need G={smallest_group_size(L, W, tokens)}: "
@@ -360,17 +364,25 @@ class Plan:
         return self.settings.config()
 
 
-def plan_run(model, tokens: int, *, prompt_tokens: int, max_tokens: int, group_size: Optional[int] = None,
-             window: Optional[int] = None, kv_bits: Optional[int] = None, prefill_step: int = 512) -> Plan:
+def plan_run(
+    model,
+    tokens: int,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    group_size: Optional[int] = None,
+    window: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    prefill_step: int = 512,
+) -> Plan:
     """The plan for `tokens` tokens (prompt + answer budget) on a model described by `model`
     (a loaded model's ModelInfo: model_id, limits, shape, weights_bytes)."""
-    settings = choose_settings(model.limits, tokens, group_size=group_size, window=window,
-                               answer_tokens=max_tokens)
+    settings = choose_settings(model.limits, tokens, group_size=group_size, window=window, answer_tokens=max_tokens)
     if tokens > settings.reach:  # only given settings can fall short
         needed = choose_settings(model.limits, tokens, window=window, answer_tokens=max_tokens)
         raise InputTooLongError(
-            f"input too long for -G {group_size}: {prompt_tokens} prompt tokens + {max_tokens} answer tokens = {tokens} "
-            f"> N_max {settings.reach}; it needs {needed.describe()}: leave -G out to have it chosen"
+            f"input too long for -G {group_size}: {prompt_tokens} prompt tokens + {max_tokens} answer tokens "
+            f"= {tokens} > N_max {settings.reach}; it needs {needed.describe()}: leave -G out to have it chosen"
         )
     memory = estimate_memory(model.shape, model.weights_bytes, tokens, settings, kv_bits, prefill_step)
     return Plan(model.model_id, model.limits, settings, prompt_tokens, max_tokens, memory, group_size)

@@ -44,7 +44,9 @@ def imports_of(name: str, path: Path, known: set) -> set:
             else:
                 source = node.module or ""
             # `from pkg import module` imports the module; `from module import name` the module.
-            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source for alias in node.names]
+            targets = [
+                f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source for alias in node.names
+            ]
         else:
             continue
         found.update(t for t in targets if t in known and t != name)
@@ -70,7 +72,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for target in sorted(edges[node]):
             if state.get(target) == "open":
-                cycle = trail[trail.index(target):] + [target]
+                cycle = trail[trail.index(target) :] + [target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, trail + [target])
@@ -107,7 +109,8 @@ def test_help_imports_neither_mlx_lm_nor_transformers():
         "    app(['--help'], prog_name='selfextend')\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'mlx_lm', 'transformers', 'mlx', 'huggingface_hub'})\n"
+        "heavy = {'mlx_lm', 'transformers', 'mlx', 'huggingface_hub'}\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & heavy)\n"
         "print('HEAVY', heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

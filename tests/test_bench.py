@@ -3,11 +3,11 @@
 import json
 
 import mlx.core as mx
+from tiny_models import random_tokens, tiny_model
 from typer.testing import CliRunner
 
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache, remove_selfextend
 from selfextend_mlx.evaluation.bench import apply_reference_baseline, run_bench
-from tiny_models import random_tokens, tiny_model
 
 CONFIG = SelfExtendConfig(group_size=4, window=12)
 
@@ -17,13 +17,19 @@ def test_reference_baseline_computes_the_same_selfextend():
     tokens = random_tokens(60)
     apply_selfextend(model, CONFIG)
     cache = make_cache(model)
-    expected = mx.concatenate([model(tokens[None, :40], cache=cache)] + [model(tokens[None, i : i + 1], cache=cache) for i in range(40, 60)], axis=1)
+    expected = mx.concatenate(
+        [model(tokens[None, :40], cache=cache)] + [model(tokens[None, i : i + 1], cache=cache) for i in range(40, 60)],
+        axis=1,
+    )
     remove_selfextend(model)
     apply_reference_baseline(model, CONFIG)
     from mlx_lm.models.cache import KVCache
 
     cache = [KVCache() for _ in model.layers]
-    got = mx.concatenate([model(tokens[None, :40], cache=cache)] + [model(tokens[None, i : i + 1], cache=cache) for i in range(40, 60)], axis=1)
+    got = mx.concatenate(
+        [model(tokens[None, :40], cache=cache)] + [model(tokens[None, i : i + 1], cache=cache) for i in range(40, 60)],
+        axis=1,
+    )
     remove_selfextend(model)  # restores any swapped attention
     assert mx.allclose(got, expected, atol=1e-4).item()
 
@@ -32,7 +38,9 @@ def test_run_bench_rows_and_restores_the_model():
     model = tiny_model("llama")
     plain = model(random_tokens(20)[None])
     rows = run_bench(model, random_tokens(64), [32, 64], CONFIG, decode_steps=2, prefill_step=16)
-    assert [(r.length, r.mode) for r in rows] == [(n, m) for n in (32, 64) for m in ("plain", "selfextend", "reference")]
+    assert [(r.length, r.mode) for r in rows] == [
+        (n, m) for n in (32, 64) for m in ("plain", "selfextend", "reference")
+    ]
     for r in rows:
         assert r.prefill_tps > 0 and r.decode_tps > 0 and r.peak_memory_bytes > 0 and r.kv_cache_bytes > 0
     by = {(r.length, r.mode): r for r in rows}
@@ -43,8 +51,15 @@ def test_run_bench_rows_and_restores_the_model():
 def test_peak_memory_of_a_mode_leaves_out_the_other_modes_caches():
     # The modes' caches all stay alive for the interleaved decode: a mode measured after
     # another must not be charged for the other's cache (here larger than its own working set).
-    model = tiny_model("llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=8,
-                       intermediate_size=64, vocab_size=64)
+    model = tiny_model(
+        "llama",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=8,
+        intermediate_size=64,
+        vocab_size=64,
+    )
     tokens = random_tokens(512, vocab=64)
     config = SelfExtendConfig(group_size=4, window=64)
     alone = run_bench(model, tokens, [512], config, modes=("selfextend",), decode_steps=1, prefill_step=128)
@@ -56,11 +71,15 @@ def test_peak_memory_of_a_mode_leaves_out_the_other_modes_caches():
 def test_bench_command_json(stories_dir):
     from selfextend_cli.main import app
 
-    result = CliRunner().invoke(app, ["bench", "--model", str(stories_dir), "-l", "256,384", "-G", "4", "-W", "64",
-                                      "--decode-steps", "2", "--json"])
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--model", str(stories_dir), "-l", "256,384", "-G", "4", "-W", "64", "--decode-steps", "2", "--json"],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert {tuple(sorted(r)) for r in rows} == {("decode_tps", "kv_cache_bytes", "length", "mode", "peak_memory_bytes", "prefill_tps")}
+    assert {tuple(sorted(r)) for r in rows} == {
+        ("decode_tps", "kv_cache_bytes", "length", "mode", "peak_memory_bytes", "prefill_tps")
+    }
     assert [r["length"] for r in rows] == [256] * 3 + [384] * 3
 
 

@@ -5,6 +5,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, make_prompt_cache, trim_prompt_cache
+from tiny_models import random_tokens, tiny_model
 
 from selfextend_mlx import (
     CacheMismatchError,
@@ -16,7 +17,6 @@ from selfextend_mlx import (
 )
 from selfextend_mlx.core.attention import rotate_further
 from selfextend_mlx.core.cache import QuantizedSelfExtendKVCache, SelfExtendKVCache, cache_nbytes
-from tiny_models import random_tokens, tiny_model
 
 CONFIG = SelfExtendConfig(group_size=3, window=16)
 
@@ -103,7 +103,11 @@ def test_mlx_lm_generation_loop_with_kv_bits_keeps_selfextend_caches():
         logits = model(mx.array([[manual[-1]]]), cache=cache)
     assert greedy == manual
     qcache = make_cache(model)
-    list(generate_step(prompt, model, max_tokens=4, prompt_cache=qcache, kv_bits=8, kv_group_size=32, quantized_kv_start=0))
+    list(
+        generate_step(
+            prompt, model, max_tokens=4, prompt_cache=qcache, kv_bits=8, kv_group_size=32, quantized_kv_start=0
+        )
+    )
     assert all(isinstance(c, QuantizedSelfExtendKVCache) for c in qcache)
 
 

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import shared_path
+from pdf_fixture import make_pdf
 from typer.testing import CliRunner
 
 import selfextend_mlx.loading.load as loading
 from selfextend_cli.main import app
-from conftest import shared_path
-from pdf_fixture import make_pdf
 
 runner = CliRunner()
 
@@ -92,8 +92,16 @@ def test_every_help_teaches_with_an_example(command):
 def test_ask_json_beyond_the_trained_context(tmp_path, stories, story_text):
     document = write(tmp_path, "stories.txt", story_text[:3000])
     record = json_of(invoke("ask", document, "-q", "Who is Lily?", "-m", stories, "-n", "24", "--json"))
-    for key in ("answer", "prompt_tokens", "generation_tokens", "group_size", "window", "prompt_tps",
-                "generation_tps", "peak_memory_bytes"):
+    for key in (
+        "answer",
+        "prompt_tokens",
+        "generation_tokens",
+        "group_size",
+        "window",
+        "prompt_tps",
+        "generation_tps",
+        "peak_memory_bytes",
+    ):
         assert key in record
     assert isinstance(record["answer"], str) and record["answer"].strip()
     assert record["trained_context"] == 512 and record["prompt_tokens"] > 2 * 512
@@ -140,9 +148,30 @@ def test_summarize_styles(tmp_path, stories, story_text):
 
 def test_generate_with_mlx_lm_flags(stories):
     def run(seed):
-        return json_of(invoke("generate", "--prompt", "Once upon a time", "-m", stories, "--max-tokens", "12",
-                              "--temp", "1.5", "--top-p", "0.95", "--seed", seed, "--prefill-step-size", "4",
-                              "-G", "2", "-W", "64", "--json"))
+        return json_of(
+            invoke(
+                "generate",
+                "--prompt",
+                "Once upon a time",
+                "-m",
+                stories,
+                "--max-tokens",
+                "12",
+                "--temp",
+                "1.5",
+                "--top-p",
+                "0.95",
+                "--seed",
+                seed,
+                "--prefill-step-size",
+                "4",
+                "-G",
+                "2",
+                "-W",
+                "64",
+                "--json",
+            )
+        )
 
     first, second = run(3), run(3)
     assert first["text"] and first["text"] == second["text"]  # the seed makes sampling repeatable
@@ -190,7 +219,10 @@ def test_corrupt_cache_file_is_reported_in_one_line_and_rebuilt(tmp_path, storie
     rebuilt = invoke(*args)
     assert json_of(rebuilt)["document_cache"] == "miss"
     assert len(rebuilt.stderr.splitlines()) == 1
-    assert rebuilt.stderr.startswith("document cache unusable, rebuilding it:") and "not a readable prompt cache" in rebuilt.stderr
+    assert (
+        rebuilt.stderr.startswith("document cache unusable, rebuilding it:")
+        and "not a readable prompt cache" in rebuilt.stderr
+    )
     assert json_of(invoke(*args))["document_cache"] == "hit"
 
 
@@ -211,8 +243,15 @@ def info_lines(stdout: str) -> dict:
 
 def test_chat_two_turns_reuses_the_cache(tmp_path, stories, story_text):
     document = write(tmp_path, "stories.txt", story_text[:2000])
-    result = invoke("chat", document, "-m", stories, "-n", "10",
-                    input="Who is Lily?\nWhat did Tom find?\n/info\n/quit\nNever asked?\n")
+    result = invoke(
+        "chat",
+        document,
+        "-m",
+        stories,
+        "-n",
+        "10",
+        input="Who is Lily?\nWhat did Tom find?\n/info\n/quit\nNever asked?\n",
+    )
     assert result.exit_code == 0, result.stderr
     stderr = result.stderr.splitlines()
     assert stderr[0].startswith("model stories260K | document ")  # the one header line
@@ -297,7 +336,9 @@ def test_document_too_long(tmp_path, stories, story_text):
     document = write(tmp_path, "stories.txt", story_text)  # ~9.3k tokens; stories260K reaches 6272 at G=16
     result = invoke("ask", document, "-q", "Why?", "-m", stories, "-n", "100")
     assert_one_line_error(result, 1, "error: input too long: ")
-    assert "N_max 6272" in result.stderr and "it would need G=" in result.stderr and "+ 100 answer tokens" in result.stderr
+    assert (
+        "N_max 6272" in result.stderr and "it would need G=" in result.stderr and "+ 100 answer tokens" in result.stderr
+    )
 
 
 def test_not_enough_memory(tmp_path, stories, monkeypatch):
@@ -338,7 +379,9 @@ def test_window_beyond_the_context(tmp_path, stories):
 def test_question_needed_when_stdin_is_not_a_terminal(tmp_path, stories):
     document = write(tmp_path, "note.txt", "Tom has a red ball.")
     assert_one_line_error(invoke("ask", document, "-m", stories, input="x"), 1, "error: give the question with -q")
-    assert_one_line_error(invoke("chat", "-", "-m", stories, input="x"), 1, "error: chat reads its questions from standard input")
+    assert_one_line_error(
+        invoke("chat", "-", "-m", stories, input="x"), 1, "error: chat reads its questions from standard input"
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -361,8 +404,14 @@ def console_script() -> str:
 
 def run_script(*args, input=None, env=None, timeout=240):
     environment = {**os.environ, **(env or {})}
-    return subprocess.run([console_script(), *map(str, args)], input=input, capture_output=True, text=True,
-                          timeout=timeout, env=environment)
+    return subprocess.run(
+        [console_script(), *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+    )
 
 
 def test_script_chat_piped_two_turns(tmp_path, stories, story_text, isolated_cache):
@@ -393,8 +442,13 @@ def test_script_error_is_one_line(tmp_path):
 
 def test_script_ctrl_c_during_prefill_exits_130_and_saves_nothing(tmp_path, stories, story_text, isolated_cache):
     document = write(tmp_path, "stories.txt", story_text[:10000])  # ~5k tokens: seconds of prefill
-    process = subprocess.Popen([console_script(), "ask", document, "-q", "Who?", "-m", stories, "-n", "8", "--progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    process = subprocess.Popen(
+        [console_script(), "ask", document, "-q", "Who?", "-m", stories, "-n", "8", "--progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     for line in process.stderr:  # the progress bar's first line: prefill has started
         if line.startswith("reading ["):
             break
@@ -411,11 +465,22 @@ def test_script_ctrl_c_during_prefill_exits_130_and_saves_nothing(tmp_path, stor
 
 @pytest.mark.slow
 def test_default_model_answers_from_the_document_with_its_chat_template(tmp_path):
-    document = write(tmp_path, "bakery.md", (
-        "# Harbor Street Bakery\n\nThe bakery opened in 1987. Its founder, Marta Keller, baked rye bread every "
-        "morning at four. In 2003 it moved to a larger building near the river.\n\nThe secret ingredient in its "
-        "famous apple cake is cardamom.\n"))
-    result = invoke("chat", document, "-n", "40", input="What is the secret ingredient in the apple cake?\nWho founded the bakery?\n/info\n")
+    document = write(
+        tmp_path,
+        "bakery.md",
+        (
+            "# Harbor Street Bakery\n\nThe bakery opened in 1987. Its founder, Marta Keller, baked rye bread every "
+            "morning at four. In 2003 it moved to a larger building near the river.\n\nThe secret ingredient in its "
+            "famous apple cake is cardamom.\n"
+        ),
+    )
+    result = invoke(
+        "chat",
+        document,
+        "-n",
+        "40",
+        input="What is the secret ingredient in the apple cake?\nWho founded the bakery?\n/info\n",
+    )
     assert result.exit_code == 0, result.stderr
     assert "model SmolLM2-135M-Instruct" in result.stderr
     answers = result.stdout.lower()

@@ -2,9 +2,9 @@
 
 import mlx.core as mx
 import pytest
+from conftest import shared_path
 
 import selfextend_mlx.core.cache as core_cache
-from conftest import shared_path
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache
 from selfextend_mlx.app.doccache import ENV_CACHE_DIR, DocumentCache, cache_key, default_cache_dir, read_metadata
 from selfextend_mlx.loading.load import load

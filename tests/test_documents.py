@@ -3,8 +3,8 @@
 import io
 
 import pytest
-
 from pdf_fixture import make_pdf
+
 from selfextend_mlx.app.documents import format_documents, html_to_text, read_document, read_documents
 from selfextend_mlx.errors import DocumentError
 
@@ -64,7 +64,7 @@ def test_pdf_is_recognised_by_content(tmp_path):
 
 
 def test_stdin(tmp_path):
-    doc = read_document("-", stdin=io.BytesIO("from a pipe".encode()))
+    doc = read_document("-", stdin=io.BytesIO(b"from a pipe"))
     assert (doc.name, doc.text) == ("stdin", "from a pipe")
 
 

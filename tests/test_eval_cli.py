@@ -4,10 +4,10 @@ import json
 import struct
 
 import pytest
+from conftest import shared_path
 from typer.testing import CliRunner
 
 from selfextend_cli.main import app
-from conftest import shared_path
 
 runner = CliRunner()
 
@@ -35,8 +35,27 @@ def story_text():
 @pytest.fixture(scope="module")
 def ppl_compare(stories, story_text, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ppl")
-    result = run("eval", "ppl", "-m", stories, "-f", story_text, "--tokens", "1k", "--buckets", "256,512",
-                 "-G", "4", "-W", "128", "--compare", "--json", "--plot", folder / "ppl.png", "--progress")
+    result = run(
+        "eval",
+        "ppl",
+        "-m",
+        stories,
+        "-f",
+        story_text,
+        "--tokens",
+        "1k",
+        "--buckets",
+        "256,512",
+        "-G",
+        "4",
+        "-W",
+        "128",
+        "--compare",
+        "--json",
+        "--plot",
+        folder / "ppl.png",
+        "--progress",
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), folder
 
@@ -71,8 +90,28 @@ def test_ppl_single_mode_table_and_json(stories, story_text):
 
 
 def test_passkey_compare_json_schema_and_heatmap(stories, tmp_path):
-    result = run("eval", "passkey", "-m", stories, "--lengths", "300,400", "--depths", "0,1", "--trials", "2",
-                 "--seed", "3", "-G", "2", "-W", "128", "--compare", "--json", "--plot", tmp_path / "k.png")
+    result = run(
+        "eval",
+        "passkey",
+        "-m",
+        stories,
+        "--lengths",
+        "300,400",
+        "--depths",
+        "0,1",
+        "--trials",
+        "2",
+        "--seed",
+        "3",
+        "-G",
+        "2",
+        "-W",
+        "128",
+        "--compare",
+        "--json",
+        "--plot",
+        tmp_path / "k.png",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["task"] == "passkey" and data["seed"] == 3
@@ -89,7 +128,20 @@ def test_passkey_compare_json_schema_and_heatmap(stories, tmp_path):
 
 
 def test_passkey_same_seed_same_run(stories):
-    args = ("eval", "passkey", "-m", stories, "--lengths", "300", "--depths", "0.5", "--trials", "1", "--plain", "--json")
+    args = (
+        "eval",
+        "passkey",
+        "-m",
+        stories,
+        "--lengths",
+        "300",
+        "--depths",
+        "0.5",
+        "--trials",
+        "1",
+        "--plain",
+        "--json",
+    )
     first, second = run(*args), run(*args)
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout) == json.loads(second.stdout)
@@ -99,9 +151,28 @@ def test_passkey_same_seed_same_run(stories):
 def test_needle_and_compare_of_saved_runs(stories, story_text, tmp_path):
     saved = []
     for mode in ("--plain", "--compare"):
-        result = run("eval", "needle", "-m", stories, "--haystack", story_text, "--needle", "Tom has a red kite.",
-                     "--question", "What does Tom have?", "--answer", "kite", "--lengths", "400",
-                     "--depths", "0.5", mode, "--json", "--max-tokens", "4")
+        result = run(
+            "eval",
+            "needle",
+            "-m",
+            stories,
+            "--haystack",
+            story_text,
+            "--needle",
+            "Tom has a red kite.",
+            "--question",
+            "What does Tom have?",
+            "--answer",
+            "kite",
+            "--lengths",
+            "400",
+            "--depths",
+            "0.5",
+            mode,
+            "--json",
+            "--max-tokens",
+            "4",
+        )
         assert result.exit_code == 0, result.output
         data = json.loads(result.stdout)
         assert data["task"] == "needle" and data["answer"] == "kite" and len(data["results"]) == 1
@@ -156,8 +227,9 @@ def test_prefix_reuse_between_prompts_answers_like_fresh_caches(stories):
 
     model, tokenizer = load(stories, selfextend=False)
     keys = passkey_keys(1, [700], [0.0, 0.5, 1.0], 2)
-    cells = build_cells([700], [0.0, 0.5, 1.0], 2,
-                        lambda n, d, t: passkey_prompt(tokenizer.encode, n, d, keys[(n, d)][t]))
+    cells = build_cells(
+        [700], [0.0, 0.5, 1.0], 2, lambda n, d, t: passkey_prompt(tokenizer.encode, n, d, keys[(n, d)][t])
+    )
     mode = Mode(SELFEXTEND, SelfExtendConfig(4, 64))
     use_mode(model, mode)
 

@@ -6,13 +6,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from selfextend_mlx.core.config import SelfExtendConfig
 from selfextend_mlx.errors import EvaluationError
 from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode, new_cache, use_mode
 from selfextend_mlx.evaluation.perplexity import bucket_edges, bucket_perplexity, perplexity_buckets, token_nll
 from selfextend_mlx.loading.load import load
-from conftest import shared_path
 
 PROBS = [0.5, 0.25, 0.125, 0.0625, 0.0625]
 

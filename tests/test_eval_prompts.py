@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from conftest import shared_path
 from tokenizers import Tokenizer
 
 from selfextend_mlx.errors import EvaluationError
@@ -17,7 +18,6 @@ from selfextend_mlx.evaluation.prompts import (
     split_sentences,
 )
 from selfextend_mlx.evaluation.retrieval import passkey_keys
-from conftest import shared_path
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,9 @@ def test_passkey_prompt_is_the_papers_format(encode):
     assert prompt.text.startswith(PASSKEY_INTRO + PASSKEY_FILLER)
     assert prompt.text.endswith(PASSKEY_FILLER + PASSKEY_QUESTION)
     assert prompt.text.count("The pass key is 31337. Remember it. 31337 is the pass key.\n") == 1
-    assert prompt.text[prompt.needle_char:].startswith("The pass key is 31337.")
+    assert prompt.text[prompt.needle_char :].startswith("The pass key is 31337.")
     # Nothing but whole filler lines around the key.
-    body = prompt.text[len(PASSKEY_INTRO): -len(PASSKEY_QUESTION)]
+    body = prompt.text[len(PASSKEY_INTRO) : -len(PASSKEY_QUESTION)]
     lines = body.splitlines(keepends=True)
     assert [line for line in lines if line != PASSKEY_FILLER] == [
         "The pass key is 31337. Remember it. 31337 is the pass key.\n"
@@ -96,7 +96,7 @@ def test_needle_prompt_hits_length_inserts_at_sentence_boundary(encode, depth):
     prompt = needle_prompt(encode, HAYSTACK, NEEDLE, "What is the secret ingredient?", "cardamom", 2048, depth)
     assert 0.98 * 2048 <= len(prompt.tokens) <= 2048
     assert prompt.text.count(NEEDLE) == 1
-    assert prompt.text[prompt.needle_char:].startswith(NEEDLE)
+    assert prompt.text[prompt.needle_char :].startswith(NEEDLE)
     before = prompt.text[: prompt.needle_char]
     assert before.endswith("\n\n") or re.search(r"[.!?][\"']?\s$", before)  # after the intro or a whole sentence
     assert prompt.text.rstrip().endswith("Question: What is the secret ingredient?\nAnswer:")

@@ -13,10 +13,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
+from tiny_models import FAMILY_CONFIGS, random_tokens, tiny_model
 
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache, remove_selfextend
 from selfextend_mlx.core.families import family_for
-from tiny_models import FAMILY_CONFIGS, random_tokens, tiny_model
 
 N = 80
 SETTINGS = [(2, 16), (3, 20), (4, 10)]  # (G, W); W=20 is not a multiple of G=3

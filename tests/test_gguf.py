@@ -17,8 +17,8 @@ from gguf_writer import dequantized, write_gguf
 from mlx_lm.models.llama import Model, ModelArgs
 
 from selfextend_mlx import load
-from selfextend_mlx.loading import gguf
 from selfextend_mlx.errors import SelfExtendError, UnsupportedModelError
+from selfextend_mlx.loading import gguf
 
 HF_TO_GGUF = {hf: g for g, hf in gguf._LAYER_NAMES.items()}
 
@@ -61,7 +61,10 @@ def stories_tokenizer_metadata(stories_dir) -> dict:
 
 
 def stories_weights(stories_dir) -> dict:
-    return {name: np.array(value, dtype=np.float32) for name, value in mx.load(str(stories_dir / "model.safetensors")).items()}
+    return {
+        name: np.array(value, dtype=np.float32)
+        for name, value in mx.load(str(stories_dir / "model.safetensors")).items()
+    }
 
 
 def tensor_kind(name: str, array: np.ndarray, kind: str) -> str:
@@ -85,7 +88,9 @@ def write_stories_gguf(path, stories_dir, kind: str, untied_head=None, drop=(), 
             layer, rest = stem[len("model.layers.") :].split(".", 1)
             name = f"blk.{layer}.{HF_TO_GGUF[rest]}.weight"
         else:
-            name = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[stem] + ".weight"
+            name = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[
+                stem
+            ] + ".weight"
         stored = array
         if hf.endswith("q_proj.weight"):
             stored = gguf.permute_rows(array, heads)
@@ -305,7 +310,9 @@ def test_smollm2_special_tokens_and_chat_template(smollm2_gguf):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
     assert tokenizer.eos_token_ids == {2}
     assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>") == [1, 4093, 198, 6004, 2]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert text.startswith("<|im_start|>system\n")
 

@@ -15,12 +15,12 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_model, quantize_model, save_model
 
 from selfextend_mlx import load, model_info
+from selfextend_mlx.core.patch import selfextend_config
+from selfextend_mlx.errors import ModelNotFoundError, SelfExtendError, SettingsError, UnsupportedModelError
 from selfextend_mlx.loading.blas import find_openblas, loaded_blas
 from selfextend_mlx.loading.device import describe_runtime, resolve_dtype
-from selfextend_mlx.errors import ModelNotFoundError, SelfExtendError, SettingsError, UnsupportedModelError
 from selfextend_mlx.loading.resolve import is_available_locally
 from selfextend_mlx.planning import max_length
-from selfextend_mlx.core.patch import selfextend_config
 
 TOKENS = [1, 403, 407, 261, 491, 300, 45, 275, 401, 260, 290, 88]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -7,8 +7,8 @@ import typer
 from typer.testing import CliRunner
 
 from selfextend_cli import models_cmd
-from selfextend_mlx.planning import ModelShape, Settings, kv_cache_bytes, max_length
 from selfextend_mlx.loading.registry import entries
+from selfextend_mlx.planning import ModelShape, Settings, kv_cache_bytes, max_length
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
+from tiny_models import COMMON, random_tokens, tiny_model
 
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache, remove_selfextend, selfextend_config
 from selfextend_mlx.errors import UnsupportedModelError
-from tiny_models import COMMON, random_tokens, tiny_model
 
 CONFIG = SelfExtendConfig(group_size=2, window=64)  # W above the inputs: must equal the plain model
 
@@ -49,7 +49,9 @@ def test_lora_adapters_keep_working_and_train():
 
     model = tiny_model("llama")
     model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
+    linear_to_lora_layers(
+        model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
+    )
     for layer in model.layers:  # non-zero adapters, so they change the output
         layer.self_attn.q_proj.lora_b = mx.random.normal(layer.self_attn.q_proj.lora_b.shape) * 0.1
     tokens = random_tokens(30)
@@ -67,8 +69,16 @@ def test_lora_adapters_keep_working_and_train():
 
 
 def test_unsupported_architecture_names_what_is_supported():
-    config = {**COMMON, "model_type": "gpt2", "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2,
-              "n_positions": 64, "layer_norm_epsilon": 1e-5}
+    config = {
+        **COMMON,
+        "model_type": "gpt2",
+        "n_ctx": 64,
+        "n_embd": 64,
+        "n_head": 4,
+        "n_layer": 2,
+        "n_positions": 64,
+        "layer_norm_epsilon": 1e-5,
+    }
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     with pytest.raises(UnsupportedModelError, match="supported: llama, mistral"):

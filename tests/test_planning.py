@@ -1,6 +1,7 @@
 """planning.py: each rule pinned by a table of cases (the one home of G/W, reach, KV bytes, memory)."""
 
 import pytest
+from tiny_models import random_tokens, tiny_model
 
 from selfextend_mlx import make_cache
 from selfextend_mlx.core.cache import cache_nbytes
@@ -29,7 +30,6 @@ from selfextend_mlx.planning import (
     parse_size,
     smallest_group_size,
 )
-from tiny_models import random_tokens, tiny_model
 
 UNKNOWN_4K = ModelLimits(4096)  # a model the registry does not know: W = 1024, G at most 16
 SMOLLM2 = ModelLimits(8192, effective_context=5120, group_size=4, window=1024, max_group_size=8)
@@ -42,13 +42,16 @@ def test_reach_formula():
         max_length(4096, 4, 4096)
 
 
-@pytest.mark.parametrize("context, window, tokens, expected", [
-    (4096, 1024, 4096, 1),  # fits
-    (4096, 1024, 4097, 2),
-    (4096, 1024, 7168, 2),  # exactly the reach of G=2
-    (4096, 1024, 7169, 3),
-    (5120, 1024, 10_000, 3),  # (5120 - 1024) * 3 + 1024 = 13312
-])
+@pytest.mark.parametrize(
+    "context, window, tokens, expected",
+    [
+        (4096, 1024, 4096, 1),  # fits
+        (4096, 1024, 4097, 2),
+        (4096, 1024, 7168, 2),  # exactly the reach of G=2
+        (4096, 1024, 7169, 3),
+        (5120, 1024, 10_000, 3),  # (5120 - 1024) * 3 + 1024 = 13312
+    ],
+)
 def test_smallest_group_size(context, window, tokens, expected):
     assert smallest_group_size(context, window, tokens) == expected
     assert max_length(context, expected, window) >= tokens
@@ -97,13 +100,16 @@ def test_registry_entries_feed_the_rule():
     assert choose_settings(llama2, 16_000).group_size == 5  # (4096 - 1024) * 5 + 1024 >= 16000
 
 
-@pytest.mark.parametrize("limits, tokens, given, message", [
-    (UNKNOWN_4K, 300_000, (None, None), "it would need G=98"),
-    (SMOLLM2, 60_000, (None, None), "N_max 58368, beyond this model's reach"),
-    (SMOLLM2, 1000, (None, 8192), "--window 8192 must be smaller than the model's trained context 8192"),
-    (SMOLLM2, 1000, (9, None), "--group-size 9 is above this model's largest useful G (8)"),
-    (SMOLLM2, 1000, (0, None), "--group-size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "limits, tokens, given, message",
+    [
+        (UNKNOWN_4K, 300_000, (None, None), "it would need G=98"),
+        (SMOLLM2, 60_000, (None, None), "N_max 58368, beyond this model's reach"),
+        (SMOLLM2, 1000, (None, 8192), "--window 8192 must be smaller than the model's trained context 8192"),
+        (SMOLLM2, 1000, (9, None), "--group-size 9 is above this model's largest useful G (8)"),
+        (SMOLLM2, 1000, (0, None), "--group-size must be a positive integer"),
+    ],
+)
 def test_settings_refusals(limits, tokens, given, message):
     with pytest.raises(SelfExtendError, match=message.replace("(", r"\(").replace(")", r"\)")):
         choose_settings(limits, tokens, group_size=given[0], window=given[1])
@@ -117,13 +123,16 @@ def test_too_long_names_the_numbers():
     assert "G=16, the most this model allows" in message and "it would need G=26" in message
 
 
-@pytest.mark.parametrize("task, tokens, expected", [
-    ("ask", 58_368, FULL),
-    ("summarize", 58_368, FULL),
-    ("chat", 58_368, FULL),
-    ("ask", 58_369, RETRIEVAL),
-    ("summarize", 250_000, MAP_REDUCE),
-])
+@pytest.mark.parametrize(
+    "task, tokens, expected",
+    [
+        ("ask", 58_368, FULL),
+        ("summarize", 58_368, FULL),
+        ("chat", 58_368, FULL),
+        ("ask", 58_369, RETRIEVAL),
+        ("summarize", 250_000, MAP_REDUCE),
+    ],
+)
 def test_strategy_past_the_largest_reach(task, tokens, expected):
     assert largest_reach(SMOLLM2) == 58_368
     assert choose_strategy(task, SMOLLM2, tokens) == expected
@@ -134,12 +143,15 @@ def test_a_chat_past_the_largest_reach_points_to_ask_and_summarize():
         choose_strategy("chat", SMOLLM2, 70_000)
 
 
-@pytest.mark.parametrize("name, settings, tokens", [
-    ("llama", Settings(1, 16, FITS, 64), 50),  # plain: mlx-lm's KVCache
-    ("llama", Settings(2, 16, EXTENDS, 112), 100),
-    ("llama", Settings(4, 24, EXTENDS, 184), 700),
-    ("qwen3", Settings(3, 20, EXTENDS, 152), 300),
-])
+@pytest.mark.parametrize(
+    "name, settings, tokens",
+    [
+        ("llama", Settings(1, 16, FITS, 64), 50),  # plain: mlx-lm's KVCache
+        ("llama", Settings(2, 16, EXTENDS, 112), 100),
+        ("llama", Settings(4, 24, EXTENDS, 184), 700),
+        ("qwen3", Settings(3, 20, EXTENDS, 152), 300),
+    ],
+)
 def test_kv_bytes_match_the_real_cache(name, settings, tokens):
     model = tiny_model(name)
     use_selfextend(model, settings.config())

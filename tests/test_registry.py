@@ -31,14 +31,30 @@ PAPER = {
     "Gemma-7b-it": (8192, (8, 8), 1024),
 }
 ALSO_REQUIRED = [
-    "Mistral-7B-Instruct-v0.2", "Phi-3-mini-4k-instruct", "Gemma-2-2b-it", "Gemma-2-9b-it",
-    "TinyLlama-1.1B-Chat", "SmolLM-135M-Instruct", "SmolLM2-135M-Instruct", "Qwen1.5-0.5B-Chat",
-    "Qwen2-0.5B-Instruct", "Qwen2.5-0.5B-Instruct",
+    "Mistral-7B-Instruct-v0.2",
+    "Phi-3-mini-4k-instruct",
+    "Gemma-2-2b-it",
+    "Gemma-2-9b-it",
+    "TinyLlama-1.1B-Chat",
+    "SmolLM-135M-Instruct",
+    "SmolLM2-135M-Instruct",
+    "Qwen1.5-0.5B-Chat",
+    "Qwen2-0.5B-Instruct",
+    "Qwen2.5-0.5B-Instruct",
 ]
 
 ENTRY = dict(
-    name="m", repo="o/m", family="llama", trained_context=4096, group_size=4, window=1024,
-    max_group_size=16, layers=2, kv_heads=2, head_dim=8, notes="n",
+    name="m",
+    repo="o/m",
+    family="llama",
+    trained_context=4096,
+    group_size=4,
+    window=1024,
+    max_group_size=16,
+    layers=2,
+    kv_heads=2,
+    head_dim=8,
+    notes="n",
 )
 
 

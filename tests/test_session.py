@@ -4,21 +4,20 @@ planning, multi-turn cache reuse, the document cache and interrupts."""
 from pathlib import Path
 
 import pytest
+from conftest import shared_path
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
-from conftest import shared_path
-from selfextend_mlx import SelfExtendConfig
-from selfextend_mlx.core.cache import cache_nbytes
 from selfextend_mlx.app.doccache import DocumentCache
 from selfextend_mlx.app.documents import Document
-from selfextend_mlx.errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
-from selfextend_mlx.loading.load import load
 from selfextend_mlx.app.generation import Sampling
 from selfextend_mlx.app.prompts import PromptFormat, common_prefix_length
 from selfextend_mlx.app.session import Session, SessionOptions
+from selfextend_mlx.core.cache import cache_nbytes
 from selfextend_mlx.core.patch import selfextend_config
+from selfextend_mlx.errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
+from selfextend_mlx.loading.load import load
 from selfextend_mlx.planning import ENV_MAX_MEMORY, estimate_memory, max_length
 
 CHATML = (
@@ -77,7 +76,9 @@ def test_documents_are_a_stable_prefix_of_every_chat_prompt(stories, template):
     for turns in ([], [("Who?", "Tom.")]):
         session.history = list(turns)
         text = session.format.render(session.documents_text, turns, "What color?")
-        assert text.startswith(session.prefix_text) and text.endswith("What color?\n" + text.rsplit("What color?\n", 1)[1])
+        assert text.startswith(session.prefix_text) and text.endswith(
+            "What color?\n" + text.rsplit("What color?\n", 1)[1]
+        )
         tokens = session.prompt_tokens("What color?")
         assert tokens[: len(session.prefix_tokens)] == session.prefix_tokens
         assert tokenizer.decode(tokens).replace("<s>", "").strip().startswith(text.strip()[:10])
@@ -86,9 +87,13 @@ def test_documents_are_a_stable_prefix_of_every_chat_prompt(stories, template):
 def test_template_without_stable_prefix_disables_document_reuse(stories):
     model, tokenizer = stories
     notices = []
-    session = Session(model, with_template(tokenizer, QUESTION_FIRST), [doc("Tom has a red ball.")], notice=notices.append)
+    session = Session(
+        model, with_template(tokenizer, QUESTION_FIRST), [doc("Tom has a red ball.")], notice=notices.append
+    )
     assert session.prefix_text is None and session.prefix_tokens == []
-    assert notices == ["the chat template puts the question before the documents end: the document prefill is not reused"]
+    assert notices == [
+        "the chat template puts the question before the documents end: the document prefill is not reused"
+    ]
     answer = session.ask("What does Tom have?", Sampling(max_tokens=4))
     assert answer.prefilled_tokens == answer.prompt_tokens and session.document_source == "none"
 
@@ -159,7 +164,9 @@ def test_memory_estimate_tracks_the_real_cache(stories, story_text):
 def test_memory_beyond_the_machine_is_refused_before_prefill(stories, monkeypatch):
     model, tokenizer = stories
     monkeypatch.setenv(ENV_MAX_MEMORY, "2MB")
-    with pytest.raises(InsufficientMemoryError, match=r"^not enough memory: this run needs about .* and the machine has 2.0 MB"):
+    with pytest.raises(
+        InsufficientMemoryError, match=r"^not enough memory: this run needs about .* and the machine has 2.0 MB"
+    ):
         Session(model, tokenizer, [doc("Tom has a red ball.")])
 
 
@@ -168,7 +175,9 @@ def test_memory_beyond_the_machine_is_refused_before_prefill(stories, monkeypatc
 
 def fresh_answer(model, tokenizer, documents, history, question, max_tokens):
     """The answer a new session gives for the same conversation, prefilled in one go."""
-    session = Session(model, tokenizer, documents, options=SessionOptions(max_tokens=max_tokens, prefill_step_size=4096))
+    session = Session(
+        model, tokenizer, documents, options=SessionOptions(max_tokens=max_tokens, prefill_step_size=4096)
+    )
     session.history = list(history)
     return session.ask(question, Sampling(max_tokens=max_tokens)).text
 
@@ -180,7 +189,11 @@ def test_second_turn_prefills_only_its_own_tokens_and_answers_as_a_fresh_session
     assert session.plan.prompt_tokens > 512 and session.plan.config.group_size > 1
     first = session.ask("Who went to the park?", Sampling(max_tokens=16))
     assert first.prefilled_tokens == first.prompt_tokens  # document and question
-    assert session.cache[0].offset == len(session.cache_tokens) == first.prompt_tokens + first.generation_tokens + (first.finish_reason == "stop")
+    assert (
+        session.cache[0].offset
+        == len(session.cache_tokens)
+        == first.prompt_tokens + first.generation_tokens + (first.finish_reason == "stop")
+    )
 
     second_tokens = session.prompt_tokens("What did they eat?")
     second = session.ask("What did they eat?", Sampling(max_tokens=16))
@@ -228,7 +241,9 @@ def test_interrupted_answer_keeps_cache_and_conversation_consistent(stories, sto
 
 def test_conversation_past_the_reach_is_refused(stories):
     model, tokenizer = stories
-    session = Session(model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(max_tokens=8, group_size=1))
+    session = Session(
+        model, tokenizer, [doc("Tom has a red ball.")], options=SessionOptions(max_tokens=8, group_size=1)
+    )
     with pytest.raises(InputTooLongError, match=r"^too long: \d+ prompt tokens \+ 8 answer tokens = \d+ > N_max 512"):
         session.ask("word " * 600)
 
@@ -236,8 +251,9 @@ def test_conversation_past_the_reach_is_refused(stories):
 def test_a_chat_that_outgrows_its_plan_replans_and_answers_every_turn(stories, story_text):
     model, tokenizer = stories
     notices = []
-    session = Session(model, tokenizer, [doc(story_text[:600])], options=SessionOptions(max_tokens=24),
-                      notice=notices.append)
+    session = Session(
+        model, tokenizer, [doc(story_text[:600])], options=SessionOptions(max_tokens=24), notice=notices.append
+    )
     assert session.plan.settings.plain  # the document and a question fit the 512-token context
     questions = ["What happened next in the story? Tell me about the park and the dog. " * 4] * 6
     group_sizes = []
@@ -252,8 +268,14 @@ def test_a_chat_that_outgrows_its_plan_replans_and_answers_every_turn(stories, s
     # After re-planning, the answer is what a fresh session with those settings gives.
     last_q = "Who was in the park?"
     answer = session.ask(last_q, Sampling(max_tokens=12))
-    fresh = Session(model, tokenizer, session.documents, options=SessionOptions(
-        max_tokens=12, group_size=session.plan.settings.group_size, window=session.plan.settings.window))
+    fresh = Session(
+        model,
+        tokenizer,
+        session.documents,
+        options=SessionOptions(
+            max_tokens=12, group_size=session.plan.settings.group_size, window=session.plan.settings.window
+        ),
+    )
     fresh.history = session.history[:-1]
     assert answer.text == fresh.ask(last_q, Sampling(max_tokens=12)).text
 
@@ -303,12 +325,23 @@ def test_quantized_kv_cache_session(stories, tmp_path):
     from selfextend_mlx.planning import ModelLimits
 
     _, tokenizer = stories
-    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
-                           vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=128,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     model = llama.Model(args)
-    model.model_info = ModelInfo(model_id="tiny-random", family="llama", limits=ModelLimits(256),
-                                 shape=model_shape(vars(args)))
+    model.model_info = ModelInfo(
+        model_id="tiny-random", family="llama", limits=ModelLimits(256), shape=model_shape(vars(args))
+    )
     documents = [doc("Tom has a red ball. Lily has a blue kite. " * 15)]  # ~400 tokens: beyond 256
     options = SessionOptions(max_tokens=6, kv_bits=8)
     session = Session(model, tokenizer, documents, options=options, doc_cache=DocumentCache(tmp_path))

@@ -4,10 +4,10 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from conftest import shared_path
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model, load_tokenizer
 
-from conftest import shared_path
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache
 
 BUCKETS = [(0, 512), (512, 1024), (1024, 2048), (2048, 4096)]

@@ -22,7 +22,10 @@ FAMILY_CONFIGS = {
         model_type="llama",
         rope_theta=500000.0,
         rope_scaling=dict(
-            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
             original_max_position_embeddings=32,
         ),
     ),
@@ -34,8 +37,13 @@ FAMILY_CONFIGS = {
     "gemma": dict(model_type="gemma", head_dim=16),
     "gemma2": dict(model_type="gemma2", head_dim=16, attn_logit_softcapping=3.0, query_pre_attn_scalar=16.0),
     "gemma3_text": dict(
-        model_type="gemma3_text", head_dim=16, num_hidden_layers=4, sliding_window=8,
-        sliding_window_pattern=2, query_pre_attn_scalar=16.0, rope_local_base_freq=10000.0,
+        model_type="gemma3_text",
+        head_dim=16,
+        num_hidden_layers=4,
+        sliding_window=8,
+        sliding_window_pattern=2,
+        query_pre_attn_scalar=16.0,
+        rope_local_base_freq=10000.0,
     ),
 }
 

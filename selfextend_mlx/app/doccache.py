@@ -10,9 +10,10 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from ..core.cache import load_cache, save_cache
 from ..core.config import SelfExtendConfig
@@ -38,7 +39,9 @@ def cache_key(model_id: str, settings, kv_bits: Optional[int], tokens: Sequence[
     attention, whatever W."""
     window = 0 if settings.group_size == 1 else settings.window
     digest = hashlib.sha256()
-    header = f"selfextend-doccache/{STORE_FORMAT_VERSION}\0{model_id}\0G={settings.group_size}\0W={window}\0kv={kv_bits}\0"
+    header = (
+        f"selfextend-doccache/{STORE_FORMAT_VERSION}\0{model_id}\0G={settings.group_size}\0W={window}\0kv={kv_bits}\0"
+    )
     digest.update(header.encode())
     digest.update(struct.pack(f"<{len(tokens)}q", *tokens))
     return digest.hexdigest()

@@ -7,10 +7,11 @@ DocumentError with a one-line message naming the file.
 import io
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO, Optional
 
 from ..errors import DocumentError
 
@@ -90,7 +91,9 @@ def decode_text(name: str, data: bytes) -> str:
             try:
                 return _normalize_newlines(data.decode(encoding))
             except UnicodeDecodeError:
-                raise DocumentError(f"{name} starts with a {encoding} byte-order mark but is not valid {encoding}") from None
+                raise DocumentError(
+                    f"{name} starts with a {encoding} byte-order mark but is not valid {encoding}"
+                ) from None
     if b"\x00" in data:
         raise DocumentError(f"{name} looks like a binary file, not text (it contains NUL bytes)")
     try:
@@ -133,8 +136,32 @@ def _looks_like_html(text: str) -> bool:
 
 # Elements whose end starts a new line in the extracted text.
 _BLOCKS = {
-    "p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer",
-    "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "title", "dd", "dt", "hr", "main", "nav",
+    "p",
+    "div",
+    "br",
+    "li",
+    "ul",
+    "ol",
+    "tr",
+    "table",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "pre",
+    "blockquote",
+    "title",
+    "dd",
+    "dt",
+    "hr",
+    "main",
+    "nav",
 }
 _SKIPPED = {"script", "style", "noscript", "template", "svg"}
 

@@ -2,11 +2,12 @@
 template (or plain Question:/Answer: lines for models without one), laid out so the system
 text and documents form a stable token prefix that can be prefilled once and reused."""
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..errors import SelfExtendError
 
-_SENTINEL = "\uE000QUESTION\uE000"  # a private-use marker no document or template contains
+_SENTINEL = "\ue000QUESTION\ue000"  # a private-use marker no document or template contains
 
 
 class PromptFormat:
@@ -23,7 +24,11 @@ class PromptFormat:
         self._system_role = True
 
     def render(self, documents: str, turns: Sequence[tuple[str, str]], question: str) -> str:
-        return self._render_chat(documents, turns, question) if self.chat else self._render_plain(documents, turns, question)
+        return (
+            self._render_chat(documents, turns, question)
+            if self.chat
+            else self._render_plain(documents, turns, question)
+        )
 
     def _render_plain(self, documents, turns, question):
         parts = [part for part in (self.system, documents) if part]

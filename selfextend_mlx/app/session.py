@@ -14,8 +14,9 @@ summarize, generate and the server.
 """
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -101,8 +102,15 @@ class Session:
     def _plan_for(self, tokens: int, prompt: int, **overrides):
         options = self.options
         settings = dict(group_size=options.group_size, window=options.window, **overrides)
-        return plan_run(self.info, tokens, prompt_tokens=prompt, max_tokens=options.max_tokens, kv_bits=options.kv_bits,
-                        prefill_step=options.prefill_step_size, **settings)
+        return plan_run(
+            self.info,
+            tokens,
+            prompt_tokens=prompt,
+            max_tokens=options.max_tokens,
+            kv_bits=options.kv_bits,
+            prefill_step=options.prefill_step_size,
+            **settings,
+        )
 
     def _activate(self) -> None:
         """Put the shared model in this session's attention mode."""
@@ -131,8 +139,12 @@ class Session:
             return self.document_source
         self._activate()
         if self.prefix_tokens and self.doc_cache is not None:
-            cache = self.doc_cache.load(self._document_key(), model_id=self.info.model_id, config=self.plan.config,
-                                        tokens=len(self.prefix_tokens))
+            cache = self.doc_cache.load(
+                self._document_key(),
+                model_id=self.info.model_id,
+                config=self.plan.config,
+                tokens=len(self.prefix_tokens),
+            )
             if cache is not None:
                 self.cache, self.cache_tokens, self.document_source = cache, list(self.prefix_tokens), "cache"
                 return self.document_source
@@ -204,8 +216,10 @@ class Session:
                 "shorten the question or lower --max-tokens"
             )
         if dropped:
-            self.notice(f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to stay within the reach of "
-                        f"{self.plan.settings.describe()} ({self.plan.max_length:,} tokens); the documents stay")
+            self.notice(
+                f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to stay within the reach of "
+                f"{self.plan.settings.describe()} ({self.plan.max_length:,} tokens); the documents stay"
+            )
         return tokens
 
     def _estimate(self, tokens: int) -> str:
@@ -316,4 +330,3 @@ class Session:
     @property
     def conversation_tokens(self) -> int:
         return len(self.cache_tokens)
-

@@ -83,13 +83,14 @@ def rotate_queries_and_keys(rope, q: mx.array, k: mx.array, start: int, config: 
     Hkv = k.shape[1]
     positions = np.arange(start, start + L, dtype=np.int32)
     grouped = positions // config.group_size
-    per_batch = [np.tile(p, h) for p, h in ((positions, Hq), (grouped + config.shift, Hq), (positions, Hkv), (grouped, Hkv))]
+    per_batch = [
+        np.tile(p, h) for p, h in ((positions, Hq), (grouped + config.shift, Hq), (positions, Hkv), (grouped, Hkv))
+    ]
     offsets = mx.array(np.tile(np.concatenate(per_batch), B))
     rows = mx.concatenate([q, q, k, k], axis=1)
     rotated = rope(rows.reshape(-1, 1, 1, D), offset=offsets).reshape(rows.shape)
     cuts = (Hq, 2 * Hq, 2 * Hq + Hkv)
-    return (rotated[:, : cuts[0]], rotated[:, cuts[0] : cuts[1]], rotated[:, cuts[1] : cuts[2]],
-            rotated[:, cuts[2] :])
+    return (rotated[:, : cuts[0]], rotated[:, cuts[0] : cuts[1]], rotated[:, cuts[1] : cuts[2]], rotated[:, cuts[2] :])
 
 
 # Keys and values are plain arrays, or (packed, scales, biases) triples in a quantized cache.
@@ -224,17 +225,28 @@ def _attend_chunk_fused(qn, qg, *, a: int, b: int, kv: CachedKV, config: SelfExt
     queries = mx.arange(a, b)[:, None]
     band = mx.arange(grouped_end, neighbor_begin)[None]
     near = mx.arange(neighbor_begin, b)[None]
-    keys = [grouped(0, grouped_end), neighbor(grouped_end, neighbor_begin), grouped(grouped_end, neighbor_begin),
-            neighbor(neighbor_begin, b)]
-    vals = [values[..., :grouped_end, :], values[..., grouped_end:neighbor_begin, :],
-            values[..., grouped_end:neighbor_begin, :], values[..., neighbor_begin:b, :]]
+    keys = [
+        grouped(0, grouped_end),
+        neighbor(grouped_end, neighbor_begin),
+        grouped(grouped_end, neighbor_begin),
+        neighbor(neighbor_begin, b),
+    ]
+    vals = [
+        values[..., :grouped_end, :],
+        values[..., grouped_end:neighbor_begin, :],
+        values[..., grouped_end:neighbor_begin, :],
+        values[..., neighbor_begin:b, :],
+    ]
     d_band = queries - band
-    mask = mx.concatenate([
-        mx.ones((b - a, grouped_end), dtype=mx.bool_),
-        (d_band >= 0) & (d_band < W),
-        d_band >= W,
-        queries >= near,
-    ], axis=-1)
+    mask = mx.concatenate(
+        [
+            mx.ones((b - a, grouped_end), dtype=mx.bool_),
+            (d_band >= 0) & (d_band < W),
+            d_band >= W,
+            queries >= near,
+        ],
+        axis=-1,
+    )
     q = mx.concatenate([qn, qg], axis=-1)
     return mx.fast.scaled_dot_product_attention(
         q, mx.concatenate(keys, axis=2), mx.concatenate(vals, axis=2), scale=1.0, mask=mask
@@ -274,8 +286,9 @@ def selfextend_attention(
         return mx.fast.scaled_dot_product_attention(q_neighbor, kv.neighbor_keys, kv.values, scale=1.0, mask=mask)
 
     if quant is None and _use_metal(config, L):
-        return selfextend_kernel_attention(q_neighbor, q_grouped, kv, q_start=q_start, window=config.window,
-                                           scale=1.0, softcap=softcap)
+        return selfextend_kernel_attention(
+            q_neighbor, q_grouped, kv, q_start=q_start, window=config.window, scale=1.0, softcap=softcap
+        )
 
     fused = L > 1 and quant is None and softcap is None and _use_fused(config)
     outputs = []

@@ -19,11 +19,11 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import _BaseCache, create_attention_mask, load_prompt_cache, save_prompt_cache
 
+from ..errors import CacheMismatchError
 from .attention import CachedKV, rotate_further, seq_length, seq_slice
 from .config import SelfExtendConfig
-from ..errors import CacheMismatchError
 
 CACHE_FORMAT_VERSION = "2"
 # Version 1 held grouped keys for every position: a superset of what version 2 needs.
@@ -201,8 +201,15 @@ class SelfExtendKVCache(_BaseCache):
     @property
     def state(self):
         window = self.neighbor_keys[..., : self.neighbor_length, :]
-        return (seq_prefix(self.keys, self.grouped_length), seq_prefix(self.values, self.offset), window,
-                self.offset, self.neighbor_start, self.config.group_size, self.config.window)
+        return (
+            seq_prefix(self.keys, self.grouped_length),
+            seq_prefix(self.values, self.offset),
+            window,
+            self.offset,
+            self.neighbor_start,
+            self.config.group_size,
+            self.config.window,
+        )
 
     @state.setter
     def state(self, value):
@@ -287,8 +294,9 @@ def _made_with(config: Optional[SelfExtendConfig]) -> tuple:
     return ("1", "0") if config is None else (str(config.group_size), str(config.window))
 
 
-def save_cache(path, cache: list, *, model_id: str, config: Optional[SelfExtendConfig],
-               metadata: Optional[dict] = None):
+def save_cache(
+    path, cache: list, *, model_id: str, config: Optional[SelfExtendConfig], metadata: Optional[dict] = None
+):
     """Write a prompt cache atomically (a temp file in the same folder, then a rename), with
     the model id, G, W (config None: plain attention) and format version it was made with."""
     path = Path(path)

@@ -10,8 +10,6 @@ The plain-MLX path in attention.py is the reference: `selfextend selftest` compa
 on the user's machine. Where Metal is absent (Linux, CI), this kernel never runs.
 """
 
-import time
-
 import mlx.core as mx
 
 SIMD_WIDTH = 32

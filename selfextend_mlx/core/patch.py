@@ -9,14 +9,13 @@ from functools import partial
 from typing import Optional
 
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import Llama3RoPE, SuScaledRoPE, YarnRoPE
 
+from ..errors import UnsupportedModelError
 from .attention import CachedKV, rotate_queries_and_keys, selfextend_attention
-from mlx_lm.models.cache import KVCache
-
 from .cache import QuantizedSelfExtendKVCache, SelfExtendKVCache, is_selfextend_cache
 from .config import SelfExtendConfig
-from ..errors import UnsupportedModelError
 from .families import SUPPORTED, family_for
 
 # Ropes whose angle is position x fixed frequencies: these can be evaluated at any position.

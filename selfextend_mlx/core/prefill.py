@@ -2,7 +2,8 @@
 the session, the evaluations and the benchmark share."""
 
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import mlx.core as mx
 

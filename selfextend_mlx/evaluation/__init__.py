@@ -10,8 +10,21 @@ from .prompts import RetrievalPrompt, answer_found, needle_prompt, passkey_promp
 from .retrieval import Cell, build_cells, passkey_keys, run_cells
 
 __all__ = [
-    "PLAIN", "SELFEXTEND", "Mode", "use_mode",
-    "Bucket", "bucket_edges", "bucket_perplexity", "perplexity_buckets", "token_nll",
-    "RetrievalPrompt", "answer_found", "needle_prompt", "passkey_prompt",
-    "Cell", "build_cells", "passkey_keys", "run_cells",
+    "PLAIN",
+    "SELFEXTEND",
+    "Mode",
+    "use_mode",
+    "Bucket",
+    "bucket_edges",
+    "bucket_perplexity",
+    "perplexity_buckets",
+    "token_nll",
+    "RetrievalPrompt",
+    "answer_found",
+    "needle_prompt",
+    "passkey_prompt",
+    "Cell",
+    "build_cells",
+    "passkey_keys",
+    "run_cells",
 ]

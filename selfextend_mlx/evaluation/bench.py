@@ -15,7 +15,14 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from ..core.attention import rope_at, rope_grouped
 from ..core.cache import cache_nbytes
 from ..core.config import SelfExtendConfig
-from ..core.patch import apply_selfextend, make_cache, remove_selfextend, selfextend_config, swap_attention, use_selfextend
+from ..core.patch import (
+    apply_selfextend,
+    make_cache,
+    remove_selfextend,
+    selfextend_config,
+    swap_attention,
+    use_selfextend,
+)
 from ..core.prefill import prefill
 
 MODES = ("plain", "selfextend", "reference")
@@ -98,8 +105,17 @@ def _prefill(model, tokens, cache, step, resident: int):
     return seconds, int(mx.get_peak_memory()) - others, mx.argmax(logits).reshape(1, 1)
 
 
-def run_bench(model, tokens: mx.array, lengths, config: SelfExtendConfig, modes=MODES, decode_steps=16,
-              prefill_step=512, repeats=1, on_row=None):
+def run_bench(
+    model,
+    tokens: mx.array,
+    lengths,
+    config: SelfExtendConfig,
+    modes=MODES,
+    decode_steps=16,
+    prefill_step=512,
+    repeats=1,
+    on_row=None,
+):
     """Measure every mode at every length, in one process on the same tokens.
 
     Prefill runs `repeats` times per mode (modes alternating) and keeps the fastest. Decode
@@ -127,7 +143,7 @@ def run_bench(model, tokens: mx.array, lengths, config: SelfExtendConfig, modes=
                     caches[mode], next_token[mode] = cache, y
             step_times = {mode: [] for mode in modes}
             for step in range(decode_steps + 1):  # step 0 warms up
-                order = modes[step % len(modes):] + modes[: step % len(modes)]
+                order = modes[step % len(modes) :] + modes[: step % len(modes)]
                 for mode in order:
                     _use_mode(model, mode, config)
                     start = time.perf_counter()

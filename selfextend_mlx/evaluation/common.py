@@ -2,8 +2,9 @@
 fresh caches and greedy decoding."""
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import mlx.core as mx
 
@@ -84,8 +85,15 @@ def new_cache(model, kv_bits: Optional[int] = None) -> list:
     return make_cache(model, kv_bits=kv_bits, kv_group_size=kv_group_size(head_dim, kv_bits))
 
 
-def greedy_generate(model, prompt: Sequence[int], cache: list, max_tokens: int, chunk_size: int,
-                    stop_ids: Sequence[int] = (), on_progress: Optional[Callable[[int], None]] = None) -> list[int]:
+def greedy_generate(
+    model,
+    prompt: Sequence[int],
+    cache: list,
+    max_tokens: int,
+    chunk_size: int,
+    stop_ids: Sequence[int] = (),
+    on_progress: Optional[Callable[[int], None]] = None,
+) -> list[int]:
     """Greedy decoding: the paper's passkey protocol (no sampling, so runs repeat exactly)."""
     if not prompt:
         raise EvaluationError("nothing to feed: the prompt is empty")

@@ -1,14 +1,15 @@
 """Perplexity by position bucket of one long text, scored chunk by chunk through the cache."""
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 
-from ..errors import EvaluationError
 from ..core.prefill import prefill
+from ..errors import EvaluationError
 from .common import chunk_progress, new_cache
 
 DEFAULT_CHUNK = 512
@@ -28,8 +29,13 @@ class Bucket:
         return math.exp(self.nll_sum / self.count) if self.count else float("nan")
 
 
-def token_nll(model, tokens: Sequence[int], cache: list, chunk_size: int = DEFAULT_CHUNK,
-              on_chunk: Optional[Callable[[int], None]] = None) -> np.ndarray:
+def token_nll(
+    model,
+    tokens: Sequence[int],
+    cache: list,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: Optional[Callable[[int], None]] = None,
+) -> np.ndarray:
     """NLL of tokens[1:] given everything before them; entry t-1 belongs to target position t.
 
     Memory stays at one chunk's logits: each chunk is scored as soon as it is computed.
@@ -40,11 +46,11 @@ def token_nll(model, tokens: Sequence[int], cache: list, chunk_size: int = DEFAU
     targets = mx.array(list(tokens[1:]))
 
     def score(start: int, logits: mx.array):
-        chunk_targets = targets[start:start + logits.shape[0]]
+        chunk_targets = targets[start : start + logits.shape[0]]
         logits = logits.astype(mx.float32)
         picked = mx.take_along_axis(logits, chunk_targets[:, None], axis=-1)[:, 0]
         values = mx.logsumexp(logits, axis=-1) - picked
-        nll[start:start + logits.shape[0]] = np.array(values, dtype=np.float64)
+        nll[start : start + logits.shape[0]] = np.array(values, dtype=np.float64)
 
     # The last token is only ever a target, never an input.
     progress = None if on_chunk is None else chunk_progress(on_chunk)
@@ -76,14 +82,19 @@ def bucket_perplexity(nll: np.ndarray, ranges: Sequence[tuple[int, int]]) -> lis
     """Group per-target NLLs into position buckets (position 0 is never a target)."""
     buckets = []
     for start, end in ranges:
-        values = nll[max(start, 1) - 1:end - 1]
+        values = nll[max(start, 1) - 1 : end - 1]
         buckets.append(Bucket(start, end, float(values.sum()), int(values.size)))
     return buckets
 
 
-def perplexity_buckets(model, tokens: Sequence[int], ranges: Sequence[tuple[int, int]],
-                       kv_bits: Optional[int] = None, chunk_size: int = DEFAULT_CHUNK,
-                       on_chunk: Optional[Callable[[int], None]] = None) -> list[Bucket]:
+def perplexity_buckets(
+    model,
+    tokens: Sequence[int],
+    ranges: Sequence[tuple[int, int]],
+    kv_bits: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: Optional[Callable[[int], None]] = None,
+) -> list[Bucket]:
     """Score `tokens` with a fresh cache (SelfExtend or plain, as the model is now)."""
     nll = token_nll(model, tokens, new_cache(model, kv_bits), chunk_size, on_chunk)
     return bucket_perplexity(nll, ranges)

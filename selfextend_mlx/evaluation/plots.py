@@ -2,8 +2,9 @@
 
 import math
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import matplotlib
 
@@ -35,8 +36,13 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_perplexity(series: Mapping[str, Sequence[Mapping]], path, trained_context: Optional[int] = None,
-                    title: str = "Perplexity by position", size=DEFAULT_SIZE) -> Path:
+def plot_perplexity(
+    series: Mapping[str, Sequence[Mapping]],
+    path,
+    trained_context: Optional[int] = None,
+    title: str = "Perplexity by position",
+    size=DEFAULT_SIZE,
+) -> Path:
     """One curve per label; each bucket ({'start', 'end', 'ppl'}) drawn flat over its range."""
     fig, axes = _figure(size)
     ax = axes[0][0]
@@ -59,21 +65,30 @@ def plot_perplexity(series: Mapping[str, Sequence[Mapping]], path, trained_conte
     return _save(fig, path)
 
 
-def plot_accuracy_grid(panels: Mapping[str, Mapping], path, title: str = "Retrieval accuracy",
-                       size=DEFAULT_SIZE) -> Path:
+def plot_accuracy_grid(
+    panels: Mapping[str, Mapping], path, title: str = "Retrieval accuracy", size=DEFAULT_SIZE
+) -> Path:
     """A depth x length heatmap per panel; panel = {'lengths', 'depths', 'correct', 'trials'} (grids by depth row)."""
     fig, axes = _figure(size, ncols=len(panels))
     image = None
     fig.subplots_adjust(top=0.82, wspace=0.25)
     for index, (ax, (label, panel)) in enumerate(zip(axes[0], panels.items())):
         lengths, depths = panel["lengths"], panel["depths"]
-        grid = [[c / t if t else float("nan") for c, t in zip(crow, trow)]
-                for crow, trow in zip(panel["correct"], panel["trials"])]
+        grid = [
+            [c / t if t else float("nan") for c, t in zip(crow, trow)]
+            for crow, trow in zip(panel["correct"], panel["trials"])
+        ]
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
-        for row, depth in enumerate(depths):
+        for row in range(len(depths)):
             for col, _ in enumerate(lengths):
-                ax.text(col, row, f"{panel['correct'][row][col]}/{panel['trials'][row][col]}",
-                        ha="center", va="center", fontsize=8)
+                ax.text(
+                    col,
+                    row,
+                    f"{panel['correct'][row][col]}/{panel['trials'][row][col]}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                )
         ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("prompt length (tokens)")

@@ -5,8 +5,8 @@ uses the user's own text, split at sentence boundaries so the needle never cuts 
 """
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from ..errors import EvaluationError
 
@@ -23,9 +23,7 @@ NEEDLE_QUESTION = "\n\nQuestion: {question}\nAnswer:"
 
 # Sentence ends: . ! ? (maybe closing a quote or bracket), whitespace, then what starts a
 # sentence (a capital or digit, maybe after an opening quote) - so `"Who?" he asked` stays whole.
-_SENTENCE_END = re.compile(
-    r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])"
-)
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
 
 Encoder = Callable[[str], list]
 
@@ -39,8 +37,16 @@ class RetrievalPrompt:
     needle_char: int  # where the needle starts in `text`
 
 
-def fit_prompt(encode: Encoder, intro: str, units: Sequence[str], needle: str, question: str,
-               length: int, depth: float, answer: str) -> RetrievalPrompt:
+def fit_prompt(
+    encode: Encoder,
+    intro: str,
+    units: Sequence[str],
+    needle: str,
+    question: str,
+    length: int,
+    depth: float,
+    answer: str,
+) -> RetrievalPrompt:
     """The longest prompt of whole filler units (cycled) that is at most `length` tokens.
 
     The needle goes after round(depth * n) of the n units, so depth 0 is right after the
@@ -61,8 +67,9 @@ def fit_prompt(encode: Encoder, intro: str, units: Sequence[str], needle: str, q
         return len(encode(build(n)[0]))
 
     if size(0) > length:
-        raise EvaluationError(f"{length} tokens is too short for the prompt's intro, needle and question "
-                              f"({size(0)} tokens)")
+        raise EvaluationError(
+            f"{length} tokens is too short for the prompt's intro, needle and question ({size(0)} tokens)"
+        )
     # Grow an upper bound, then binary search for the largest n that fits.
     low, high = 0, 1
     while size(high) <= length:
@@ -78,23 +85,32 @@ def fit_prompt(encode: Encoder, intro: str, units: Sequence[str], needle: str, q
 
 
 def passkey_prompt(encode: Encoder, length: int, depth: float, key: str) -> RetrievalPrompt:
-    return fit_prompt(encode, PASSKEY_INTRO, [PASSKEY_FILLER], PASSKEY_LINE.format(key=key),
-                      PASSKEY_QUESTION, length, depth, answer=key)
+    return fit_prompt(
+        encode,
+        PASSKEY_INTRO,
+        [PASSKEY_FILLER],
+        PASSKEY_LINE.format(key=key),
+        PASSKEY_QUESTION,
+        length,
+        depth,
+        answer=key,
+    )
 
 
 def split_sentences(text: str) -> list[str]:
     """Sentences with their trailing whitespace kept, so joining them gives the text back."""
     pieces, start = [], 0
     for match in _SENTENCE_END.finditer(text):
-        pieces.append(text[start:match.end()])
+        pieces.append(text[start : match.end()])
         start = match.end()
     if start < len(text):
         pieces.append(text[start:])
     return [p for p in pieces if p.strip()]
 
 
-def needle_prompt(encode: Encoder, haystack: str, needle: str, question: str, answer: str,
-                  length: int, depth: float) -> RetrievalPrompt:
+def needle_prompt(
+    encode: Encoder, haystack: str, needle: str, question: str, answer: str, length: int, depth: float
+) -> RetrievalPrompt:
     units = split_sentences(haystack.strip() + "\n")
     if not units:
         raise EvaluationError("the haystack text is empty")
@@ -104,8 +120,16 @@ def needle_prompt(encode: Encoder, haystack: str, needle: str, question: str, an
         raise EvaluationError("the answer text is empty")
     # Units end in whitespace, so the needle starts a sentence of its own.
     needle_text = needle.strip() + " "
-    return fit_prompt(encode, NEEDLE_INTRO, units, needle_text, NEEDLE_QUESTION.format(question=question.strip()),
-                      length, depth, answer=answer.strip())
+    return fit_prompt(
+        encode,
+        NEEDLE_INTRO,
+        units,
+        needle_text,
+        NEEDLE_QUESTION.format(question=question.strip()),
+        length,
+        depth,
+        answer=answer.strip(),
+    )
 
 
 def answer_found(answer: str, output: str) -> bool:

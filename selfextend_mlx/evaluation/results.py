@@ -2,8 +2,9 @@
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..errors import EvaluationError
 from .common import SELFEXTEND, Mode
@@ -15,8 +16,14 @@ def _number(value: float) -> Optional[float]:
     return round(value, 4) if math.isfinite(value) else None
 
 
-def run_header(task: str, model_id: str, modes: Sequence[Mode], kv_bits: Optional[int],
-               trained_context: Optional[int], tokens: Optional[int] = None) -> dict:
+def run_header(
+    task: str,
+    model_id: str,
+    modes: Sequence[Mode],
+    kv_bits: Optional[int],
+    trained_context: Optional[int],
+    tokens: Optional[int] = None,
+) -> dict:
     """What a run was: `settings` is "planned" when SelfExtend's G and W were chosen per
     length as the product does (each row then says which), else "given" (-G/-W)."""
     planned = any(m.planned for m in modes)
@@ -72,7 +79,7 @@ def ppl_series(result: dict) -> dict:
     buckets = result["buckets"]
     if "ppl" in buckets[0]:
         return {result["mode"]: buckets}
-    names = [key[len("ppl_"):] for key in buckets[0] if key.startswith("ppl_")]
+    names = [key[len("ppl_") :] for key in buckets[0] if key.startswith("ppl_")]
     keep = ("start", "end", "targets")
     return {name: [{**{k: b[k] for k in keep if k in b}, "ppl": b[f"ppl_{name}"]} for b in buckets] for name in names}
 
@@ -187,5 +194,3 @@ def comparison_table(comparison: dict) -> str:
 
 def _cell_text(value) -> str:
     return "-" if value is None else f"{value[0]}/{value[1]}"
-
-

@@ -1,8 +1,9 @@
 """Run retrieval prompts (passkey or needle) over a length x depth grid, per mode."""
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
@@ -35,19 +36,36 @@ class Cell:
 def passkey_keys(seed: int, lengths: Sequence[int], depths: Sequence[float], trials: int) -> dict:
     """Random 5-digit keys, fixed by the seed alone, so every mode and model sees the same ones."""
     rng = random.Random(seed)
-    return {(length, depth): [str(rng.randrange(10000, 100000)) for _ in range(trials)]
-            for length in lengths for depth in depths}
+    return {
+        (length, depth): [str(rng.randrange(10000, 100000)) for _ in range(trials)]
+        for length in lengths
+        for depth in depths
+    }
 
 
-def build_cells(lengths: Sequence[int], depths: Sequence[float], trials: int,
-                make_prompt: Callable[[int, float, int], RetrievalPrompt]) -> list[Cell]:
-    return [Cell(length, depth, [make_prompt(length, depth, t) for t in range(trials)])
-            for length in lengths for depth in depths]
+def build_cells(
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    make_prompt: Callable[[int, float, int], RetrievalPrompt],
+) -> list[Cell]:
+    return [
+        Cell(length, depth, [make_prompt(length, depth, t) for t in range(trials)])
+        for length in lengths
+        for depth in depths
+    ]
 
 
-def run_cells(model, tokenizer, cells: Sequence[Cell], modes: Sequence[Mode], max_tokens: int,
-              kv_bits: Optional[int] = None, chunk_size: int = 512,
-              on_tokens: Optional[Callable[[int], None]] = None) -> None:
+def run_cells(
+    model,
+    tokenizer,
+    cells: Sequence[Cell],
+    modes: Sequence[Mode],
+    max_tokens: int,
+    kv_bits: Optional[int] = None,
+    chunk_size: int = 512,
+    on_tokens: Optional[Callable[[int], None]] = None,
+) -> None:
     """Fill each cell's `correct`, `outputs` and `settings` for every mode.
 
     A planned mode is set up for each cell's length (plain attention where it fits, as the
@@ -69,8 +87,9 @@ def run_cells(model, tokenizer, cells: Sequence[Cell], modes: Sequence[Mode], ma
                 cache, held = reuse.rewind(prompt.tokens)
                 if on_tokens is not None:
                     on_tokens(held)
-                answer_tokens = greedy_generate(model, prompt.tokens[held:], cache, max_tokens, chunk_size,
-                                                stop_ids, on_progress=on_tokens)
+                answer_tokens = greedy_generate(
+                    model, prompt.tokens[held:], cache, max_tokens, chunk_size, stop_ids, on_progress=on_tokens
+                )
                 reuse.holds(prompt.tokens + answer_tokens)
                 outputs.append(tokenizer.decode(answer_tokens))
             cell.outputs[mode.name] = outputs

@@ -39,8 +39,9 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, window=512, prefill=128,
-                 dtype=mx.float32, repeats=10) -> list:
+def run_selftest(
+    n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, window=512, prefill=128, dtype=mx.float32, repeats=10
+) -> list:
     import mlx.nn as nn
 
     rope = nn.RoPE(head_dim, base=10000.0)
@@ -60,8 +61,9 @@ def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, wi
         # as a cache hands them over: neighbor keys from the window on, grouped keys up to it
         window_start = max(0, start - window + 1)
         grouped_end = max(window_start, end - window)
-        kv = CachedKV(k_grouped[..., :grouped_end, :], values[..., :end, :], k_neighbor[..., window_start:end, :],
-                      window_start)
+        kv = CachedKV(
+            k_grouped[..., :grouped_end, :], values[..., :end, :], k_neighbor[..., window_start:end, :], window_start
+        )
         return selfextend_attention(q_neighbor, q_grouped, kv, q_start=start, config=config)
 
     def check(name, fast, reference, ref_ms, available=True):
@@ -76,14 +78,18 @@ def run_selftest(n_keys=4096, heads=8, kv_heads=2, head_dim=64, group_size=4, wi
     q_decode = mx.random.normal((1, heads, 1, head_dim), key=k3).astype(dtype)
     reference = lambda: attend(q_decode, n_keys - 1, "explicit")  # noqa: E731
     ref_ms = median_ms(reference, repeats)
-    checks.append(check("decode: Metal kernel", lambda: attend(q_decode, n_keys - 1, "metal"), reference, ref_ms,
-                        metal_available()))
+    checks.append(
+        check(
+            "decode: Metal kernel", lambda: attend(q_decode, n_keys - 1, "metal"), reference, ref_ms, metal_available()
+        )
+    )
 
     q_prefill = mx.random.normal((1, heads, prefill, head_dim), key=k4).astype(dtype)
     start = n_keys - prefill
     reference = lambda: attend(q_prefill, start, "explicit")  # noqa: E731
     ref_ms = median_ms(reference, repeats)
     checks.append(check("prefill: fused attention", lambda: attend(q_prefill, start, "fused"), reference, ref_ms))
-    checks.append(check("prefill: Metal kernel", lambda: attend(q_prefill, start, "metal"), reference, ref_ms,
-                        metal_available()))
+    checks.append(
+        check("prefill: Metal kernel", lambda: attend(q_prefill, start, "metal"), reference, ref_ms, metal_available())
+    )
     return checks

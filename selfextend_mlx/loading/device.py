@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .blas import OPT_OUT, find_openblas, loaded_blas
 from ..errors import SettingsError
+from .blas import OPT_OUT, find_openblas, loaded_blas
 
 # What `dtype=` accepts. "native" keeps the stored dtypes and quantized layers.
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "native": None}

@@ -21,10 +21,35 @@ from ..errors import UnsupportedModelError
 SUPPORTED_ARCHITECTURES = ("llama",)
 # ggml tensor type ids (ggml.h) -> names; only the first five load.
 TENSOR_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    30: "BF16",
 }
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 SUPPORTED = (
@@ -156,7 +181,10 @@ def check_supported(header: GGUFHeader, path) -> None:
         raise GGUFError(f"{path}: GGUF partial rotary embeddings are not supported; {SUPPORTED}")
     if header.metadata.get("tokenizer.ggml.model") not in ("gpt2", "llama"):
         model = header.metadata.get("tokenizer.ggml.model", "none")
-        raise GGUFError(f"{path}: GGUF tokenizer '{model}' is not supported; supported: gpt2 (byte-level BPE), llama (SentencePiece)")
+        raise GGUFError(
+            f"{path}: GGUF tokenizer '{model}' is not supported; "
+            "supported: gpt2 (byte-level BPE), llama (SentencePiece)"
+        )
 
 
 # ---------------------------------------------------------------- model

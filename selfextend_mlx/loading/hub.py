@@ -9,8 +9,16 @@ from typing import Optional
 from ..errors import ModelNotFoundError
 
 # What an mlx-lm model needs from a Hub repo (code only when trust_remote_code asks for it).
-HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt", "*.jsonl",
-                "*.jinja"]
+HUB_PATTERNS = [
+    "*.json",
+    "model*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+]
 OFFLINE_VALUES = ("1", "on", "yes", "true")
 
 

@@ -109,8 +109,15 @@ class ModelSpec:
 
 
 def _spec_from_config(name, config, entry, available, location, where) -> ModelSpec:
-    return ModelSpec(name, config.get("model_type", "unknown"), model_limits(config, entry, where),
-                     model_shape(config), entry, available, location)
+    return ModelSpec(
+        name,
+        config.get("model_type", "unknown"),
+        model_limits(config, entry, where),
+        model_shape(config),
+        entry,
+        available,
+        location,
+    )
 
 
 def describe(model_ref=None) -> ModelSpec:

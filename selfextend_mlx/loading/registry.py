@@ -64,8 +64,9 @@ class ModelEntry:
 
     @property
     def limits(self) -> ModelLimits:
-        return ModelLimits(self.trained_context, self.effective_context, self.group_size, self.window,
-                           self.max_group_size)
+        return ModelLimits(
+            self.trained_context, self.effective_context, self.group_size, self.window, self.max_group_size
+        )
 
 
 def builtin_registry_path() -> Path:

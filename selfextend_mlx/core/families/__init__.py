@@ -14,4 +14,3 @@ def family_for(attention):
         if isinstance(attention, family.ATTENTION):
             return family
     return None
-

@@ -1,6 +1,7 @@
 """Llama layout (also Mistral, SOLAR, TinyLlama, SmolLM, Qwen2, Gemma): separate q/k/v/o projections."""
 
 from mlx_lm.models import gemma, llama, qwen2
+
 from .heads import merge_heads, split_heads
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")

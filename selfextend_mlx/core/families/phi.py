@@ -1,6 +1,7 @@
 """Phi-2 layout: biased projections, partial rotary, output through `dense`."""
 
 from mlx_lm.models import phi
+
 from .heads import merge_heads, split_heads
 
 MODEL_TYPES = ("phi",)

@@ -3,8 +3,8 @@
 import mlx.core as mx
 from mlx_lm.models import phi3
 
-from .llama import is_sliding, output, scale, softcap  # noqa: F401  (same as llama)
 from .heads import split_heads
+from .llama import is_sliding, output, scale, softcap  # noqa: F401  (same as llama)
 
 MODEL_TYPES = ("phi3",)
 ATTENTION = (phi3.Attention,)

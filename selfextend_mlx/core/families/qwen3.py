@@ -2,8 +2,8 @@
 
 from mlx_lm.models import qwen3
 
-from .llama import is_sliding, output, scale, softcap  # noqa: F401  (same as llama)
 from .heads import split_heads
+from .llama import is_sliding, output, scale, softcap  # noqa: F401  (same as llama)
 
 MODEL_TYPES = ("qwen3",)
 ATTENTION = (qwen3.Attention,)
