@@ -184,6 +184,16 @@ def largest_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
 
 # -- documents past the largest reach --------------------------------------------------------
 
+
+def fill_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
+    """Prompt + answer tokens that a retrieval prompt or a map-reduce part fills: the most the
+    largest G takes with its grouped positions inside the model's context (so every part is
+    read as well as any input that fits)."""
+    W = window or limits.default_window()
+    context = limits.context if W < limits.context else limits.trained_context
+    return max_length(context, limits.max_group_size, W)
+
+
 FULL = "full"  # the whole document in the prompt
 RETRIEVAL = "retrieval"  # the passages most relevant to the question, in document order
 MAP_REDUCE = "map-reduce"  # summarize parts, then the summaries

@@ -1,0 +1,403 @@
+"""Answering about documents of any length: one session when they fit the model's reach,
+else the strategy planning names for the task.
+
+- ask ("retrieval"): the passages most relevant to the question (BM25, from bm25s), as
+  many as fill the reach, kept in document order and marked where text was left out.
+- summarize ("map-reduce"): the document cut on paragraph boundaries into parts as large
+  as the reach allows, each part summarized (a notice per part; the part summaries kept
+  beside the document cache, so a re-run is quick), then the summaries summarized,
+  recursively while they do not fit. SelfExtend makes each part many times the trained
+  context, so a whole book takes one or two levels, not dozens of 4k-token chunks.
+
+`LongDocument` decides the strategy before anything is prefilled (so the header can say it)
+and `answer()` runs it; the final step is always an ordinary Session.
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from ..errors import SelfExtendError
+from ..loading.load import model_info
+from ..planning import FULL, MAP_REDUCE, RETRIEVAL, STRATEGY_FOR_TASK, choose_strategy, fill_reach
+from .documents import Document, format_documents
+from .generation import Answer, Sampling
+from .session import Session, SessionOptions
+
+PASSAGE_TOKENS = 256  # retrieval unit: a few paragraphs
+PART_ANSWER_TOKENS = 256  # the longest summary of one part
+SKIPPED = "\n\n[...]\n\n"  # marks text left out between retrieved passages
+MARGIN = 0.02  # of the reach kept free: tokens of joined pieces differ a little from their sum
+
+PART_REQUEST = (
+    "The text above is part {index} of {count} of a longer document. Summarize this part in one concise "
+    "paragraph: the people, events, facts and conclusions it contains."
+)
+REDUCE_NAME = "summaries of the consecutive parts of {name}"
+
+
+@dataclass(frozen=True)
+class Passage:
+    index: int  # position in the document, in passages
+    text: str
+    tokens: int
+
+
+@dataclass
+class DocumentAnswer:
+    """The answer and how it was reached."""
+
+    answer: Answer
+    session: Session  # the session of the final step: its plan gives G, W and the reach used
+    strategy: str  # FULL, RETRIEVAL or MAP_REDUCE
+    document_tokens: int  # the whole document(s), as the model tokenizes them
+    parts: Optional[int] = None  # map-reduce: parts of the document (first level)
+    levels: Optional[int] = None  # map-reduce: summary levels, the final one included
+    selected_tokens: Optional[int] = None  # retrieval: tokens of the passages kept
+    selected_passages: Optional[int] = None
+    total_passages: Optional[int] = None
+    seconds: float = 0.0  # wall time of the whole answer, parts included
+    part_summaries: list = field(default_factory=list)
+
+
+# -- cutting text -----------------------------------------------------------------------------
+
+
+def paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs (a text without blank lines: its lines)."""
+    parts = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(parts) <= 1:
+        parts = [line.strip() for line in text.splitlines() if line.strip()]
+    return parts
+
+
+def _split_long(text: str, count: Callable[[str], int], limit: int) -> list[str]:
+    """A paragraph longer than `limit` tokens, cut at sentence ends (else at words)."""
+    pieces = re.split(r"(?<=[.!?])\s+", text)
+    if len(pieces) == 1:
+        pieces = text.split()
+    out, current = [], ""
+    for piece in pieces:
+        joined = f"{current} {piece}".strip()
+        if current and count(joined) > limit:
+            out.append(current)
+            current = piece
+        else:
+            current = joined
+    if current:
+        out.append(current)
+    return out
+
+
+def passages(text: str, count: Callable[[str], int], size: int = PASSAGE_TOKENS) -> list[Passage]:
+    """Consecutive paragraphs joined into passages of about `size` tokens (never cutting a
+    paragraph that fits in one)."""
+    units = []
+    for paragraph in paragraphs(text):
+        n = count(paragraph)
+        units += [(paragraph, n)] if n <= size else [(p, count(p)) for p in _split_long(paragraph, count, size)]
+    out, texts, tokens = [], [], 0
+    for unit, n in units:
+        if texts and tokens + n > size:
+            out.append(Passage(len(out), "\n\n".join(texts), tokens))
+            texts, tokens = [], 0
+        texts.append(unit)
+        tokens += n
+    if texts:
+        out.append(Passage(len(out), "\n\n".join(texts), tokens))
+    return out
+
+
+def balanced_parts(items: Sequence[Passage], budget: int) -> list[list[Passage]]:
+    """Consecutive groups of about equal size, each within `budget` tokens, as few as that allows."""
+    total = sum(p.tokens for p in items)
+    count = max(1, math.ceil(total / budget))
+    while True:
+        target, groups, current, size = total / count, [], [], 0
+        for item in items:
+            if current and (size + item.tokens > budget or (size >= target and len(groups) < count - 1)):
+                groups.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += item.tokens
+        groups.append(current)
+        if all(sum(p.tokens for p in g) <= budget for g in groups) or count >= len(items):
+            return groups
+        count += 1
+
+
+def select_passages(items: Sequence[Passage], question: str, budget: int) -> list[Passage]:
+    """The passages BM25 ranks highest for `question`, as many as fit `budget` tokens, in
+    document order."""
+    import bm25s
+
+    corpus = bm25s.tokenize([p.text for p in items], stopwords="en", show_progress=False)
+    retriever = bm25s.BM25()
+    retriever.index(corpus, show_progress=False)
+    query = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)
+    if not query or not query[0]:
+        ranked = list(range(len(items)))  # no word to look for: the document's beginning
+    else:
+        order, _ = retriever.retrieve(query, k=len(items), show_progress=False)
+        ranked = [int(i) for i in order[0]]
+    chosen, used = [], 0
+    for i in ranked:
+        cost = items[i].tokens + (len(SKIPPED) // 4 if chosen else 0)
+        if used + cost <= budget:
+            chosen.append(i)
+            used += cost
+    return [items[i] for i in sorted(chosen)]
+
+
+def join_selected(selected: Sequence[Passage]) -> str:
+    text = ""
+    for previous, passage in zip([None, *selected], selected):
+        if previous is not None:
+            text += "\n\n" if passage.index == previous.index + 1 else SKIPPED
+        text += passage.text
+    return text
+
+
+# -- part summaries kept on disk ------------------------------------------------------------------
+
+
+class SummaryMemo:
+    """Part summaries by a key of everything that makes them (model and weights, part, request,
+    sampling), as small JSON files in `folder`; unreadable or unwritable entries are simply
+    recomputed (a notice says why)."""
+
+    def __init__(self, folder: Optional[Path], notice: Callable[[str], None] = lambda message: None):
+        self.folder, self.notice = folder, notice
+
+    @staticmethod
+    def key(*parts) -> str:
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(str(part).encode("utf-8", "surrogatepass") + b"\0")
+        return digest.hexdigest()
+
+    def get(self, key: str) -> Optional[str]:
+        if self.folder is None:
+            return None
+        try:
+            data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data.get("summary") if isinstance(data, dict) and data.get("key") == key else None
+
+    def put(self, key: str, summary: str) -> None:
+        if self.folder is None:
+            return
+        tmp = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".json", dir=self.folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"key": key, "summary": summary, "saved": time.time()}, f)
+            os.replace(tmp, self.folder / f"{key}.json")
+        except OSError as error:
+            self.notice(f"could not keep a part summary: {error.strerror or error}")
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+        except BaseException:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# -- the strategies -------------------------------------------------------------------------------
+
+
+class LongDocument:
+    """One question (or summary request) about documents, whatever their length.
+
+    Construction tokenizes and decides the strategy (nothing is prefilled): `strategy`,
+    `document_tokens`, and for the full strategy `session` (whose plan the header shows).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        documents: Sequence[Document],
+        question: str,
+        *,
+        task: str,
+        options: SessionOptions = SessionOptions(),
+        system: Optional[str] = None,
+        doc_cache=None,
+        memo: Optional[SummaryMemo] = None,
+        notice: Callable[[str], None] = lambda message: None,
+    ):
+        if task not in STRATEGY_FOR_TASK:
+            raise ValueError(f"task must be one of {', '.join(STRATEGY_FOR_TASK)}")
+        self.model, self.tokenizer, self.documents, self.question = model, tokenizer, list(documents), question
+        self.task, self.options, self.system, self.doc_cache, self.notice = task, options, system, doc_cache, notice
+        self.memo = memo or SummaryMemo(None)
+        self.info = model_info(model)
+        text = format_documents(self.documents)
+        self.document_tokens = len(tokenizer.encode(text))
+        needed = self._overhead(question) + self.document_tokens + options.max_tokens
+        if options.group_size is not None:
+            self.strategy = FULL  # given settings: used as given (the session refuses what they cannot reach)
+        else:
+            self.strategy = choose_strategy(task, self.info.limits, needed, options.window)
+        self.session = self._session(self.documents, question, doc_cache) if self.strategy == FULL else None
+        self.budget = fill_reach(self.info.limits, options.window)
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _session(self, documents, question, doc_cache=None, max_tokens=None) -> Session:
+        options = self.options if max_tokens is None else replace(self.options, max_tokens=max_tokens)
+        return Session(
+            self.model,
+            self.tokenizer,
+            documents,
+            system=self.system,
+            options=options,
+            doc_cache=doc_cache,
+            first_question=question,
+            notice=self.notice,
+        )
+
+    def _overhead(self, question: str) -> int:
+        """Prompt tokens besides the document text: template, system text, names, question."""
+        probe = Session(
+            self.model,
+            self.tokenizer,
+            [Document(d.name, "x", d.format) for d in self.documents],
+            system=self.system,
+            options=self.options,
+            notice=lambda message: None,
+        )
+        return len(probe.prompt_tokens(question))
+
+    def _content_budget(self, question: str, answer_tokens: int) -> int:
+        budget = self.budget - self._overhead(question) - answer_tokens
+        return int(budget * (1 - MARGIN)) - 16
+
+    def describe(self) -> str:
+        """One line on how the answer will be reached (for the header)."""
+        if self.strategy == RETRIEVAL:
+            return (
+                f"document {self.document_tokens:,} tokens is past the model's largest reach: answering from the "
+                f"passages most relevant to the question (up to {self.budget:,} tokens)"
+            )
+        if self.strategy == MAP_REDUCE:
+            return (
+                f"document {self.document_tokens:,} tokens is past the model's largest reach: summarizing it in "
+                f"parts of up to {self.budget:,} tokens, then the summaries"
+            )
+        return ""
+
+    def answer(
+        self, sampling: Optional[Sampling] = None, on_text=lambda text: None, on_progress=None
+    ) -> DocumentAnswer:
+        sampling = sampling or Sampling(max_tokens=self.options.max_tokens)
+        started = time.perf_counter()
+        if self.strategy == FULL:
+            result = DocumentAnswer(
+                self.session.ask(self.question, sampling, on_text, on_progress),
+                self.session,
+                FULL,
+                self.document_tokens,
+            )
+        elif self.strategy == RETRIEVAL:
+            result = self._retrieve(sampling, on_text, on_progress)
+        else:
+            result = self._map_reduce(sampling, on_text, on_progress)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _retrieve(self, sampling, on_text, on_progress) -> DocumentAnswer:
+        pool = [(doc, passages(doc.text, self._count)) for doc in self.documents]
+        flat = [p for _, items in pool for p in items]
+        budget = self._content_budget(self.question, self.options.max_tokens)
+        chosen = {id(p) for p in select_passages(flat, self.question, budget)}
+        kept = []
+        for doc, items in pool:
+            selected = [p for p in items if id(p) in chosen]
+            if selected:
+                kept.append(Document(doc.name, join_selected(selected), doc.format))
+        if not kept:
+            raise SelfExtendError("no passage of the document fits the model's reach with this question")
+        session = self._session(kept, self.question)
+        answer = session.ask(self.question, sampling, on_text, on_progress)
+        selected_tokens = sum(p.tokens for p in flat if id(p) in chosen)
+        return DocumentAnswer(
+            answer,
+            session,
+            RETRIEVAL,
+            self.document_tokens,
+            selected_tokens=selected_tokens,
+            selected_passages=len(chosen),
+            total_passages=len(flat),
+        )
+
+    def _map_reduce(self, sampling, on_text, on_progress) -> DocumentAnswer:
+        name = ", ".join(doc.name for doc in self.documents)
+        part_tokens = min(PART_ANSWER_TOKENS, self.options.max_tokens)
+        part_sampling = Sampling(max_tokens=part_tokens, temp=sampling.temp, top_p=sampling.top_p, seed=sampling.seed)
+        part_budget = self._content_budget(PART_REQUEST.format(index=99, count=99), part_tokens)
+        final_budget = self._content_budget(self.question, self.options.max_tokens)
+        items = [p for doc in self.documents for p in passages(doc.text, self._count)]
+        levels, first_parts = [], None
+        while sum(p.tokens for p in items) > final_budget:
+            groups = balanced_parts(items, part_budget)
+            first_parts = first_parts or len(groups)
+            summaries = [
+                self._summarize_part(
+                    "\n\n".join(p.text for p in group),
+                    name,
+                    len(levels) + 1,
+                    index,
+                    len(groups),
+                    part_sampling,
+                    on_progress,
+                )
+                for index, group in enumerate(groups, 1)
+            ]
+            levels.append(summaries)
+            shorter = [Passage(i, text, self._count(text)) for i, text in enumerate(summaries)]
+            if sum(p.tokens for p in shorter) >= sum(p.tokens for p in items):
+                raise SelfExtendError("the part summaries are no shorter than the parts: lower --max-tokens")
+            items = shorter
+        joined = "\n\n".join(f"Part {i + 1}: {p.text}" for i, p in enumerate(items))
+        session = self._session([Document(REDUCE_NAME.format(name=name), joined, "text")], self.question)
+        answer = session.ask(self.question, sampling, on_text, on_progress)
+        return DocumentAnswer(
+            answer,
+            session,
+            MAP_REDUCE,
+            self.document_tokens,
+            parts=first_parts,
+            levels=len(levels) + 1,
+            part_summaries=levels,
+        )
+
+    def _summarize_part(self, text, name, level, index, count, sampling, on_progress) -> str:
+        request = PART_REQUEST.format(index=index, count=count)
+        info = self.info
+        key = SummaryMemo.key(info.model_id, info.revision, self.system, request, text, sampling, self.options.window)
+        kept = self.memo.get(key)
+        where = f"level {level}, part {index} of {count}" if level > 1 else f"part {index} of {count}"
+        if kept is not None:
+            self.notice(f"summarizing {where}: kept from an earlier run")
+            return kept
+        started = time.perf_counter()
+        session = self._session([Document(f"{name} ({where})", text, "text")], request, max_tokens=sampling.max_tokens)
+        self.notice(f"summarizing {where}: {session.plan.prompt_tokens:,} tokens, {session.plan.settings.describe()}")
+        answer = session.ask(request, sampling, on_progress=on_progress)
+        self.notice(f"summarized {where} in {time.perf_counter() - started:.0f}s")
+        summary = answer.text.strip()
+        self.memo.put(key, summary)
+        return summary

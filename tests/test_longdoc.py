@@ -1,0 +1,151 @@
+"""Documents past the largest reach: retrieval for ask, map-reduce for summarize (stories260K:
+512-token context, so its largest reach, 6,272 tokens, is passed by a few pages)."""
+
+import pytest
+from conftest import shared_path
+
+from selfextend_mlx.app.documents import Document
+from selfextend_mlx.app.generation import Sampling
+from selfextend_mlx.app.longdoc import (
+    SKIPPED,
+    LongDocument,
+    Passage,
+    SummaryMemo,
+    balanced_parts,
+    join_selected,
+    passages,
+    select_passages,
+)
+from selfextend_mlx.app.session import SessionOptions
+from selfextend_mlx.loading.load import load
+from selfextend_mlx.planning import FULL, MAP_REDUCE, RETRIEVAL, fill_reach, largest_reach
+
+NEEDLE = "The secret word of the old lighthouse keeper is marmalade."
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return load(str(shared_path("models", "stories260K")), selfextend=False)
+
+
+@pytest.fixture(scope="module")
+def long_text():
+    text = shared_path("text", "tinystories_sample.txt").read_text()
+    cut = text.find("\n\n", len(text) * 85 // 100)  # past what the first 6k tokens hold
+    return text[:cut] + "\n\n" + NEEDLE + "\n\n" + text[cut:]
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def test_passages_cover_the_text_in_order_within_their_size():
+    text = "\n\n".join(f"Paragraph {i} " + "word " * (i % 7 * 20) for i in range(60))
+    items = passages(text, words, size=100)
+    assert all(p.tokens <= 100 for p in items)
+    assert [p.index for p in items] == list(range(len(items)))
+    assert " ".join(" ".join(p.text.split()) for p in items) == " ".join(text.split())
+    long = "This is a sentence. " * 80  # one paragraph past the size: cut at sentence ends
+    assert all(p.tokens <= 100 for p in passages(long, words, size=100))
+
+
+@pytest.mark.parametrize("sizes, budget", [([10] * 25, 60), ([50, 5, 5, 50, 30, 30, 1], 60), ([7], 10)])
+def test_balanced_parts_are_few_in_order_and_within_budget(sizes, budget):
+    items = [Passage(i, f"p{i}", n) for i, n in enumerate(sizes)]
+    groups = balanced_parts(items, budget)
+    assert [p for g in groups for p in g] == items
+    assert all(sum(p.tokens for p in g) <= budget for g in groups)
+    assert len(groups) <= -(-sum(sizes) // budget) + 1
+
+
+def test_retrieval_keeps_the_relevant_passage_in_document_order():
+    items = [Passage(i, f"Filler about the weather on day {i}. It rained.", 10) for i in range(50)]
+    items[31] = Passage(31, NEEDLE, 10)
+    chosen = select_passages(items, "What is the secret word of the lighthouse keeper?", budget=60)
+    assert 31 in [p.index for p in chosen] and sum(p.tokens for p in chosen) <= 60
+    assert [p.index for p in chosen] == sorted(p.index for p in chosen)
+    assert SKIPPED in join_selected(chosen) or len(chosen) == 1
+
+
+def test_short_documents_take_the_full_strategy(stories):
+    model, tokenizer = stories
+    long = LongDocument(
+        model,
+        tokenizer,
+        [Document("a.txt", "Tom has a red ball.", "text")],
+        "Who has a ball?",
+        task="ask",
+        options=SessionOptions(max_tokens=8),
+    )
+    assert long.strategy == FULL and long.session is not None
+    result = long.answer(Sampling(max_tokens=8))
+    assert result.strategy == FULL and result.answer.generation_tokens > 0
+
+
+def test_ask_past_the_largest_reach_answers_from_retrieved_passages(stories, long_text):
+    model, tokenizer = stories
+    options = SessionOptions(max_tokens=16)
+    long = LongDocument(
+        model,
+        tokenizer,
+        [Document("stories.txt", long_text, "text")],
+        "What is the secret word of the old lighthouse keeper?",
+        task="ask",
+        options=options,
+    )
+    limits = model.model_info.limits
+    assert long.document_tokens > largest_reach(limits) and long.strategy == RETRIEVAL
+    result = long.answer(Sampling(max_tokens=16))
+    assert result.strategy == RETRIEVAL and result.total_passages > result.selected_passages > 0
+    assert result.selected_tokens < long.document_tokens
+    prompt = result.answer.prompt_tokens
+    assert prompt + 16 <= result.session.plan.max_length <= fill_reach(limits)
+    assert prompt > 0.8 * fill_reach(limits)  # the reach is filled
+    assert NEEDLE in result.session.documents[0].text  # the relevant passage is in
+
+
+def test_summarize_past_the_largest_reach_maps_and_reduces(stories, long_text, tmp_path):
+    model, tokenizer = stories
+    notices = []
+    memo = SummaryMemo(tmp_path / "summaries", notices.append)
+    doc = Document("stories.txt", long_text, "text")
+
+    def summarize():
+        long = LongDocument(
+            model,
+            tokenizer,
+            [doc],
+            "Summarize the text above.",
+            task="summarize",
+            options=SessionOptions(max_tokens=24),
+            memo=memo,
+            notice=notices.append,
+        )
+        assert long.strategy == MAP_REDUCE
+        return long.answer(Sampling(max_tokens=24))
+
+    first = summarize()
+    assert first.strategy == MAP_REDUCE and first.parts >= 2 and first.levels >= 2
+    assert len(first.part_summaries[0]) == first.parts and all(first.part_summaries[0])
+    assert sum(n.startswith("summarizing part ") for n in notices) == first.parts
+    assert first.answer.generation_tokens > 0
+    assert len(list((tmp_path / "summaries").glob("*.json"))) >= first.parts
+    notices.clear()
+    again = summarize()  # the part summaries come back from disk
+    assert sum("kept from an earlier run" in n for n in notices) == first.parts
+    assert again.answer.text == first.answer.text
+
+
+def test_summary_memo_survives_corrupt_and_unwritable_entries(tmp_path):
+    notices = []
+    memo = SummaryMemo(tmp_path, notices.append)
+    key = SummaryMemo.key("model", "part", 1)
+    memo.put(key, "a summary")
+    assert memo.get(key) == "a summary"
+    (tmp_path / f"{key}.json").write_text("{not json")
+    assert memo.get(key) is None
+    blocked = SummaryMemo(tmp_path / "file", notices.append)
+    (tmp_path / "file").write_text("not a folder")
+    blocked.put(key, "x")
+    assert notices and notices[-1].startswith("could not keep a part summary")
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
