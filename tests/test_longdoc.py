@@ -149,3 +149,12 @@ def test_summary_memo_survives_corrupt_and_unwritable_entries(tmp_path):
     blocked.put(key, "x")
     assert notices and notices[-1].startswith("could not keep a part summary")
     assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_a_chat_about_a_document_past_the_largest_reach_points_to_ask_and_summarize(stories, long_text):
+    from selfextend_mlx.app.session import Session
+    from selfextend_mlx.errors import InputTooLongError
+
+    model, tokenizer = stories
+    with pytest.raises(InputTooLongError, match=r"a chat needs it whole; use `selfextend ask`"):
+        Session(model, tokenizer, [Document("stories.txt", long_text, "text")])

@@ -25,7 +25,7 @@ from ..core.patch import make_cache, use_selfextend
 from ..core.prefill import DEFAULT_STEP, Progress, prefill
 from ..errors import InputTooLongError, SelfExtendError
 from ..loading.load import model_info
-from ..planning import QUESTION_RESERVE, check_memory, kv_group_size, plan_run
+from ..planning import QUESTION_RESERVE, check_memory, choose_strategy, kv_group_size, plan_run
 from .doccache import DocumentCache, cache_key
 from .documents import Document, format_documents
 from .generation import DEFAULT_MAX_TOKENS, Answer, Sampling, stream_answer
@@ -96,7 +96,12 @@ class Session:
         try:
             self.plan = self._plan_for(planned, prompt)
         except InputTooLongError:  # without the room for a question it may still fit; else say by how much
-            self.plan = self._plan_for(prompt + options.max_tokens, prompt)
+            try:
+                self.plan = self._plan_for(prompt + options.max_tokens, prompt)
+            except InputTooLongError:
+                if self.documents and options.group_size is None:  # a conversation needs them whole
+                    choose_strategy("chat", info.limits, prompt + options.max_tokens, options.window)
+                raise
         check_memory(self.plan.memory)
 
     def _plan_for(self, tokens: int, prompt: int, **overrides):
