@@ -6,6 +6,7 @@
 - what to do with a document past the largest reach                          choose_strategy()
 - the KV cache's size, SelfExtend's or plain                                 kv_cache_bytes()
 - the memory a run needs, and the check against the machine       estimate_memory(), check_memory()
+- attention's query chunk, so its score block stays within a budget     attention_chunk_size()
 
 Everything here is arithmetic on a model's limits and shape and on token counts: nothing is
 loaded or patched, so load, the session, `info`, `eval`, `bench` and the server all get the
@@ -279,6 +280,26 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.prefill
 
 
+# A prefill chunk's explicit scores, softmax and mixed band: three fp32 heads x chunk x N blocks.
+SCORE_MATRICES = 3
+SCORE_BUDGET = 512 * 2**20  # bytes of those blocks per layer a chunk may hold (7B at 32k: 42 queries)
+
+
+def score_block_bytes(heads: int, queries: int, keys: int) -> int:
+    """The transient scores of `queries` queries against `keys` keys, per layer (explicit path)."""
+    return SCORE_MATRICES * heads * queries * keys * 4
+
+
+def attention_chunk_size(heads: int, keys: int, *, budget: int = SCORE_BUDGET, largest: Optional[int] = None) -> int:
+    """Queries per attention chunk: the most (up to `largest`, default the config's chunk size)
+    whose score block against `keys` keys stays within `budget` bytes, and at least one. A plain
+    512-query chunk of a 32-head model at 32k keys would hold 2 GB per score matrix per layer."""
+    from .core.config import DEFAULT_CHUNK_SIZE
+
+    largest = largest or DEFAULT_CHUNK_SIZE
+    return max(1, min(largest, budget // score_block_bytes(heads, 1, max(1, keys))))
+
+
 def estimate_memory(
     shape: ModelShape,
     weights_bytes: int,
@@ -289,10 +310,10 @@ def estimate_memory(
     chunk_size: int = 512,
 ) -> MemoryEstimate:
     """What a run over `tokens` tokens needs at its peak: the weights, the KV cache, and one
-    prefill step's fp32 scores (scores, softmax and the mixed band: three heads x chunk x N
-    matrices) and logits."""
-    queries = min(prefill_step, chunk_size)
-    scores = 3 * shape.heads * queries * tokens * 4
+    prefill step's score block (score_block_bytes, for the chunk attention_chunk_size allows)
+    and logits."""
+    queries = attention_chunk_size(shape.heads, tokens, largest=min(prefill_step, chunk_size))
+    scores = score_block_bytes(shape.heads, queries, tokens)
     logits = prefill_step * shape.vocab * 4
     kv = kv_cache_bytes(shape, tokens, settings, kv_bits)
     return MemoryEstimate(weights_bytes, kv, scores + logits, machine_memory())
@@ -359,6 +380,7 @@ class Plan:
     max_tokens: int  # the answer budget
     memory: MemoryEstimate
     requested_group_size: Optional[int] = None  # the user's -G, if any
+    chunk_size: Optional[int] = None  # attention's query chunk for the planned length (None: the default)
 
     @property
     def max_length(self) -> int:
@@ -371,7 +393,7 @@ class Plan:
     @property
     def config(self):
         """The SelfExtendConfig to run with, or None for plain attention."""
-        return self.settings.config()
+        return self.settings.config(**({"chunk_size": self.chunk_size} if self.chunk_size else {}))
 
 
 def plan_run(
@@ -395,4 +417,5 @@ def plan_run(
             f"= {tokens} > N_max {settings.reach}; it needs {needed.describe()}: leave -G out to have it chosen"
         )
     memory = estimate_memory(model.shape, model.weights_bytes, tokens, settings, kv_bits, prefill_step)
-    return Plan(model.model_id, model.limits, settings, prompt_tokens, max_tokens, memory, group_size)
+    chunk = attention_chunk_size(model.shape.heads, tokens)
+    return Plan(model.model_id, model.limits, settings, prompt_tokens, max_tokens, memory, group_size, chunk)

@@ -13,29 +13,14 @@ j <= a - W is grouped for every query, so only the last C - 1 + W keys need neig
 O(heads x chunk x N), one matrix per chunk as in plain attention.
 """
 
+import sys
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from .config import SelfExtendConfig
-from .kernels import selfextend_kernel_attention
-
-
-def _use_fused(config: SelfExtendConfig) -> bool:
-    """Prefill through the fused kernel on a GPU; on a CPU the explicit scores are cheaper
-    (the fused call does twice the dot-product work on zero halves)."""
-    if config.backend == "auto":
-        return mx.default_device() == mx.gpu
-    return config.backend == "fused"
-
-
-def _use_metal(config: SelfExtendConfig, n_queries: int) -> bool:
-    """The Metal kernel: for decode steps on an Apple GPU; for prefill only when asked for
-    ("metal"), since it has no tiling and the fused call may well beat it (selftest times both)."""
-    if config.backend == "auto":
-        return n_queries == 1 and mx.default_device() == mx.gpu and mx.metal.is_available()
-    return config.backend == "metal"
+from .kernels import kernel_verified, selfextend_kernel_attention
 
 
 def rope_at(rope, x: mx.array, positions) -> mx.array:
@@ -203,53 +188,114 @@ def _attend_chunk(qn, qg, *, a: int, b: int, kv: CachedKV, config: SelfExtendCon
     return out if out.dtype == qn.dtype else out.astype(qn.dtype)
 
 
-def _attend_chunk_fused(qn, qg, *, a: int, b: int, kv: CachedKV, config: SelfExtendConfig):
-    """The same chunk as one fused scaled_dot_product_attention call (flash attention on a GPU:
-    no C x N score matrix is materialized). Both score sources fold into one by concatenating
-    along the head dimension: the query is [q_neighbor | q_grouped], a grouped key is
-    [0 | k_grouped], a neighbor key [k_neighbor | 0], so each dot product picks one source.
-    Keys of the mixed band appear twice (once per source) and a boolean mask keeps the right
-    copy for each query. q* are (B, Hq, C, D), pre-scaled."""
+def _fused_keys(kv: CachedKV, end: int, pad_values: bool):
+    """Keys and values for one fused call covering a whole step: every grouped key the cache
+    handed over as [0 | k_grouped], then every neighbor key as [k_neighbor | 0]. Each dot
+    product with a query [q_neighbor | q_grouped] then picks one score source; a mask keeps,
+    per query, the form its distance needs. Built once per step, not per chunk: the copies of
+    the keys are what the fused call costs beyond plain attention. `pad_values` widens the
+    values to the query's head size with zeros, for kernels that need equal head sizes."""
     k_grouped, values, k_neighbor, neighbor_start = kv
-    W = config.window
-    grouped_end, neighbor_begin = max(0, a - W + 1), max(0, b - W)
-
-    def neighbor(start, end):
-        k = k_neighbor[..., start - neighbor_start : end - neighbor_start, :]
-        return mx.concatenate([k, mx.zeros_like(k)], axis=-1)
-
-    def grouped(start, end):
-        k = k_grouped[..., start:end, :]
-        return mx.concatenate([mx.zeros_like(k), k], axis=-1)
-
-    queries = mx.arange(a, b)[:, None]
-    band = mx.arange(grouped_end, neighbor_begin)[None]
-    near = mx.arange(neighbor_begin, b)[None]
-    keys = [
-        grouped(0, grouped_end),
-        neighbor(grouped_end, neighbor_begin),
-        grouped(grouped_end, neighbor_begin),
-        neighbor(neighbor_begin, b),
-    ]
-    vals = [
-        values[..., :grouped_end, :],
-        values[..., grouped_end:neighbor_begin, :],
-        values[..., grouped_end:neighbor_begin, :],
-        values[..., neighbor_begin:b, :],
-    ]
-    d_band = queries - band
-    mask = mx.concatenate(
+    g = seq_length(k_grouped)
+    keys = mx.concatenate(
         [
-            mx.ones((b - a, grouped_end), dtype=mx.bool_),
-            (d_band >= 0) & (d_band < W),
-            d_band >= W,
-            queries >= near,
+            mx.concatenate([mx.zeros_like(k_grouped), k_grouped], axis=-1),
+            mx.concatenate([k_neighbor, mx.zeros_like(k_neighbor)], axis=-1),
         ],
-        axis=-1,
+        axis=2,
     )
-    q = mx.concatenate([qn, qg], axis=-1)
-    return mx.fast.scaled_dot_product_attention(
-        q, mx.concatenate(keys, axis=2), mx.concatenate(vals, axis=2), scale=1.0, mask=mask
+    vals = mx.concatenate([values[..., :g, :], values[..., neighbor_start:end, :]], axis=2)
+    if pad_values:
+        vals = mx.concatenate([vals, mx.zeros_like(vals)], axis=-1)
+    return keys, vals
+
+
+def _attend_chunk_fused(q, keys, values, *, a: int, b: int, kv: CachedKV, config: SelfExtendConfig, force: bool):
+    """Queries at positions [a, b), q = [q_neighbor | q_grouped] (B, Hq, C, 2D) pre-scaled,
+    against _fused_keys: one scaled_dot_product_attention call, no C x N score matrix when MLX
+    runs it fused. `force` makes MLX raise (ValueError) rather than take its unfused fallback."""
+    W, g = config.window, seq_length(kv.grouped_keys)
+    end = kv.neighbor_start + kv.neighbor_keys.shape[2]
+    queries = mx.arange(a, b)[:, None]
+    d_grouped = queries - mx.arange(g)[None]
+    d_neighbor = queries - mx.arange(kv.neighbor_start, end)[None]
+    mask = mx.concatenate([d_grouped >= W, (d_neighbor >= 0) & (d_neighbor < W)], axis=-1)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask, force_fused=force)
+
+
+# -- which path computes a step ----------------------------------------------------------------
+# docs/benchmarks.md ("GPU paths") has this table with the MLX source lines each rule follows.
+
+EXPLICIT, FUSED, METAL = "explicit", "fused", "metal"
+# MLX runs up to 8 queries through its vector kernels, more through full attention.
+VECTOR_QUERIES = 8
+# Metal full attention runs fused only for equal query and value head sizes among these; for
+# 192 and 256 MLX takes its unfused path for prefill anyway.
+METAL_FUSED_HEAD_SIZES = (64, 72, 80, 96, 128)
+# CUDA runs it fused through cuDNN: fp16/bf16, query and value head sizes multiples of 8 up to 128.
+CUDA_FUSED_DTYPES = (mx.float16, mx.bfloat16)
+CUDA_FUSED_MAX_HEAD_SIZE = 128
+
+_unfused = set()  # (head size, dtype) whose fused call MLX refused in this process
+
+
+def device_kind() -> str:
+    """Where the default device runs: "metal", "cuda" or "cpu"."""
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else "cpu"
+
+
+def choose_path(*, head_dim: int, dtype, queries: int, device: str) -> str:
+    """The path for `queries` queries of head size `head_dim` in `dtype` on `device`: the
+    Metal kernel (Apple GPUs, up to VECTOR_QUERIES queries), one fused attention call where
+    MLX really runs it fused (its query is [q_neighbor | q_grouped], head size 2D), else the
+    explicit scores. A pure function of its arguments, so the table is tested anywhere."""
+    wide = 2 * head_dim
+    if device == "metal":
+        if queries <= VECTOR_QUERIES:
+            return METAL
+        return FUSED if wide in METAL_FUSED_HEAD_SIZES else EXPLICIT
+    if device == "cuda" and queries > 1:
+        fits = wide % 8 == 0 and wide <= CUDA_FUSED_MAX_HEAD_SIZE
+        return FUSED if fits and dtype in CUDA_FUSED_DTYPES else EXPLICIT
+    return EXPLICIT
+
+
+def _path(config: SelfExtendConfig, queries: int, head_dim: int, dtype, softcap, quant) -> str:
+    """The path for this step: the configured backend, or on "auto" the routing table, less
+    what the step cannot take (quantized keys: explicit only; soft-capping: not fused) and what
+    failed in this process (a Metal kernel that failed its check, a fused call MLX refused)."""
+    if config.backend != "auto":  # forced, as tests and selftest do: no table, no checks
+        unfit = quant is not None or (config.backend == FUSED and (queries == 1 or softcap is not None))
+        return EXPLICIT if unfit else config.backend
+    if quant is not None:
+        return EXPLICIT
+    path = choose_path(head_dim=head_dim, dtype=dtype, queries=queries, device=device_kind())
+    if path == FUSED and (softcap is not None or (head_dim, dtype) in _unfused):
+        return EXPLICIT
+    if path == METAL and not kernel_verified(dtype, head_dim, head_dim, _explicit_reference):
+        return EXPLICIT
+    return path
+
+
+def _explicit_reference(qn, qg, kv, *, q_start: int, window: int, softcap=None):
+    """The plain-MLX path the Metal kernel is checked against (kernels.kernel_verified)."""
+    config = SelfExtendConfig(group_size=2, window=window, backend=EXPLICIT)
+    return selfextend_attention(qn, qg, CachedKV(*kv), q_start=q_start, config=config, softcap=softcap)
+
+
+def _refuse_fused(head_dim: int, dtype, error: Exception) -> None:
+    _unfused.add((head_dim, dtype))
+    reason = str(error).split(": ", 1)[-1]
+    print(
+        f"selfextend: MLX has no fused attention for head size {2 * head_dim} in {dtype} here ({reason}); "
+        "prefill uses the explicit path",
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -285,20 +331,43 @@ def selfextend_attention(
         mask = "causal" if L > 1 else None
         return mx.fast.scaled_dot_product_attention(q_neighbor, kv.neighbor_keys, kv.values, scale=1.0, mask=mask)
 
-    if quant is None and _use_metal(config, L):
+    path = _path(config, L, D, q_neighbor.dtype, softcap, quant)
+    if path == METAL:
         return selfextend_kernel_attention(
             q_neighbor, q_grouped, kv, q_start=q_start, window=config.window, scale=1.0, softcap=softcap
         )
+    if path == FUSED:
+        device = device_kind()
+        Dv = kv.values.shape[-1]
+        keys, values = _fused_keys(kv, end, pad_values=device == "metal" and Dv != 2 * D)
+        q = mx.concatenate([q_neighbor, q_grouped], axis=-1)
+        force = config.backend == "auto"  # the table said fused: never MLX's unfused fallback
+        try:
+            outputs = [
+                _attend_chunk_fused(
+                    q[:, :, a - q_start : min(end, a + config.chunk_size) - q_start],
+                    keys,
+                    values,
+                    a=a,
+                    b=min(end, a + config.chunk_size),
+                    kv=kv,
+                    config=config,
+                    force=force,
+                )[..., :Dv]
+                for a in range(q_start, end, config.chunk_size)
+            ]
+            return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+        except ValueError as error:
+            if not force:
+                raise
+            _refuse_fused(D, q_neighbor.dtype, error)
 
-    fused = L > 1 and quant is None and softcap is None and _use_fused(config)
     outputs = []
     for a in range(q_start, end, config.chunk_size):
         b = min(end, a + config.chunk_size)
-        qn, qg = (q[:, :, a - q_start : b - q_start, :] for q in (q_neighbor, q_grouped))
-        if fused:
-            out = _attend_chunk_fused(qn, qg, a=a, b=b, kv=kv, config=config)
-        else:
-            qn, qg = (x.reshape(B, Hkv, rep * (b - a), D) for x in (qn, qg))
-            out = _attend_chunk(qn, qg, a=a, b=b, kv=kv, config=config, softcap=softcap, quant=quant)
+        qn, qg = (
+            x[:, :, a - q_start : b - q_start, :].reshape(B, Hkv, rep * (b - a), D) for x in (q_neighbor, q_grouped)
+        )
+        out = _attend_chunk(qn, qg, a=a, b=b, kv=kv, config=config, softcap=softcap, quant=quant)
         outputs.append(out.reshape(B, Hq, b - a, -1))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)

@@ -18,11 +18,16 @@ class SelfExtendConfig:
     group_size (G): keys farther than `window` tokens away attend through position `pos // G`.
     window (W): keys closer than W tokens attend through their normal positions.
     chunk_size: queries handled at once inside attention; bounds prefill scores to
-        heads x chunk_size x N per layer, whatever the caller feeds in.
-    backend: "auto" (on a GPU fused prefill, and on Apple GPUs the Metal decode kernel;
-        explicit scores on a CPU), "explicit" (the plain-MLX reference path everywhere), "fused"
-        (one fused attention call per prefill chunk) or "metal" (the Metal kernel for decode
-        steps and prefill alike). Every backend computes the same attention.
+        heads x chunk_size x N per layer, whatever the caller feeds in. A run planned by
+        selfextend_mlx.planning gets the chunk its score budget allows at the planned length
+        (planning.attention_chunk_size).
+    backend: "auto" (per step, the path attention.choose_path picks from MLX's own routing: on
+        Apple GPUs the Metal kernel for up to 8 queries, checked against the explicit path at
+        first use; one fused attention call for prefill where MLX really runs it fused; the
+        explicit scores otherwise, and always on a CPU), or one path forced for every step,
+        unchecked: "explicit" (the plain-MLX reference), "fused" (one scaled_dot_product_attention
+        call per prefill chunk, whichever way MLX runs it) or "metal" (the Metal kernel, decode
+        and prefill). Every backend computes the same attention.
     """
 
     group_size: int

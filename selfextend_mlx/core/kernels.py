@@ -6,9 +6,15 @@ the grouped query against the grouped key (i - j >= W) or from the neighbor quer
 neighbor key. No score matrix is materialized, and the cache is read in place (strided).
 A decode step is the one-query case; a prefill chunk runs all its queries in one launch.
 
-The plain-MLX path in attention.py is the reference: `selfextend selftest` compares the two
-on the user's machine. Where Metal is absent (Linux, CI), this kernel never runs.
+The plain-MLX path in attention.py is the reference. Before its first use in a process, for
+each dtype and head size, `kernel_verified` runs the kernel on a small random problem against
+that path; a compile error or a disagreement disables it (one line on stderr) and the plain
+path runs instead. `selfextend selftest` is the user's fuller check (larger problems, timings).
+Where Metal is absent (Linux, CI), this kernel never runs.
 """
+
+import sys
+import threading
 
 import mlx.core as mx
 
@@ -117,3 +123,69 @@ def selfextend_kernel_attention(qn, qg, kv, *, q_start: int, window: int, scale:
         output_dtypes=[values.dtype],
     )
     return out
+
+
+# -- the check before first use ---------------------------------------------------------------
+
+# Largest |kernel - reference| accepted, by dtype: the same sums in another order, values of
+# unit size; fp16 and bf16 round every input and output.
+TOLERANCE = {mx.float32: 1e-3, mx.float16: 1e-2, mx.bfloat16: 5e-2}
+_verified = {}  # (dtype, head size, value head size) -> bool, for this process
+_lock = threading.Lock()
+
+
+def _check_problem(dtype, head_dim: int, value_dim: int):
+    """A small problem with every case the kernel distinguishes: grouped keys, the mixed band,
+    neighbor keys, GQA (4 query heads on 2 key heads), one decode query and 5 prefill queries."""
+    keys, window = 40, 8
+    k1, k2, k3, k4, k5 = mx.random.split(mx.random.key(7), 5)
+    normal = lambda shape, key: mx.random.normal(shape, key=key).astype(dtype)  # noqa: E731
+    k_grouped, k_neighbor = normal((1, 2, keys, head_dim), k1), normal((1, 2, keys, head_dim), k2)
+    values = normal((1, 2, keys, value_dim), k3)
+    problems = []
+    for n_queries in (1, 5):
+        q_start = keys - n_queries
+        neighbor_start = q_start - window + 1
+        kv = (k_grouped[..., : keys - window, :], values, k_neighbor[..., neighbor_start:, :], neighbor_start)
+        qn = normal((1, 4, n_queries, head_dim), k4) * head_dim**-0.5
+        qg = normal((1, 4, n_queries, head_dim), k5) * head_dim**-0.5
+        problems.append((qn, qg, kv, q_start, window))
+    return problems
+
+
+def _disagreement(dtype, head_dim: int, value_dim: int, reference):
+    """None when the kernel agrees with `reference` on the check problem, else why not."""
+    worst = 0.0
+    try:
+        for qn, qg, kv, q_start, window in _check_problem(dtype, head_dim, value_dim):
+            for softcap in (None, 5.0):
+                args = dict(q_start=q_start, window=window, softcap=softcap)
+                fast = selfextend_kernel_attention(qn, qg, kv, scale=1.0, **args)
+                expected = reference(qn, qg, kv, **args)
+                error = mx.abs(fast.astype(mx.float32) - expected.astype(mx.float32)).max().item()
+                worst = max(worst, error if error == error else float("inf"))  # NaN counts as wrong
+    except Exception as e:  # a kernel that does not compile or launch here
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first_line}"
+    if worst > TOLERANCE.get(dtype, 5e-2):
+        return f"max |difference| {worst:.2g} from the plain-MLX path"
+    return None
+
+
+def kernel_verified(dtype, head_dim: int, value_dim: int, reference) -> bool:
+    """Whether the kernel may run for this dtype and head sizes: checked once per process
+    against `reference` (a callable with the kernel's signature, less `scale`: the plain-MLX
+    path). A failure prints one line on stderr and keeps the kernel off for the process."""
+    key = (dtype, head_dim, value_dim)
+    with _lock:
+        if key not in _verified:
+            problem = _disagreement(dtype, head_dim, value_dim, reference)
+            _verified[key] = problem is None
+            if problem is not None:
+                print(
+                    f"selfextend: the Metal attention kernel failed its check for {dtype}, head size "
+                    f"{head_dim} ({problem}); using the plain-MLX path",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return _verified[key]
