@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import SelfExtendConfig
-from .kernels import kernel_verified, selfextend_kernel_attention
+from .kernels import dtype_name, kernel_verified, selfextend_kernel_attention
 
 
 def rope_at(rope, x: mx.array, positions) -> mx.array:
@@ -292,7 +292,7 @@ def _refuse_fused(head_dim: int, dtype, error: Exception) -> None:
     _unfused.add((head_dim, dtype))
     reason = str(error).split(": ", 1)[-1]
     print(
-        f"selfextend: MLX has no fused attention for head size {2 * head_dim} in {dtype} here ({reason}); "
+        f"selfextend: MLX has no fused attention for head size {2 * head_dim} in {dtype_name(dtype)} here ({reason}); "
         "prefill uses the explicit path",
         file=sys.stderr,
         flush=True,

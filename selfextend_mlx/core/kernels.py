@@ -172,6 +172,10 @@ def _disagreement(dtype, head_dim: int, value_dim: int, reference):
     return None
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
 def kernel_verified(dtype, head_dim: int, value_dim: int, reference) -> bool:
     """Whether the kernel may run for this dtype and head sizes: checked once per process
     against `reference` (a callable with the kernel's signature, less `scale`: the plain-MLX
@@ -183,7 +187,7 @@ def kernel_verified(dtype, head_dim: int, value_dim: int, reference) -> bool:
             _verified[key] = problem is None
             if problem is not None:
                 print(
-                    f"selfextend: the Metal attention kernel failed its check for {dtype}, head size "
+                    f"selfextend: the Metal attention kernel failed its check for {dtype_name(dtype)}, head size "
                     f"{head_dim} ({problem}); using the plain-MLX path",
                     file=sys.stderr,
                     flush=True,
