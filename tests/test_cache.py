@@ -184,7 +184,7 @@ def test_interrupted_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("selfextend_mlx.core.cache.save_prompt_cache", interrupted)
+    monkeypatch.setattr("selfextend_mlx.core.cache._write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_cache(path, cache, model_id="m", config=CONFIG)
     assert path.read_bytes() == before
