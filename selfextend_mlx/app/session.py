@@ -26,7 +26,7 @@ from ..core.prefill import DEFAULT_STEP, Progress, prefill
 from ..errors import InputTooLongError, SelfExtendError
 from ..loading.load import model_info
 from ..planning import QUESTION_RESERVE, check_memory, choose_strategy, kv_group_size, plan_run
-from .doccache import DocumentCache, cache_key
+from .doccache import DocumentCache, cache_key, weights_fingerprint
 from .documents import Document, format_documents
 from .generation import DEFAULT_MAX_TOKENS, Answer, Sampling, stream_answer
 from .prompts import PromptFormat, common_prefix_length, encode
@@ -132,7 +132,13 @@ class Session:
 
     # -- the document part ----------------------------------------------------------------------
     def _document_key(self) -> str:
-        return cache_key(self.info.model_id, self.plan.settings, self.options.kv_bits, self.prefix_tokens)
+        return cache_key(
+            self.info.model_id,
+            self.plan.settings,
+            self.options.kv_bits,
+            self.prefix_tokens,
+            weights=weights_fingerprint(self.info),
+        )
 
     def _new_cache(self) -> list:
         return make_cache(self.model, self.options.kv_bits, self.kv_group_size)
@@ -178,7 +184,7 @@ class Session:
                 model_id=self.info.model_id,
                 config=self.plan.config,
                 metadata={
-                    "documents": ", ".join(doc.name for doc in self.documents),
+                    "documents": ", ".join(doc.label for doc in self.documents),
                     "tokens": len(self.prefix_tokens),
                     "kv_bits": self.options.kv_bits,
                 },
