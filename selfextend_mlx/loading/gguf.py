@@ -7,6 +7,7 @@ Face tensor names, undoing llama.cpp's q/k row permutation, and the tokenizer an
 template from the metadata.
 """
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,39 +86,53 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
 _STRING, _ARRAY = 8, 9
 
 
+GGML_MAX_DIMS = 4
+MAX_NESTING = 8  # arrays of arrays: real files nest once at most
+
+
 class _Reader:
-    def __init__(self, file):
-        self.file = file
+    """Reads GGUF fields, checking every length and count against the bytes left in the file
+    before reading, so a corrupt size field is an error, never a huge allocation."""
+
+    def __init__(self, file, size: int):
+        self.file, self.size = file, size
+
+    def left(self) -> int:
+        return self.size - self.file.tell()
+
+    def _read(self, n: int) -> bytes:
+        if n > self.left():
+            raise EOFError(f"a length of {n:,} bytes runs past the end of the file")
+        return self.file.read(n)
 
     def take(self, fmt: str):
-        size = struct.calcsize(fmt)
-        data = self.file.read(size)
-        if len(data) != size:
-            raise EOFError
-        return struct.unpack(fmt, data)[0]
+        return struct.unpack(fmt, self._read(struct.calcsize(fmt)))[0]
+
+    def count(self, item_bytes: int) -> int:
+        """A count of items of at least `item_bytes` each, which must fit in what is left."""
+        n = self.take("<Q")
+        if n * item_bytes > self.left():
+            raise EOFError(f"a count of {n:,} items runs past the end of the file")
+        return n
 
     def string(self) -> str:
-        length = self.take("<Q")
-        data = self.file.read(length)
-        if len(data) != length:
-            raise EOFError
-        return data.decode("utf-8", errors="replace")
+        return self._read(self.take("<Q")).decode("utf-8", errors="replace")
 
-    def value(self, kind: int):
+    def value(self, kind: int, depth: int = 0):
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
-            item_kind, count = self.take("<I"), self.take("<Q")
+            if depth >= MAX_NESTING:
+                raise ValueError("arrays nested too deep")
+            item_kind = self.take("<I")
             if item_kind == _STRING:
-                return [self.string() for _ in range(count)]
+                return [self.string() for _ in range(self.count(8))]
             if item_kind in _NUMPY:
                 # Token scores and types are long: read them in one go.
                 dtype = np.dtype(_NUMPY[item_kind])
-                data = self.file.read(dtype.itemsize * count)
-                if len(data) != dtype.itemsize * count:
-                    raise EOFError
-                return np.frombuffer(data, dtype=dtype).tolist()
-            return [self.value(item_kind) for _ in range(count)]
+                count = self.count(dtype.itemsize)
+                return np.frombuffer(self._read(dtype.itemsize * count), dtype=dtype).tolist()
+            return [self.value(item_kind, depth + 1) for _ in range(self.count(4))]
         if kind in _SCALARS:
             return self.take(_SCALARS[kind])
         raise ValueError(f"unknown GGUF value type {kind}")
@@ -130,11 +145,12 @@ def read_header(path) -> GGUFHeader:
         with open(path, "rb") as file:
             if file.read(4) != GGUF_MAGIC:
                 raise GGUFError(f"{path} is not a GGUF file (no GGUF magic number)")
-            reader = _Reader(file)
+            reader = _Reader(file, os.fstat(file.fileno()).st_size)
             version = reader.take("<I")
             if version not in (2, 3):
                 raise GGUFError(f"{path}: GGUF version {version} is not supported; supported: versions 2 and 3")
-            tensor_count, kv_count = reader.take("<Q"), reader.take("<Q")
+            # each tensor and key takes at least 24 and 12 bytes of the header
+            tensor_count, kv_count = reader.count(24), reader.count(12)
             metadata = {}
             for _ in range(kv_count):
                 key = reader.string()
@@ -142,13 +158,18 @@ def read_header(path) -> GGUFHeader:
             tensors = {}
             for _ in range(tensor_count):
                 name = reader.string()
-                dims = [reader.take("<Q") for _ in range(reader.take("<I"))]
+                n_dims = reader.take("<I")
+                if n_dims > GGML_MAX_DIMS:
+                    raise ValueError(f"tensor {name[:60]} has {n_dims} dimensions")
+                dims = [reader.take("<Q") for _ in range(n_dims)]
                 kind = reader.take("<I")
                 reader.take("<Q")  # data offset
                 # GGUF lists the fastest-moving dimension first.
                 tensors[name] = (TENSOR_TYPES.get(kind, f"type {kind}"), tuple(reversed(dims)))
-    except (EOFError, ValueError, UnicodeDecodeError) as error:
+    except (EOFError, ValueError, UnicodeDecodeError, struct.error) as error:
         raise GGUFError(f"{path} is a truncated or corrupt GGUF file ({error or 'unexpected end'})") from None
+    except OSError as error:
+        raise GGUFError(f"cannot read {path}: {error.strerror or error}") from None
     return GGUFHeader(version, metadata, tensors)
 
 
@@ -174,8 +195,9 @@ def check_supported(header: GGUFHeader, path) -> None:
         raise GGUFError(f"{path}: GGUF rope scaling '{scaling}' is not supported; supported: none or linear")
     heads = header.arch_value("attention.head_count")
     width = header.arch_value("embedding_length")
-    if not heads or not width:
+    if not _positive_int(heads) or not _positive_int(width):
         raise GGUFError(f"{path}: GGUF metadata lacks the llama head count or embedding length")
+    _check_sizes(header, path, width)
     head_dim = header.arch_value("attention.key_length", width // heads)
     if header.arch_value("rope.dimension_count", head_dim) != head_dim:
         raise GGUFError(f"{path}: GGUF partial rotary embeddings are not supported; {SUPPORTED}")
@@ -185,6 +207,27 @@ def check_supported(header: GGUFHeader, path) -> None:
             f"{path}: GGUF tokenizer '{model}' is not supported; "
             "supported: gpt2 (byte-level BPE), llama (SentencePiece)"
         )
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_sizes(header: GGUFHeader, path, width: int) -> None:
+    """The metadata's sizes must agree with the tensors the file holds: a corrupt size field
+    would otherwise build a model far larger than the file (and run out of memory)."""
+    layers = {name.split(".")[1] for name in header.tensors if name.startswith("blk.")}
+    count = header.arch_value("block_count")
+    if not _positive_int(count) or layers != {str(i) for i in range(count)}:
+        raise GGUFError(f"{path}: GGUF metadata says {count!r} layers, the file holds tensors for {len(layers)}")
+    for key, tensor, axis in (
+        ("embedding_length", "token_embd.weight", 1),
+        ("feed_forward_length", "blk.0.ffn_gate.weight", 0),
+    ):
+        value, found = header.arch_value(key), header.tensors.get(tensor)
+        if found is None or len(found[1]) != 2 or not _positive_int(value) or found[1][axis] != value:
+            shape = found[1] if found else "missing"
+            raise GGUFError(f"{path}: GGUF metadata {key}={value!r} does not match tensor {tensor} ({shape})")
 
 
 # ---------------------------------------------------------------- model

@@ -41,10 +41,18 @@ def hub_cache_dir() -> Optional[str]:
 @contextmanager
 def _one_line_errors(repo: str, what: str, local_only: bool = False):
     """Hub failures as one ModelNotFoundError naming `repo` and what to do."""
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         yield
+    except HFValidationError:
+        raise ModelNotFoundError(f"{repo!r} is not a valid Hugging Face repo id (owner/name)") from None
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo} is a gated Hugging Face repo: accept its license on huggingface.co, then `hf auth login`"

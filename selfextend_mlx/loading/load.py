@@ -146,24 +146,35 @@ def describe(model_ref=None) -> ModelSpec:
 # ------------------------------------------------------------------ loading
 
 
+REMOTE_CODE_REFUSED = (
+    "it needs Python code from the model folder to build its {what}, and code from a model is not run "
+    "unless you ask: pass --trust-remote-code (trust_remote_code=True in Python) if you trust its author"
+)
+
+
 def _load_folder(path: Path, dtype_name: str, trust_remote_code: bool):
     from mlx_lm.utils import load_model, load_tokenizer
 
     try:
         # Lazy, so a bf16 or quantized model is converted without holding both copies.
         model, config = load_model(path, lazy=True, trust_remote_code=trust_remote_code)
-        extra = {"trust_remote_code": True} if trust_remote_code else None
+        # Always explicit: left unset, transformers asks on stdout whether to run the folder's
+        # tokenizer code and reads the answer from stdin.
+        extra = {"trust_remote_code": bool(trust_remote_code)}
         tokenizer = load_tokenizer(path, extra, eos_token_ids=config.get("eos_token_id"))
+        apply_dtype(model, dtype_name)  # reads the (lazy) weights: a truncated file fails here
     except FileNotFoundError as error:
         raise ModelNotFoundError(f"{path}: {str(error).splitlines()[0]}") from None
     except json.JSONDecodeError as error:
         raise ModelNotFoundError(f"{path}: a JSON file is corrupt ({error.msg})") from None
-    except ValueError as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if "trust_remote_code" in message:
-            message = "it runs custom code to build its model; pass trust_remote_code=True if you trust it"
+    except (ValueError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "trust_remote_code" in str(error):
+            what = "tokenizer" if "model_file" not in str(error) and "architecture" not in str(error) else "model"
+            raise UnsupportedModelError(f"{path}: {REMOTE_CODE_REFUSED.format(what=what)}") from None
+        if isinstance(error, RuntimeError):  # MLX reading the weights
+            message = f"its weights cannot be read, the file may be truncated or corrupt ({message})"
         raise UnsupportedModelError(f"{path}: {message}") from None
-    apply_dtype(model, dtype_name)
     return model, tokenizer, config
 
 
@@ -202,6 +213,8 @@ def load(
         model, tokenizer, config = load_gguf(source.path, dtype=DTYPES[dtype_name])
     else:
         model, tokenizer, config = _load_folder(source.path, dtype_name, trust_remote_code)
+    if source.changed():
+        raise ModelNotFoundError(f"{source.path} changed while it was being loaded; run again once it is complete")
     limits = model_limits(config, entry, source.path)
     model.model_info = ModelInfo(
         model_id=source.model_id,

@@ -126,6 +126,8 @@ def parse_registry(text: str, where: str) -> dict:
             raise RegistryError(f"{where}: model {entry.name!r} is listed twice")
         entries[key] = entry
     default = data.get("default")
+    if default is not None and not isinstance(default, str):
+        raise RegistryError(f"{where}: default must be a model name, got {default!r}")
     if default is not None and default.lower() not in entries:
         raise RegistryError(f"{where}: default {default!r} is not one of its models")
     entries[None] = default
@@ -139,7 +141,13 @@ def _load(builtin: str, user: Optional[str]) -> dict:
         path = Path(user).expanduser()
         if not path.is_file():
             raise RegistryError(f"${USER_REGISTRY_ENV} names {path}, which is not a file")
-        extra = parse_registry(path.read_text(encoding="utf-8"), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise RegistryError(
+                f"${USER_REGISTRY_ENV} names {path}, which cannot be read as UTF-8 text ({error})"
+            ) from None
+        extra = parse_registry(text, str(path))
         default = extra.pop(None) or entries[None]
         entries.update(extra)
         entries[None] = default

