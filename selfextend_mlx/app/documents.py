@@ -1,11 +1,16 @@
 """Read documents as plain text: text, Markdown, HTML and PDF files, or stdin.
 
-Every failure a user can cause (missing, empty, binary, undecodable, broken PDF) raises
-DocumentError with a one-line message naming the file.
+Every failure a user can cause (missing, empty, binary, undecodable, broken PDF, larger than
+the input limit) raises DocumentError with a one-line message naming the file. Memory stays
+bounded: a file's size is checked before it is read, a pipe or device is read only up to the
+limit, and a PDF's extracted text is held to the same limit.
 """
 
 import io
 import logging
+import os
+import re
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +31,13 @@ _BOMS = (
     (b"\xfe\xff", "utf-16"),
 )
 
+# A long book is 1-4 MB of text; 10 MB lets any of them through while keeping the tokenizer's
+# working memory near 1.4 GB (measured on SmolLM2's tokenizer: docs/reliability.md).
+DEFAULT_MAX_INPUT = 10_000_000
+ENV_MAX_INPUT = "SELFEXTEND_MAX_INPUT"
+_CHUNK = 1 << 20  # pipes and devices are read a megabyte at a time
+_SNIFF = 1 << 16  # binary data is recognised from its first 64 KB, before the rest is read
+
 
 @dataclass(frozen=True)
 class Document:
@@ -33,63 +45,144 @@ class Document:
     text: str
     format: str  # "text", "markdown", "html" or "pdf"
 
+    @property
+    def label(self) -> str:
+        """A name for listings: the file name, or for stdin its first words (so two piped
+        documents can be told apart in `selfextend cache list`)."""
+        if self.name != "stdin":
+            return self.name
+        words = " ".join(self.text.split()[:8])
+        return f'stdin "{words[:40]}{"..." if len(words) > 40 or len(self.text.split()) > 8 else ""}"'
 
-def read_document(path: str, stdin: Optional[BinaryIO] = None) -> Document:
-    """Read one document; `-` reads standard input (or `stdin` when given)."""
+
+def max_input_bytes(value=None) -> int:
+    """The input limit in bytes: `value` (bytes, or a size such as '10MB'), else
+    $SELFEXTEND_MAX_INPUT, else DEFAULT_MAX_INPUT."""
+    from ..planning import parse_size
+
+    if value is None:
+        value = os.environ.get(ENV_MAX_INPUT) or DEFAULT_MAX_INPUT
+        what = ENV_MAX_INPUT
+    else:
+        what = "--max-input"
+    return value if isinstance(value, int) and value > 0 else parse_size(str(value), what)
+
+
+def display_name(path: str) -> str:
+    """A file name as text that any tokenizer and terminal take: bytes that are not UTF-8
+    (which Python keeps as lone surrogates) become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", errors="replace") if path != STDIN else "stdin"
+
+
+def read_document(path: str, stdin: Optional[BinaryIO] = None, max_bytes=None) -> Document:
+    """Read one document; `-` reads standard input (or `stdin` when given). `max_bytes`: the
+    input limit (see max_input_bytes)."""
+    limit = max_input_bytes(max_bytes)
+    name = display_name(path)
     if path == STDIN:
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        data = stream.read()
-        name = "stdin"
+        data = _read_stream(stdin if stdin is not None else sys.stdin.buffer, name, limit)
         suffix = ""
     else:
-        data = _read_bytes(Path(path))
-        name = path
+        data = _read_file(Path(path), name, limit)
         suffix = Path(path).suffix.lower()
-    document = parse_document(name, data, suffix)
+    document = parse_document(name, data, suffix, max_chars=limit)
     if not document.text.strip():
         what = "has no extractable text (a scanned PDF needs OCR first)" if document.format == "pdf" else "is empty"
         raise DocumentError(f"{name} {what}")
     return document
 
 
-def read_documents(paths: Iterable[str], stdin: Optional[BinaryIO] = None) -> list[Document]:
+def read_documents(paths: Iterable[str], stdin: Optional[BinaryIO] = None, max_bytes=None) -> list[Document]:
+    """Read each document; the input limit applies to their sum."""
     paths = list(paths)
     if not paths:
         raise DocumentError("no document given: name a file, or - to read standard input")
     if paths.count(STDIN) > 1:
         raise DocumentError("standard input (-) can be read only once")
-    return [read_document(path, stdin) for path in paths]
+    limit = max_input_bytes(max_bytes)
+    documents, used = [], 0
+    for path in paths:
+        if used >= limit:
+            raise DocumentError(f"the documents up to {display_name(path)} are {_over(limit)}")
+        document = read_document(path, stdin, max_bytes=limit - used)
+        used += len(document.text.encode("utf-8", errors="replace"))
+        documents.append(document)
+    return documents
 
 
-def parse_document(name: str, data: bytes, suffix: str = "") -> Document:
+def _over(limit: int) -> str:
+    from ..planning import format_bytes
+
+    return (
+        f"over the input limit of {format_bytes(limit)}; raise it with --max-input or "
+        f"${ENV_MAX_INPUT} (e.g. 50MB) if you mean it"
+    )
+
+
+def parse_document(name: str, data: bytes, suffix: str = "", max_chars: Optional[int] = None) -> Document:
     """Bytes to text, choosing the reader from the content first and the file name second."""
     if data.startswith(b"%PDF-"):
-        return Document(name, _pdf_text(name, data), "pdf")
+        return Document(name, _pdf_text(name, data, max_chars), "pdf")
     text = decode_text(name, data)
     if suffix in HTML_SUFFIXES or _looks_like_html(text):
         return Document(name, html_to_text(text), "html")
     return Document(name, text, "markdown" if suffix in MARKDOWN_SUFFIXES else "text")
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_file(path: Path, name: str, limit: int) -> bytes:
+    """A file's bytes; a regular file's size is checked before anything is read, anything
+    else (a pipe, /dev/zero) is read up to the limit."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError
+            if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+                from ..planning import format_bytes
+
+                raise DocumentError(f"{name} is {format_bytes(info.st_size)}, {_over(limit)}")
+            return _read_stream(file, name, limit)
     except FileNotFoundError:
-        raise DocumentError(f"no such file: {path}") from None
+        raise DocumentError(f"no such file: {name}") from None
     except IsADirectoryError:
-        raise DocumentError(f"{path} is a directory; name the files inside it") from None
+        raise DocumentError(f"{name} is a directory; name the files inside it") from None
     except PermissionError:
-        raise DocumentError(f"cannot read {path}: permission denied") from None
+        raise DocumentError(f"cannot read {name}: permission denied") from None
     except OSError as error:
-        raise DocumentError(f"cannot read {path}: {error.strerror or error}") from None
+        raise DocumentError(f"cannot read {name}: {error.strerror or error}") from None
+
+
+def _read_stream(stream: BinaryIO, name: str, limit: int) -> bytes:
+    """At most `limit` bytes, refusing more; binary data is refused from its first bytes, so
+    an endless device (/dev/zero, /dev/urandom) is turned away at once."""
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(_CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        if size == 0:
+            _refuse_binary(name, chunk[:_SNIFF])
+        chunks.append(chunk)
+        size += len(chunk)
+    raise DocumentError(f"{name} is {_over(limit)}")
+
+
+def _refuse_binary(name: str, head: bytes) -> None:
+    """NUL bytes mean binary data, except in UTF-16/32 text (a BOM says so) and in PDFs."""
+    if head.startswith(b"%PDF-") or any(head.startswith(bom) for bom, _ in _BOMS):
+        return
+    if b"\x00" in head:
+        raise DocumentError(f"{name} looks like a binary file, not text (it contains NUL bytes)")
 
 
 def decode_text(name: str, data: bytes) -> str:
-    """UTF-8 (or a BOM's encoding) when it fits, else a detected legacy encoding; binary refused."""
+    """UTF-8 (or a BOM's encoding) when it fits; else Windows-1252 (a superset of Latin-1's
+    text) when the result reads as a Western European language; else the encoding
+    charset_normalizer detects. Binary data is refused."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:
-                return _normalize_newlines(data.decode(encoding))
+                return _checked_text(name, data.decode(encoding))
             except UnicodeDecodeError:
                 raise DocumentError(
                     f"{name} starts with a {encoding} byte-order mark but is not valid {encoding}"
@@ -97,24 +190,51 @@ def decode_text(name: str, data: bytes) -> str:
     if b"\x00" in data:
         raise DocumentError(f"{name} looks like a binary file, not text (it contains NUL bytes)")
     try:
-        return _normalize_newlines(data.decode("utf-8"))
+        return _checked_text(name, data.decode("utf-8"))
     except UnicodeDecodeError:
         pass
+    try:
+        western = data.decode("cp1252")
+    except UnicodeDecodeError:  # bytes cp1252 leaves undefined: another code page
+        western = None
+    # Detectors guess wildly on short texts (a Latin-1 "café était" came out as mac_latin2),
+    # so the common case is tried first and the detector decides only against it.
+    if western is not None and reads_as_western(western):
+        return _checked_text(name, western)
     from charset_normalizer import from_bytes
 
-    matches = from_bytes(data)
-    guess = matches.best()
-    if guess is None:
+    guess = from_bytes(data).best()
+    if guess is None and western is None:
         raise DocumentError(
             f"cannot tell the text encoding of {name}: it is not UTF-8 and no other encoding fits; "
             "convert it to UTF-8 (for example with iconv)"
         )
-    text = str(guess)
-    # Single-byte code pages often tie (cp1250 and cp1252 read "é" alike); on a tie take
-    # Windows-1252, by far the most common legacy encoding of Western text.
-    tied = [m for m in matches if (m.chaos, m.coherence) == (guess.chaos, guess.coherence)]
-    if any("cp1252" in m.could_be_from_charset for m in tied):
-        text = data.decode("cp1252", errors="replace")
+    return _checked_text(name, str(guess) if guess is not None else western)
+
+
+def reads_as_western(text: str) -> bool:
+    """Whether text decoded as Windows-1252 reads like a Western European language: accented
+    letters inside mostly ASCII words, no symbols in the middle of a word. Another code page
+    read as cp1252 gives words made only of accented letters (Cyrillic, Greek: "Ïðèâåò") or
+    symbols inside words (Polish "ł" and "ą" as "³" and "¹": "Za¿ó³æ")."""
+    words = foreign = inside = 0
+    for token in text.split():
+        core = token.strip(_EDGE_PUNCTUATION)
+        letters = [ch for ch in core if ch.isalpha()]
+        if len(letters) >= 3:
+            words += 1
+            foreign += all(not ch.isascii() for ch in letters)
+        for left, ch, right in zip(core, core[1:], core[2:]):
+            if not ch.isascii() and not ch.isalpha() and ch not in _IN_WORD and left.isalpha() and right.isalpha():
+                inside += 1
+    return foreign <= words // 20 and inside <= words // 50
+
+
+_EDGE_PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum()) + "«»„“”‘’‚¡¿…–—•·"
+_IN_WORD = "’‘·\u00ad–—"  # apostrophes, the Catalan middle dot, soft hyphen and dashes join words
+
+
+def _checked_text(name: str, text: str) -> str:
     if _control_ratio(text) > 0.05:
         raise DocumentError(f"{name} looks like a binary file, not text")
     return _normalize_newlines(text)
@@ -125,13 +245,19 @@ def _normalize_newlines(text: str) -> str:
 
 
 def _control_ratio(text: str) -> float:
-    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\n\t\f\v")
-    return controls / max(len(text), 1)
+    sample = text[:_SNIFF]
+    controls = sum(1 for ch in sample if ord(ch) < 32 and ch not in "\n\r\t\f\v\x1b")
+    return controls / max(len(sample), 1)
+
+
+# What starts an HTML page, possibly after an XML declaration and comments.
+_HTML_START = re.compile(
+    r"(?:\s|<\?xml[^>]*>|<!--.*?-->)*<(?:!doctype\s+html|html|head|body|meta|title)\b", re.I | re.S
+)
 
 
 def _looks_like_html(text: str) -> bool:
-    head = text.lstrip()[:200].lower()
-    return head.startswith("<!doctype html") or head.startswith("<html")
+    return _HTML_START.match(text[:_SNIFF]) is not None
 
 
 # Elements whose end starts a new line in the extracted text.
@@ -206,21 +332,32 @@ def html_to_text(html: str) -> str:
     return "\n".join(text).strip()
 
 
-def _pdf_text(name: str, data: bytes) -> str:
+def _pdf_text(name: str, data: bytes, max_chars: Optional[int] = None) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # pypdf warns about harmless quirks on stderr
+    pages, total = [], 0
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not _decrypts_without_password(reader):
             raise DocumentError(f"{name} is an encrypted PDF; decrypt it first")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        for page in reader.pages:
+            text = (page.extract_text() or "").strip()
+            total += len(text)
+            if max_chars is not None and total > max_chars:
+                raise DocumentError(f"the text of {name} is {_over(max_chars)}")
+            if text:
+                pages.append(text)
     except DocumentError:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError) as error:
-        raise DocumentError(f"cannot read PDF {name}: {error}") from None
-    return "\n\n".join(page.strip() for page in pages if page.strip())
+    except RecursionError:
+        raise DocumentError(f"cannot read PDF {name}: its objects refer to each other in a loop") from None
+    except Exception as error:  # hostile files make pypdf raise nearly anything (LimitReachedError for bombs)
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
+        raise DocumentError(
+            f"cannot read PDF {name}: {type(error).__name__}{': ' + detail if detail else ''}"
+        ) from None
+    return "\n\n".join(pages)
 
 
 def _decrypts_without_password(reader) -> bool:
