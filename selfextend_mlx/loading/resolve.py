@@ -17,10 +17,14 @@ from ..errors import ModelNotFoundError, SelfExtendError
 from .hub import hub_snapshot
 from .registry import ModelEntry, default_model_name, registry_entry
 
+DEFAULT_MODEL_ENV = "SELFEXTEND_MODEL"  # the default model, as LLM_MODEL is llm's
+
 
 def reference(model_ref=None) -> str:
-    """The reference as text; nothing (or blank) means the default model."""
-    return default_model_name() if model_ref is None or str(model_ref).strip() == "" else str(model_ref).strip()
+    """The reference as text; nothing (or blank) means $SELFEXTEND_MODEL, else the registry's default."""
+    if model_ref is None or str(model_ref).strip() == "":
+        return os.environ.get(DEFAULT_MODEL_ENV, "").strip() or default_model_name()
+    return str(model_ref).strip()
 
 
 @dataclass(frozen=True)
