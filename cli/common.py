@@ -172,6 +172,8 @@ def print_json(data: dict) -> None:
 
 def answer_record(session, answer) -> dict:
     """What --json prints for one answer."""
+    from selfextend_mlx.loading.distributed import ranks_of
+
     plan = session.plan
     return {
         "answer": answer.text,
@@ -194,6 +196,7 @@ def answer_record(session, answer) -> dict:
         "generation_tps": round(answer.generation_tps, 2),
         "peak_memory_bytes": answer.peak_memory_bytes,
         "estimated_memory_bytes": plan.memory.total,
+        "ranks": ranks_of(session.model),
     }
 
 
@@ -202,15 +205,18 @@ def answer_record(session, answer) -> dict:
 
 def load_model(model_ref: Optional[str]):
     """Load the model plain: the session applies SelfExtend once it knows the input length.
-    A terminal sees a transient "loading" note, erased once the model is in."""
-    from selfextend_mlx.loading.load import load
+    A terminal sees a transient "loading" note, erased once the model is in. Under mlx.launch
+    with several ranks the model is sharded over them, and only rank 0 writes from here on."""
+    from selfextend_mlx.loading import distributed
 
+    if distributed.ranks() > 1:
+        distributed.quiet_unless_primary()
     interactive = sys.stderr.isatty()
     if interactive:
         sys.stderr.write(f"loading {model_ref or 'the default model'}...")
         sys.stderr.flush()
     try:
-        return load(model_ref, selfextend=False)
+        return distributed.load_sharded(model_ref)  # a plain load() in a single process
     finally:
         if interactive:
             sys.stderr.write("\r\x1b[2K")
@@ -218,7 +224,9 @@ def load_model(model_ref: Optional[str]):
 
 
 def document_cache(cache_dir: Optional[Path], no_cache: bool):
-    if no_cache:
+    from selfextend_mlx.loading.distributed import ranks
+
+    if no_cache or ranks() > 1:  # a sharded run's cache holds one rank's heads: never shared
         return None
     from selfextend_mlx.app.doccache import DocumentCache
 

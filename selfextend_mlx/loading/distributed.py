@@ -69,6 +69,8 @@ def check_shardable(model, n_ranks: int) -> None:
             f"{name}: mlx-lm has no tensor parallelism for {family} models, so it cannot be split over "
             f"{n_ranks} ranks; run it on one machine"
         )
+    if not hasattr(model.layers[0].self_attn, "n_kv_heads"):
+        raise UnsupportedModelError(f"{name}: SelfExtend cannot split {family} attention over ranks")
     heads, kv_heads = _head_counts(model)
     if heads % n_ranks or kv_heads % n_ranks:
         fits = [n for n in range(2, math.gcd(heads, kv_heads) + 1) if heads % n == 0 and kv_heads % n == 0]
@@ -87,10 +89,9 @@ def check_shardable(model, n_ranks: int) -> None:
 
 
 def _head_counts(model):
+    """The query and KV head counts mlx-lm's `shard` divides (the attention patch reads them)."""
     attention = model.layers[0].self_attn
-    heads = getattr(attention, "n_heads", None) or getattr(attention, "num_heads")
-    kv_heads = getattr(attention, "n_kv_heads", None) or getattr(attention, "num_key_value_heads")
-    return heads, kv_heads
+    return attention.n_heads, attention.n_kv_heads
 
 
 def load_sharded(model_ref=None, group: Optional[mx.distributed.Group] = None, **load_options):
