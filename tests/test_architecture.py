@@ -16,6 +16,7 @@ ALLOWED = {
     "loading": {"errors", "core", "planning"},
     "app": {"errors", "core", "planning", "loading"},
     "evaluation": {"errors", "core", "planning", "loading", "app"},
+    "server": {"errors", "core", "planning", "loading", "app"},
 }
 
 

@@ -1,0 +1,108 @@
+"""Running the server: uvicorn serves HTTP in a background thread while the calling (main)
+thread runs the engine, so every MLX call happens on the thread that loaded the model.
+
+Ctrl-C and SIGTERM stop it within seconds: the running request is cancelled at its next
+prefill step or token (its client gets a "shutting down" error), queued ones get a 503, open
+connections are closed, and serve() returns normally. A second signal forces the exit.
+"""
+
+import ipaddress
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Optional
+
+import uvicorn
+
+from ..errors import SelfExtendError
+from .app import ServerOptions, create_app
+from .engine import Engine
+
+GRACE_SECONDS = 3  # how long open connections may take to finish once stopping
+START_SECONDS = 30
+
+
+def is_local(host: str) -> bool:
+    """Whether `host` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        except OSError:
+            return False
+        return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port (port 0: a free one), or one clear error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise SelfExtendError(f"cannot listen on {host!r}: {error.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        hint = ": pick another with --port" if port else ""
+        raise SelfExtendError(f"cannot listen on {host}:{port}: {error.strerror}{hint}") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def serve(
+    engine: Engine,
+    options: ServerOptions = ServerOptions(),
+    *,
+    log: Callable[[str], None] = print,
+    on_ready: Callable[[str], None] = print,
+    sock: Optional[socket.socket] = None,
+) -> None:
+    """Serve `engine` until Ctrl-C or SIGTERM; on_ready(url) once requests are accepted.
+    `sock`: bound already (so that a port in use fails before the model loads)."""
+    sock = sock or bind(options.host, options.port)
+    config = uvicorn.Config(
+        create_app(engine, options, log),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=GRACE_SECONDS,
+        limit_concurrency=engine.options.queue_size + 64,  # beyond this uvicorn answers 503 itself
+    )
+    server = uvicorn.Server(config)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
+
+    def stop(signum, frame):  # only plain assignments: it may run between any two bytecodes
+        if engine.stopping:
+            server.force_exit = True
+        engine.stopping = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        deadline = time.monotonic() + START_SECONDS
+        while not server.started:
+            if not http.is_alive() or time.monotonic() > deadline:
+                raise SelfExtendError(f"the HTTP server did not start on {options.host}:{options.port}")
+            time.sleep(0.02)
+        on_ready(url_of(sock))
+        engine.run_forever(should_stop=lambda: not http.is_alive())
+    finally:
+        engine.stopping = True
+        server.should_exit = True
+        http.join(GRACE_SECONDS + 5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
