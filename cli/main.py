@@ -17,6 +17,7 @@ import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
 from . import bench_cmd, cache_cmd, chat_cmd, eval_cmd, generate_cmd, models_cmd  # noqa: E402
+from . import serve_cmd  # noqa: E402
 
 DEBUG_FLAG = "--debug"
 EXIT_INTERRUPTED = 130
@@ -117,6 +118,7 @@ cache_cmd.register(app)
 models_cmd.register(app)
 eval_cmd.register(app)
 bench_cmd.register(app)
+serve_cmd.register(app)
 
 
 def run() -> None:
