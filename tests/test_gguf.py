@@ -7,6 +7,7 @@ from. The real SmolLM2 Q4_1 file checks the tokenizer and the quantized layers a
 
 import json
 import re
+import struct
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -332,3 +333,49 @@ def test_smollm2_quantized_matches_its_fp32_twin(smollm2_gguf):
     assert np.abs(fast - exact).max() < 0.01 * np.abs(exact).max()
     assert (fast.argmax(-1) == exact.argmax(-1)).mean() > 0.9
     assert tokenizer.decode([int(exact[-1].argmax())]).strip() == "Rome"
+
+
+# ------------------------------------------------------------------ corrupt size fields
+
+
+def gguf_bytes(tensor_count=0, kv=(), tail=b"") -> bytes:
+    out = gguf.GGUF_MAGIC + struct.pack("<IQQ", 3, tensor_count, len(kv))
+    for key, payload in kv:
+        out += struct.pack("<Q", len(key)) + key.encode() + payload
+    return out + tail
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        gguf_bytes(kv=[("general.name", struct.pack("<IQ", 8, 2**62))]),  # a string of 4 EB
+        gguf_bytes(kv=[("tokens", struct.pack("<IIQ", 9, 8, 2**60))]),  # 2^60 strings
+        gguf_bytes(kv=[("scores", struct.pack("<IIQ", 9, 6, 2**61))]),  # 2^61 floats
+        gguf_bytes(kv=[("nested", struct.pack("<II", 9, 9) + struct.pack("<Q", 1) * 1 + struct.pack("<I", 9) * 40)]),
+        gguf_bytes(tensor_count=2**63),
+        gguf_bytes(tensor_count=1, tail=struct.pack("<Q", 1) + b"t" + struct.pack("<I", 2**31)),  # 2^31 dims
+        gguf.GGUF_MAGIC + struct.pack("<I", 3) + b"\x01",  # cut inside a count
+    ],
+)
+def test_corrupt_size_fields_are_one_clear_error_without_allocating(tmp_path, data):
+    path = tmp_path / "corrupt.gguf"
+    path.write_bytes(data)
+    with pytest.raises(gguf.GGUFError) as error:
+        gguf.read_header(path)
+    assert "truncated or corrupt" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"llama.block_count": 10**9}, "layers"),  # would build a billion layers
+        ({"llama.embedding_length": 2**20, "llama.attention.head_count": 4}, "embedding_length"),
+        ({"llama.feed_forward_length": 2**30}, "feed_forward_length"),
+    ],
+)
+def test_sizes_that_disagree_with_the_tensors_are_refused(tmp_path, stories_dir, override, expected):
+    path = tmp_path / "lying.gguf"
+    write_stories_gguf(path, stories_dir, "F32", **override)
+    with pytest.raises(gguf.GGUFError, match=expected) as error:
+        load(path, selfextend=False)
+    assert "\n" not in str(error.value)

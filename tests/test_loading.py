@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -199,8 +200,116 @@ def test_custom_code_stays_off_unless_asked(stories_dir, tmp_path):
     (custom / "arch.py").write_text("raise SystemExit('this must never run')\n")
     config = json.loads((custom / "config.json").read_text())
     (custom / "config.json").write_text(json.dumps({**config, "model_file": "arch.py"}))
-    with pytest.raises(UnsupportedModelError, match="trust_remote_code=True"):
+    with pytest.raises(UnsupportedModelError, match="pass --trust-remote-code"):
         load(custom)
+
+
+def evil_tokenizer_folder(stories_dir, target):
+    """A model whose tokenizer is a class from the folder's own evil.py (issue 12, case 1)."""
+    folder = copy_model(stories_dir, target)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTok", auto_map={"AutoTokenizer": ["evil.EvilTok", "evil.EvilTok"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ran = target.parent / "EVIL_RAN"
+    (folder / "evil.py").write_text(
+        f"open({str(ran)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTok(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    return folder, ran
+
+
+def test_tokenizer_code_in_a_model_folder_never_runs_and_nothing_asks(stories_dir, tmp_path, capfd, monkeypatch):
+    folder, ran = evil_tokenizer_folder(stories_dir, tmp_path / "evil")
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\ny\ny\n"))  # a "yes" waiting, as from a pipe
+    with pytest.raises(UnsupportedModelError) as error:
+        load(folder, selfextend=False)
+    message = str(error.value)
+    assert "--trust-remote-code" in message and "tokenizer" in message and "\n" not in message
+    assert not ran.exists()
+    out, _ = capfd.readouterr()
+    assert out == ""  # no question on stdout
+    assert sys.stdin.read() == "y\ny\ny\n"  # and no answer taken from stdin
+
+
+def test_asked_for_custom_code_runs(stories_dir, tmp_path):
+    folder, ran = evil_tokenizer_folder(stories_dir, tmp_path / "trusted")
+    model, tokenizer = load(folder, selfextend=False, trust_remote_code=True)
+    assert ran.exists() and type(tokenizer._tokenizer).__name__ == "EvilTok"
+
+
+def test_weights_rewritten_in_place_with_the_old_times_change_the_fingerprint(stories_dir, tmp_path):
+    copy = copy_model(stories_dir, tmp_path / "stories")
+    weights = copy / "model.safetensors"
+    before = weights.stat()
+    first = model_info(load(copy, selfextend=False)[0]).revision
+    time.sleep(0.02)  # past the file system's clock tick
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # same size, one weight changed
+    with open(weights, "r+b") as f:  # in place: same inode
+        f.write(data)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `cp -p` or an unpacked archive
+    assert weights.stat().st_mtime_ns == before.st_mtime_ns and weights.stat().st_size == before.st_size
+    assert model_info(load(copy, selfextend=False)[0]).revision != first
+    config = copy / "config.json"
+    second = model_info(load(copy, selfextend=False)[0]).revision
+    time.sleep(0.02)
+    config.write_text(config.read_text())  # the config shapes the model too
+    assert model_info(load(copy, selfextend=False)[0]).revision != second
+
+
+def test_weights_that_change_while_loading_are_refused(stories_dir, tmp_path, monkeypatch):
+    import selfextend_mlx.loading.load as loading
+
+    copy = copy_model(stories_dir, tmp_path / "stories")
+    real = loading._load_folder
+
+    def load_then_rewrite(path, *args):
+        loaded = real(path, *args)
+        time.sleep(0.02)
+        (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes())
+        return loaded
+
+    monkeypatch.setattr(loading, "_load_folder", load_then_rewrite)
+    with pytest.raises(ModelNotFoundError, match="changed while it was being loaded"):
+        load(copy, selfextend=False)
+
+
+def test_truncated_weights_are_one_clear_line(stories_dir, tmp_path):
+    copy = copy_model(stories_dir, tmp_path / "cut")
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    for broken in (data[: len(data) // 2], b"\xff" * 8 + b"{}"):
+        weights.write_bytes(broken)
+        with pytest.raises(UnsupportedModelError) as error:
+            load(copy)
+        assert "truncated or corrupt" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("ref", ["foo/..", "../x", "a--b/c", "owner/name.git", "-x/y", "x/.hidden", "a/b/c"])
+def test_what_is_not_a_repo_id_is_not_sent_to_the_hub(ref, monkeypatch):
+    from selfextend_mlx.loading import resolve as resolving
+
+    monkeypatch.setattr(resolving, "hub_snapshot", lambda *a, **k: pytest.fail(f"{ref} went to the Hub"))
+    assert not resolving.looks_like_repo_id(ref)
+    with pytest.raises(ModelNotFoundError) as error:
+        load(ref)
+    assert "\n" not in str(error.value)
+
+
+def test_an_invalid_repo_id_from_the_hub_library_is_one_line(monkeypatch):
+    from huggingface_hub.errors import HFValidationError
+
+    from selfextend_mlx.loading import hub
+
+    def invalid(*args, **kwargs):
+        raise HFValidationError("Repo id must use alphanumeric chars ...\nmore lines")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", invalid)
+    with pytest.raises(ModelNotFoundError, match="is not a valid Hugging Face repo id"):
+        hub.hub_snapshot("owner/name")
 
 
 # ------------------------------------------------------------------ CPU policy and BLAS

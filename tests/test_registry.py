@@ -137,3 +137,18 @@ def test_user_registry_adds_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFEXTEND_MODELS", str(tmp_path / "absent.yaml"))
     with pytest.raises(RegistryError, match="not a file"):
         registry_entry("phi-2")
+
+
+@pytest.mark.parametrize("default", [7, True, ["m"], {"name": "m"}])
+def test_a_default_that_is_not_a_name_is_one_clear_error(default):
+    with pytest.raises(RegistryError, match="default must be a model name") as error:
+        parse_registry(yaml.safe_dump({"default": default, "models": [ENTRY]}), "x.yaml")
+    assert "\n" not in str(error.value)
+
+
+def test_a_user_registry_that_is_not_utf8_text(tmp_path, monkeypatch):
+    user = tmp_path / "mine.yaml"
+    user.write_bytes(b"models:\n  - name: caf\xe9\n")
+    monkeypatch.setenv("SELFEXTEND_MODELS", str(user))
+    with pytest.raises(RegistryError, match="cannot be read as UTF-8 text"):
+        registry_entry("phi-2")

@@ -218,7 +218,7 @@ def _check_sizes(header: GGUFHeader, path, width: int) -> None:
     would otherwise build a model far larger than the file (and run out of memory)."""
     layers = {name.split(".")[1] for name in header.tensors if name.startswith("blk.")}
     count = header.arch_value("block_count")
-    if not _positive_int(count) or layers != {str(i) for i in range(count)}:
+    if not _positive_int(count) or len(layers) != count or layers != {str(i) for i in range(count)}:
         raise GGUFError(f"{path}: GGUF metadata says {count!r} layers, the file holds tensors for {len(layers)}")
     for key, tensor, axis in (
         ("embedding_length", "token_embd.weight", 1),
