@@ -265,7 +265,7 @@ def choose_path(*, head_dim: int, dtype, queries: int, device: str) -> str:
     return EXPLICIT
 
 
-def _path(config: SelfExtendConfig, queries: int, head_dim: int, dtype, softcap, quant) -> str:
+def _path(config: SelfExtendConfig, queries: int, head_dim: int, value_dim: int, dtype, softcap, quant) -> str:
     """The path for this step: the configured backend, or on "auto" the routing table, less
     what the step cannot take (quantized keys: explicit only; soft-capping: not fused) and what
     failed in this process (a Metal kernel that failed its check, a fused call MLX refused)."""
@@ -277,7 +277,7 @@ def _path(config: SelfExtendConfig, queries: int, head_dim: int, dtype, softcap,
     path = choose_path(head_dim=head_dim, dtype=dtype, queries=queries, device=device_kind())
     if path == FUSED and (softcap is not None or (head_dim, dtype) in _unfused):
         return EXPLICIT
-    if path == METAL and not kernel_verified(dtype, head_dim, head_dim, _explicit_reference):
+    if path == METAL and not kernel_verified(dtype, head_dim, value_dim, _explicit_reference):
         return EXPLICIT
     return path
 
@@ -331,36 +331,15 @@ def selfextend_attention(
         mask = "causal" if L > 1 else None
         return mx.fast.scaled_dot_product_attention(q_neighbor, kv.neighbor_keys, kv.values, scale=1.0, mask=mask)
 
-    path = _path(config, L, D, q_neighbor.dtype, softcap, quant)
+    path = _path(config, L, D, kv.values.shape[-1], q_neighbor.dtype, softcap, quant)
     if path == METAL:
         return selfextend_kernel_attention(
             q_neighbor, q_grouped, kv, q_start=q_start, window=config.window, scale=1.0, softcap=softcap
         )
     if path == FUSED:
-        device = device_kind()
-        Dv = kv.values.shape[-1]
-        keys, values = _fused_keys(kv, end, pad_values=device == "metal" and Dv != 2 * D)
-        q = mx.concatenate([q_neighbor, q_grouped], axis=-1)
-        force = config.backend == "auto"  # the table said fused: never MLX's unfused fallback
-        try:
-            outputs = [
-                _attend_chunk_fused(
-                    q[:, :, a - q_start : min(end, a + config.chunk_size) - q_start],
-                    keys,
-                    values,
-                    a=a,
-                    b=min(end, a + config.chunk_size),
-                    kv=kv,
-                    config=config,
-                    force=force,
-                )[..., :Dv]
-                for a in range(q_start, end, config.chunk_size)
-            ]
-            return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
-        except ValueError as error:
-            if not force:
-                raise
-            _refuse_fused(D, q_neighbor.dtype, error)
+        out = _attend_fused(q_neighbor, q_grouped, kv, q_start=q_start, config=config)
+        if out is not None:
+            return out
 
     outputs = []
     for a in range(q_start, end, config.chunk_size):
@@ -370,4 +349,27 @@ def selfextend_attention(
         )
         out = _attend_chunk(qn, qg, a=a, b=b, kv=kv, config=config, softcap=softcap, quant=quant)
         outputs.append(out.reshape(B, Hq, b - a, -1))
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+
+
+def _attend_fused(q_neighbor, q_grouped, kv: CachedKV, *, q_start: int, config: SelfExtendConfig):
+    """A step as fused calls, one per chunk, keys built once; None when MLX refused to run it
+    fused (auto routing only: it asks with force_fused) and the explicit path should."""
+    D, Dv = q_neighbor.shape[-1], kv.values.shape[-1]
+    end = q_start + q_neighbor.shape[2]
+    keys, values = _fused_keys(kv, end, pad_values=device_kind() == "metal" and Dv != 2 * D)
+    q = mx.concatenate([q_neighbor, q_grouped], axis=-1)
+    force = config.backend == "auto"  # the table said fused: never MLX's unfused fallback
+    outputs = []
+    try:
+        for a in range(q_start, end, config.chunk_size):
+            b = min(end, a + config.chunk_size)
+            chunk = q[:, :, a - q_start : b - q_start]
+            out = _attend_chunk_fused(chunk, keys, values, a=a, b=b, kv=kv, config=config, force=force)
+            outputs.append(out[..., :Dv])
+    except ValueError as error:
+        if not force:
+            raise
+        _refuse_fused(D, q_neighbor.dtype, error)
+        return None
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
