@@ -515,6 +515,8 @@ def _rebuild(arrays: dict, flat: dict, restore: dict) -> list:
     """Cache objects from the stored arrays, as mlx-lm's load_prompt_cache does, but with the
     class names looked up among mlx-lm's cache classes only."""
     for name, dtype in restore.items():
+        if dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise ValueError(f"unknown dtype {dtype!r}")
         arrays[name] = arrays[name].astype(getattr(mx, dtype))
     _, classes, scalars = tree_unflatten(list(flat.items()))
     for name, kind in scalars[1:]:
