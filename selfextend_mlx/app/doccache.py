@@ -99,7 +99,8 @@ class CacheEntry:
 
     def record(self) -> dict:
         """The entry as `cache list --json` shows it."""
-        return {"id": self.id, "path": str(self.path), "bytes": self.size, "modified": self.modified, **self.metadata}
+        fields = {k: v for k, v in self.metadata.items() if k != "key"}
+        return {"id": self.id, "path": str(self.path), "bytes": self.size, "modified": self.modified, **fields}
 
 
 class DocumentCache:
