@@ -331,7 +331,8 @@ def selfextend_attention(
         mask = "causal" if L > 1 else None
         return mx.fast.scaled_dot_product_attention(q_neighbor, kv.neighbor_keys, kv.values, scale=1.0, mask=mask)
 
-    path = _path(config, L, D, kv.values.shape[-1], q_neighbor.dtype, softcap, quant)
+    value_dim = D if quant is not None else kv.values.shape[-1]  # quantized values are packed triples
+    path = _path(config, L, D, value_dim, q_neighbor.dtype, softcap, quant)
     if path == METAL:
         return selfextend_kernel_attention(
             q_neighbor, q_grouped, kv, q_start=q_start, window=config.window, scale=1.0, softcap=softcap
