@@ -72,6 +72,23 @@ CacheDirOpt = Annotated[
     ),
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the document cache.")]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run Python code that comes with the model (its own tokenizer or architecture). Off: such a model "
+        "is refused; turn it on only for models whose authors you trust.",
+    ),
+]
+MaxInputOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-input",
+        metavar="SIZE",
+        help="Refuse documents larger than this in all, e.g. 50MB (default: $SELFEXTEND_MAX_INPUT or 10MB).",
+        show_default=False,
+    ),
+]
 ProgressOpt = Annotated[
     Optional[bool],
     typer.Option(
@@ -203,7 +220,7 @@ def answer_record(session, answer) -> dict:
 # -- loading ----------------------------------------------------------------------------------
 
 
-def load_model(model_ref: Optional[str]):
+def load_model(model_ref: Optional[str], trust_remote_code: bool = False):
     """Load the model plain: the session applies SelfExtend once it knows the input length.
     A terminal sees a transient "loading" note, erased once the model is in. Under mlx.launch
     with several ranks the model is sharded over them, and only rank 0 writes from here on."""
@@ -216,7 +233,8 @@ def load_model(model_ref: Optional[str]):
         sys.stderr.write(f"loading {model_ref or 'the default model'}...")
         sys.stderr.flush()
     try:
-        return distributed.load_sharded(model_ref)  # a plain load() in a single process
+        # a plain load() in a single process
+        return distributed.load_sharded(model_ref, trust_remote_code=trust_remote_code)
     finally:
         if interactive:
             sys.stderr.write("\r\x1b[2K")
@@ -233,7 +251,7 @@ def document_cache(cache_dir: Optional[Path], no_cache: bool):
     return DocumentCache(cache_dir, notice=status)
 
 
-def read_stdin_text() -> str:
-    from selfextend_mlx.app.documents import decode_text
+def read_stdin_text(max_input: Optional[str] = None) -> str:
+    from selfextend_mlx.app.documents import read_text
 
-    return decode_text("stdin", sys.stdin.buffer.read())
+    return read_text(sys.stdin.buffer, "stdin", max_input)

@@ -324,3 +324,11 @@ def test_stdin_is_labelled_by_its_first_words():
     doc = read_document("-", stdin=io.BytesIO(b"Once upon a time there was a little girl named Lily who loved."))
     assert doc.name == "stdin"  # what the prompt says stays the same
     assert doc.label == 'stdin "Once upon a time there was a little..."'
+
+
+def test_a_piped_prompt_is_held_to_the_limit_and_decoded():
+    from selfextend_mlx.app.documents import read_text
+
+    assert read_text(io.BytesIO("Grüße".encode("cp1252"))) == "Grüße"
+    with pytest.raises(DocumentError, match="stdin is over the input limit of 1.0 KB"):
+        read_text(io.BufferedReader(Endless()), max_bytes="1k")

@@ -65,13 +65,22 @@ def copy_of(source: Path, target: Path) -> Path:
 # -- a model folder's code ------------------------------------------------------------------------------
 
 
-def test_a_model_folder_with_tokenizer_code_is_refused_without_asking(tmp_path, document, stories):
+def folder_with_tokenizer_code(stories, tmp_path):
     folder = copy_of(Path(stories), tmp_path / "evil")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.update(tokenizer_class="EvilTok", auto_map={"AutoTokenizer": ["evil.EvilTok", "evil.EvilTok"]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     ran = tmp_path / "EVIL_RAN"
-    (folder / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n")
+    (folder / "evil.py").write_text(
+        f"open({str(ran)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTok(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    return folder, ran
+
+
+def test_a_model_folder_with_tokenizer_code_is_refused_without_asking(tmp_path, document, stories):
+    folder, ran = folder_with_tokenizer_code(stories, tmp_path)
     result = subprocess.run(
         [console_script(), "ask", document, "-q", "Who?", "-m", str(folder), "-n", "2", "--json"],
         input="y\ny\ny\n",  # what a user piping answers would send
@@ -83,6 +92,13 @@ def test_a_model_folder_with_tokenizer_code_is_refused_without_asking(tmp_path, 
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and "--trust-remote-code" in line
     assert not ran.exists()
+
+
+def test_trust_remote_code_runs_it_when_asked(tmp_path, document, stories):
+    folder, ran = folder_with_tokenizer_code(stories, tmp_path)
+    result = invoke("ask", document, "-q", "Who?", "-m", folder, "-n", "2", "--json", "--trust-remote-code")
+    assert result.exit_code == 0, result.stderr
+    assert ran.exists() and json.loads(result.stdout)["answer"] is not None
 
 
 # -- input limits -----------------------------------------------------------------------------------------
@@ -106,10 +122,15 @@ def test_an_endless_pipe_is_refused_within_seconds(stories):
     assert line.startswith("error: stdin is over the input limit of 10.0 MB") and "--max-input" in line
 
 
-def test_the_input_limit_from_the_environment(document, stories, monkeypatch):
+def test_the_input_limit_from_the_environment_or_the_flag(document, stories, monkeypatch):
     monkeypatch.setenv("SELFEXTEND_MAX_INPUT", "1k")
     line = one_error_line(invoke("ask", document, "-q", "Who?", "-m", stories))
     assert f"{document} is 1.5 KB, over the input limit of 1.0 KB" in line
+    assert invoke("ask", document, "-q", "Who?", "-m", stories, "-n", "2", "--max-input", "2k").exit_code == 0
+    monkeypatch.delenv("SELFEXTEND_MAX_INPUT")
+    line = one_error_line(invoke("summarize", document, "-m", stories, "--max-input", "500"))
+    assert "over the input limit of 500 B" in line
+    assert "is not a size" in one_error_line(invoke("ask", document, "-q", "x", "-m", stories, "--max-input", "big"))
 
 
 # -- the document cache's commands ------------------------------------------------------------------------

@@ -92,6 +92,12 @@ def read_document(path: str, stdin: Optional[BinaryIO] = None, max_bytes=None) -
     return document
 
 
+def read_text(stream: BinaryIO, name: str = "stdin", max_bytes=None) -> str:
+    """Plain text from a stream (a prompt piped in), held to the input limit and decoded as
+    documents are; no format detection."""
+    return decode_text(name, _read_stream(stream, name, max_input_bytes(max_bytes)))
+
+
 def read_documents(paths: Iterable[str], stdin: Optional[BinaryIO] = None, max_bytes=None) -> list[Document]:
     """Read each document; the input limit applies to their sum."""
     paths = list(paths)
