@@ -55,6 +55,8 @@ BAD_BODIES = [
     ("not json", b'{"messages": [', None),
     ("not an object", b"[1, 2]", None),
     ("not utf-8", b"\xff\xfe{}", None),
+    ("nested too deeply", b"[" * 20_000, None),
+    ("a lone surrogate", b'{"messages": [{"role": "user", "content": "caf\\ud800"}]}', None),
     ("missing messages", b'{"model": "stories260K"}', "messages"),
     ("empty messages", b'{"messages": []}', "messages"),
     ("messages not a list", b'{"messages": "hi"}', "messages"),

@@ -28,7 +28,15 @@ from starlette.routing import Route
 
 from .engine import Engine, Failed, Finished, Job, Outcome, Progress, Text, Work
 from .prompting import chat_prompt, completion_prompt
-from .protocol import SERVER_ERROR, APIError, ChatRequest, CompletionRequest, Reply, parse_request, usage
+from .protocol import (
+    SERVER_ERROR,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Reply,
+    parse_request,
+    usage,
+)
 
 DEFAULT_MAX_REQUEST_BYTES = 16_000_000  # a whole book is about 1 MB of text
 KEEPALIVE_SECONDS = 10  # a comment line on a stream that waits, so that proxies keep it open

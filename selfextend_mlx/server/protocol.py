@@ -212,8 +212,14 @@ def parse_request(body: bytes, kind: type[_Generation]) -> _Generation:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise bad_request(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise bad_request("the body is not valid JSON: it nests too deeply") from None
     if not isinstance(data, dict):
         raise bad_request(f"the body must be a JSON object, not {type(data).__name__}")
+    try:  # JSON escapes can spell half a character (\ud800), which is no text a tokenizer takes
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the body holds a lone surrogate escape (half of a character): send valid Unicode") from None
     try:
         request = kind.model_validate(data)
     except ValidationError as error:
