@@ -11,6 +11,7 @@ from .common import (
     ModelOpt,
     NoCacheOpt,
     PrefillStepOpt,
+    TrustRemoteCodeOpt,
     WindowOpt,
     document_cache,
     load_model,
@@ -126,6 +127,7 @@ def serve(
     ] = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ):
     """Serve a model through the OpenAI API, SelfExtend included: for Open WebUI, `llm`, editors, scripts.
 
@@ -142,16 +144,20 @@ def serve(
         selfextend serve -m SmolLM2-135M-Instruct --port 8000 --api-key secret
         curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
+    from selfextend_mlx.errors import SelfExtendError
+    from selfextend_mlx.loading.distributed import ranks
     from selfextend_mlx.server.app import ServerOptions
     from selfextend_mlx.server.engine import Engine, EngineOptions
     from selfextend_mlx.server.runner import bind, is_local
     from selfextend_mlx.server.runner import serve as run_server
 
+    if ranks() > 1:
+        raise SelfExtendError("selfextend serve runs on one machine: start it without mlx.launch")
     sock = bind(host, port)  # a port in use fails now, not after the model has loaded
     if not is_local(host):
         warning = f"warning: listening on {host}: other machines can reach this server"
         status(warning + ("" if api_key else " and use the model without a key (set --api-key)"))
-    loaded_model, tokenizer = load_model(model)
+    loaded_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     engine_options = EngineOptions(
         group_size=group_size,
         window=window,
