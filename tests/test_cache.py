@@ -194,3 +194,33 @@ def test_interrupted_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
 def test_cache_entries_report_their_size():
     entry = SelfExtendKVCache(CONFIG)
     assert entry.nbytes == 0 and entry.empty()
+
+
+def test_files_written_by_mlx_lms_save_prompt_cache_still_load(tmp_path):
+    """What save_cache wrote before it had its own writer: mlx-lm's layout, no checksum."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    model = apply_selfextend(tiny_model("llama"), CONFIG)
+    cache, _ = prefilled(model, random_tokens(60, seed=4))
+    path = tmp_path / "old.safetensors"
+    info = {"format_version": "2", "model_id": "tiny", "group_size": "3", "window": "16", "title": "doc"}
+    save_prompt_cache(str(path), cache, info)
+    loaded, metadata = load_cache(path, model_id="tiny", config=CONFIG)
+    assert metadata == {"title": "doc"}
+    nxt = mx.array([[7, 8]])
+    assert mx.array_equal(model(nxt, cache=loaded), model(nxt, cache=cache)).item()
+    with pytest.raises(CacheMismatchError, match="no checksum"):
+        load_cache(path, model_id="tiny", config=CONFIG, require_checksum=True)
+
+
+def test_float16_storage_halves_the_file_and_loads_back_in_float32(tmp_path):
+    model = apply_selfextend(tiny_model("llama"), CONFIG)
+    cache, _ = prefilled(model, random_tokens(200, seed=5))
+    exact, compact = tmp_path / "exact.safetensors", tmp_path / "compact.safetensors"
+    save_cache(exact, cache, model_id="tiny", config=CONFIG)
+    save_cache(compact, cache, model_id="tiny", config=CONFIG, storage_dtype=mx.float16)
+    assert compact.stat().st_size < 0.55 * exact.stat().st_size
+    loaded, _ = load_cache(compact, model_id="tiny", config=CONFIG, require_checksum=True)
+    assert {c.values.dtype for c in loaded} == {mx.float32}
+    nxt = mx.array([[7, 8]])
+    assert mx.allclose(model(nxt, cache=loaded), model(nxt, cache=cache), atol=1e-2).item()
