@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -104,6 +105,18 @@ def test_decoding_gives_text_or_one_document_error(data):
     except DocumentError:
         return
     text.encode("utf-8")
+
+
+def test_a_pdf_decompression_bomb_is_one_line_naming_the_file():
+    # 80 MB of spaces in an 80 KB content stream: pypdf stops at its 75 MB limit
+    squeeze = zlib.compressobj(9)
+    body = b"".join(squeeze.compress(b" " * 10**6) for _ in range(80)) + squeeze.flush()
+    start = PDF.index(b"5 0 obj")
+    old = PDF[start : PDF.index(b"endobj", start)]
+    new = b"5 0 obj\n<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(body) + body + b"\nendstream\n"
+    with pytest.raises(DocumentError) as error:
+        parse_document("bomb.pdf", PDF.replace(old, new))
+    assert str(error.value).startswith("cannot read PDF bomb.pdf: LimitReachedError")
 
 
 # -- the prompt-cache loader ---------------------------------------------------------------------
