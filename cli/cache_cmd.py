@@ -104,8 +104,7 @@ def clear_caches(cache_dir: CacheDirOpt = None, yes: YesOpt = False):
     from selfextend_mlx.planning import format_bytes
 
     store = _store(cache_dir)
-    if store.directory.is_dir() and any(store.directory.iterdir()) and not store.is_store():
-        store.clear()  # refuses with the one-line reason
+    store.refuse_if_foreign()  # before asking anything
     entries = store.entries()
     if not yes and entries:
         what = f"{len(entries)} cached document(s), {format_bytes(sum(e.size for e in entries))}, in {store.directory}"

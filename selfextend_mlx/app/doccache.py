@@ -212,18 +212,24 @@ class DocumentCache:
         _remove(matches[0].path)
         return matches[0]
 
+    def refuse_if_foreign(self) -> None:
+        """DocumentCacheError for a folder with files in it that is not a store."""
+        try:
+            empty = not self.directory.is_dir() or not any(self.directory.iterdir())
+        except OSError:
+            empty = False
+        if not empty and not self.is_store():
+            raise DocumentCacheError(
+                f"{self.directory} is not a selfextend document cache (it has no {MARKER} from selfextend-mlx "
+                "and no entries): nothing removed"
+            )
+
     def clear(self) -> tuple[int, int]:
         """Remove every entry this store wrote, temp leftovers and corrupt entries included;
         returns (files, bytes). A folder that is not a store is refused, untouched."""
         if not self.directory.is_dir():
             return 0, 0
-        if not self.is_store():
-            if not any(self.directory.iterdir()):
-                return 0, 0
-            raise DocumentCacheError(
-                f"{self.directory} is not a selfextend document cache (it has no {MARKER} from selfextend-mlx "
-                "and no entries): nothing removed"
-            )
+        self.refuse_if_foreign()
         count = size = 0
         for path in [*self._files(_ENTRY_NAME), *self._files(_TEMP_NAME)]:
             try:
