@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: CI and ssh sessions have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from ..errors import EvaluationError  # noqa: E402
 
@@ -36,6 +37,16 @@ def _save(fig, path) -> Path:
     return path
 
 
+class _PlainLogFormatter(LogFormatter):
+    """Log-axis tick labels as plain numbers (6, 20, 1,000), not 6x10^0: perplexities often span
+    less than a decade, where matplotlib labels the minor ticks in scientific notation."""
+
+    def __call__(self, x, pos=None):
+        if not super().__call__(x, pos):  # LogFormatter decides which ticks get a label
+            return ""
+        return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def plot_perplexity(
     series: Mapping[str, Sequence[Mapping]],
     path,
@@ -56,6 +67,8 @@ def plot_perplexity(
     if trained_context:
         ax.axvline(trained_context, color="grey", linestyle="--", label=f"trained context ({trained_context})")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
     ax.set_xlabel("token position")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)
