@@ -1,4 +1,9 @@
-"""`selfextend bench`: plain vs SelfExtend vs the reference-style baseline, in one run."""
+"""`selfextend bench` (plain vs SelfExtend vs the reference-style baseline, in one run) and
+`selfextend selftest` (this machine's fast attention paths against the reference).
+
+Both check their arguments and the memory the run needs (planning's estimate, as chat does)
+before allocating anything: a mistyped length is one error line, not a crash.
+"""
 
 import json
 import sys
@@ -6,61 +11,85 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import GroupSizeOpt, ModelOpt, WindowOpt, status
+from .common import (
+    Command,
+    GroupSizeOpt,
+    ModelOpt,
+    QuietOpt,
+    TrustRemoteCodeOpt,
+    WindowOpt,
+    status,
+    token_count,
+    token_counts,
+)
+
+MAX_DECODE_STEPS = 10_000
+MAX_REPEATS = 100
+MAX_SELFTEST_KEYS = 1 << 20  # a million keys: far past any kernel's corner cases
+SELFTEST_PREFILL = 128  # the selftest's query block (run_selftest's default)
 
 
-def _lengths(text: str) -> list:
-    """'1k,2k,8k' or '1024,2048': k means 1024 tokens."""
-    lengths = []
-    for part in filter(None, (p.strip().lower() for p in text.split(","))):
-        number, scale = (part[:-1], 1024) if part.endswith("k") else (part, 1)
-        try:
-            lengths.append(int(float(number) * scale))
-        except ValueError:
-            lengths = []
-            break
-    if not lengths or min(lengths) < 2:
-        raise typer.BadParameter(f"{text!r}: give token counts like 1k,2k,4k or 1024,2048", param_hint="--lengths")
+def _lengths(value: str) -> list:
+    try:
+        lengths = token_counts(value)
+    except typer.BadParameter as error:
+        raise typer.BadParameter(error.message, param_hint="--lengths") from None
+    if min(lengths) < 2:
+        raise typer.BadParameter(f"{value!r}: every length must be at least 2 tokens", param_hint="--lengths")
     return lengths
 
 
 def bench(
     model: ModelOpt = None,
     lengths: Annotated[
-        str, typer.Option("--lengths", "-l", help="Context lengths to measure, e.g. 1k,2k,4k,8k.")
+        str,
+        typer.Option("--lengths", "-l", metavar="N,N,...", help="Context lengths to measure, e.g. 1k,2k,4k,8k."),
     ] = "1k,2k,4k",
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
     modes: Annotated[
-        str, typer.Option(help="Which of plain, selfextend, reference to run.")
+        str, typer.Option(metavar="MODE,...", help="Which of plain, selfextend, reference to run.")
     ] = "plain,selfextend,reference",
-    decode_steps: Annotated[int, typer.Option(min=1, help="Decode steps timed at each length.")] = 16,
-    prefill_step_size: Annotated[int, typer.Option(min=1, help="Tokens per prefill step.")] = 512,
+    decode_steps: Annotated[
+        int, typer.Option(min=1, max=MAX_DECODE_STEPS, metavar="N", help="Decode steps timed at each length.")
+    ] = 16,
+    prefill_step_size: Annotated[
+        int, typer.Option(parser=token_count, metavar="N", help="Tokens per prefill step.")
+    ] = 512,
     repeats: Annotated[
-        int, typer.Option(min=1, help="Alternate the modes this many times and keep each one's best.")
+        int,
+        typer.Option(
+            min=1, max=MAX_REPEATS, metavar="N", help="Alternate the modes this many times and keep each one's best."
+        ),
     ] = 1,
     dtype: Annotated[
-        Optional[str], typer.Option(help="float32, float16, bfloat16 or native (default: float32 on CPU).")
+        Optional[str],
+        typer.Option(metavar="DTYPE", help="float32, float16, bfloat16 or native (default: float32 on CPU)."),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list of rows instead of a table.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Measure prefill and decode speed, peak memory and KV-cache size at each length.
 
     Plain attention, SelfExtend and a reference-style SelfExtend (dense two-matrix attention
     that re-rotates the whole key cache at every step, as the authors' code does) run in the
-    same process on the same random tokens, so the ratios between them are fair.
+    same process on the same random tokens, so the ratios between them are fair. Without
+    -G/-W, SelfExtend runs at the G planning picks for the longest length (the registry's G
+    where the lengths fit the model).
 
-    Example:
+    Examples:
 
-        selfextend bench --model stories260K -l 2k,4k,8k -G 8 -W 128
+    \b
+        selfextend bench -l 1k,2k --decode-steps 8
+        selfextend bench -l 2k --modes plain,selfextend -G 4 -W 512 --json
     """
     import mlx.core as mx
 
-    from selfextend_mlx.errors import SettingsError
     from selfextend_mlx.evaluation.bench import MODES, run_bench
     from selfextend_mlx.loading.device import describe_runtime
     from selfextend_mlx.loading.load import load
-    from selfextend_mlx.planning import choose_settings
+    from selfextend_mlx.planning import format_bytes
 
     sizes = _lengths(lengths)
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
@@ -69,26 +98,18 @@ def bench(
         raise typer.BadParameter(
             f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}", param_hint="--modes"
         )
-    loaded, tokenizer = load(model, selfextend=False, dtype=dtype)
+    if prefill_step_size > max(sizes):
+        prefill_step_size = max(sizes)
+    loaded, tokenizer = load(model, selfextend=False, dtype=dtype, trust_remote_code=trust_remote_code)
     info = loaded.model_info
-    settings = choose_settings(info.limits, max(sizes), group_size=group_size, window=window)
-    if settings.plain:  # the lengths fit the model: measure SelfExtend at the registry's G all the same
-        settings = choose_settings(info.limits, None, group_size=group_size, window=window)
-    config = settings.config()
-    if config is None:
-        raise SettingsError("group size G=1 is the plain model; give -G 2 or more")
-    if config.window >= min(sizes):
-        raise SettingsError(
-            f"window W={config.window} is not below the shortest length {min(sizes)}: SelfExtend would be the "
-            "plain model there; give a smaller -W or longer --lengths"
-        )
+    config = _selfextend_config(info, sizes, group_size, window) if set(chosen) - {"plain"} else None
+    _check_memory(info, max(sizes), chosen, config, prefill_step_size)
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 256
     tokens = mx.random.randint(0, vocab, (max(sizes),), key=mx.random.key(0))
+    if not quiet:
+        settings = f"G={config.group_size} W={config.window}" if config else "plain attention only"
+        status(f"{info.model_id} | {describe_runtime(dtype)} | {settings} | trained context {info.trained_context}")
     if not json_output:
-        status(
-            f"{info.model_id} | {describe_runtime(dtype)} | G={config.group_size} W={config.window} "
-            f"| trained context {info.trained_context}"
-        )
         print(
             f"{'length':>8} {'mode':>10} {'prefill tok/s':>14} {'decode tok/s':>13} "
             f"{'peak memory':>12} {'KV cache':>10}"
@@ -98,7 +119,7 @@ def bench(
         if not json_output:
             print(
                 f"{row.length:>8} {row.mode:>10} {row.prefill_tps:>14.1f} {row.decode_tps:>13.2f} "
-                f"{row.peak_memory_bytes / 2**20:>10.1f}Mi {row.kv_cache_bytes / 2**20:>8.1f}Mi",
+                f"{format_bytes(row.peak_memory_bytes):>12} {format_bytes(row.kv_cache_bytes):>10}",
                 flush=True,
             )
 
@@ -134,30 +155,87 @@ def bench(
     sys.stdout.flush()
 
 
+def _selfextend_config(info, sizes: list, group_size, window):
+    """The SelfExtend settings to measure: planning's for the longest length, or the registry's G
+    when the lengths fit the model (plain attention there would measure nothing new)."""
+    from selfextend_mlx.errors import SettingsError
+    from selfextend_mlx.planning import choose_settings
+
+    settings = choose_settings(info.limits, max(sizes), group_size=group_size, window=window)
+    if settings.plain:
+        settings = choose_settings(info.limits, None, group_size=group_size, window=window)
+    config = settings.config()
+    if config is None:
+        raise SettingsError("group size G=1 is the plain model; give -G 2 or more (or --modes plain)")
+    if config.window >= min(sizes):
+        raise SettingsError(
+            f"window W={config.window} is not below the shortest length {min(sizes)}: SelfExtend would be the "
+            "plain model there; give a smaller -W or longer --lengths"
+        )
+    return config
+
+
+def _check_memory(info, tokens: int, modes: list, config, prefill_step: int) -> None:
+    """Every mode's cache stays alive through the interleaved decode: their KV caches add up,
+    next to the weights and the largest prefill step (each from planning's estimate)."""
+    from selfextend_mlx.planning import GIVEN, MemoryEstimate, Settings, check_memory, estimate_memory
+
+    plain = Settings(1, 1, GIVEN, tokens)
+    extended = plain if config is None else Settings(config.group_size, config.window, GIVEN, tokens)
+    per_mode = [
+        estimate_memory(
+            info.shape, info.weights_bytes, tokens, extended if mode == "selfextend" else plain, None, prefill_step
+        )
+        for mode in modes
+    ]
+    check_memory(
+        MemoryEstimate(
+            weights=info.weights_bytes,
+            kv_cache=sum(estimate.kv_cache for estimate in per_mode),
+            prefill=max(estimate.prefill for estimate in per_mode),
+            machine=per_mode[0].machine,
+        )
+    )
+
+
 def selftest(
-    keys: Annotated[int, typer.Option(min=2, help="Context length of the check.")] = 4096,
+    keys: Annotated[
+        int,
+        typer.Option(
+            parser=token_count,
+            metavar="N",
+            help=f"Context length of the check, from {2 * SELFTEST_PREFILL} to {MAX_SELFTEST_KEYS:,} (e.g. 8k).",
+        ),
+    ] = 4096,
     json_output: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+    quiet: QuietOpt = False,
 ):
     """Check the fast attention paths of this machine against the plain-MLX reference.
 
     On a Mac this runs the Metal kernel (decode and prefill); everywhere it runs the fused
-    prefill path.
-    Each check prints the largest difference from the reference and both timings.
+    prefill path. Each check prints the largest difference from the reference and both
+    timings; a mismatch exits 1.
 
     Example:
 
-        selfextend selftest --keys 8192
+    \b
+        selfextend selftest --keys 8k
     """
     from dataclasses import asdict
 
+    from selfextend_mlx.errors import SettingsError
     from selfextend_mlx.evaluation.selftest import run_selftest
     from selfextend_mlx.loading.device import describe_runtime
 
+    if not 2 * SELFTEST_PREFILL <= keys <= MAX_SELFTEST_KEYS:
+        raise SettingsError(f"--keys {keys}: give from {2 * SELFTEST_PREFILL} to {MAX_SELFTEST_KEYS:,} keys")
+    _check_selftest_memory(keys)
     checks = run_selftest(n_keys=keys)
     if json_output:
         print(json.dumps([{**asdict(c), "ok": c.ok} for c in checks]))
     else:
-        status(describe_runtime())
+        if not quiet:
+            status(describe_runtime())
         for c in checks:
             if c.max_error is None:
                 print(f"{c.name:28s} skipped: {c.note} (reference {c.reference_ms:.2f} ms)")
@@ -173,6 +251,15 @@ def selftest(
         raise typer.Exit(1)
 
 
+def _check_selftest_memory(keys: int) -> None:
+    """The selftest's problem as planning sees a model: one attention layer of its shape (8 heads,
+    2 kv heads of 64), twice over for the keys' two rotations held next to keys and values."""
+    from selfextend_mlx.planning import GIVEN, ModelShape, Settings, check_memory, estimate_memory
+
+    shape = ModelShape(layers=2, kv_heads=2, head_dim=64, heads=8, vocab=1)
+    check_memory(estimate_memory(shape, 0, keys, Settings(4, 512, GIVEN, keys), None, SELFTEST_PREFILL))
+
+
 def register(app: typer.Typer) -> None:
-    app.command(name="bench")(bench)
-    app.command(name="selftest")(selftest)
+    app.command(name="bench", cls=Command)(bench)
+    app.command(name="selftest", cls=Command)(selftest)

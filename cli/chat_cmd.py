@@ -1,35 +1,53 @@
-"""`selfextend chat`, `ask` and `summarize`: talk with whole documents."""
+"""`selfextend chat`, `ask` and `summarize`: talk with whole documents.
+
+A chat reads its questions from a terminal (line editing and history, several-line questions
+between triple quotes or pasted at once) or one per line from a pipe. `ask` and `summarize`
+read the text piped into them when no file is given.
+"""
 
 import sys
+from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .common import (
+    AllowRepeatsOpt,
     CacheDirOpt,
+    Command,
     GroupSizeOpt,
     JsonOpt,
     KvBitsOpt,
     MaxTokensOpt,
+    MinPOpt,
     ModelOpt,
     NoCacheOpt,
     PrefillStepOpt,
-    ProgressBar,
     ProgressOpt,
+    QuestionOpt,
+    QuietOpt,
     SeedOpt,
     SystemOpt,
     TempOpt,
+    TopKOpt,
     TopPOpt,
+    UsageProblem,
     WindowOpt,
     answer_record,
+    decode_line,
     document_cache,
+    files_or_stdin,
     header,
     load_model,
     make_sampling,
     print_json,
-    show_status,
+    progress_bar,
+    stats_line,
     status,
+    stdin_is_piped,
+    text_argument,
     write_out,
 )
 
@@ -40,9 +58,11 @@ ChatFilesArg = Annotated[
     list[str], typer.Argument(metavar="FILE", help="Text, Markdown, HTML or PDF files.", show_default=False)
 ]
 FilesArg = Annotated[
-    list[str],
+    Optional[list[str]],
     typer.Argument(
-        metavar="FILE", help="Text, Markdown, HTML or PDF files; - reads standard input.", show_default=False
+        metavar="FILE",
+        help="Text, Markdown, HTML or PDF files; - (or none, with text piped in) reads standard input.",
+        show_default=False,
     ),
 ]
 
@@ -92,10 +112,15 @@ def open_session(
 
 # -- chat ---------------------------------------------------------------------------------------
 
-CHAT_HELP = """\
-/reset  forget the conversation, keep the documents
-/info   model, settings, tokens used and cache size
-/quit   leave (or Ctrl-D); Ctrl-C stops an answer"""
+EXIT_WORDS = ("/bye", "/exit", "/quit", "/q", "exit", "quit")  # ollama's, llm's and the obvious ones
+MULTILINE = '"""'
+CHAT_HELP = '''\
+/reset   forget the conversation, keep the documents
+/info    model, settings, tokens used and KV cache size
+/help    this list
+/bye     leave (also /exit, /quit, exit, quit or Ctrl-D)
+"""      start a question of several lines; end it with """ (a pasted block is one question too)
+Ctrl-C stops an answer; the up and down arrows bring back earlier questions.'''
 
 
 def chat(
@@ -107,29 +132,37 @@ def chat(
     max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
     temp: TempOpt = 0.0,
     top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     kv_bits: KvBitsOpt = None,
     prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    allow_repeats: AllowRepeatsOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ):
     """Chat about documents: read them once, then ask as many questions as you like.
 
     The documents are read into the model once (and saved in the document cache, so the next
-    chat about them starts at once); each question then costs only its own tokens. Questions
-    come one per line from the terminal, or from a pipe. In the chat: /reset, /info, /quit.
+    chat about them starts at once); each question then costs only its own tokens. At a
+    terminal you get line editing and history; a question of several lines goes between
+    triple quotes (or paste it); /bye leaves. Questions may also come one per line from a
+    pipe. In the chat: /reset, /info, /help, /bye.
 
     Examples:
 
     \b
-        selfextend chat thesis.pdf
-        selfextend chat chapter1.md chapter2.md --system "Answer in French."
-        printf 'Who is the narrator?\\nWhere does it end?\\n' | selfextend chat book.txt
+        selfextend chat docs/examples/bakery.md
+        selfextend chat docs/examples/bakery.md docs/examples/bakery-minutes.md -s "Answer in one sentence."
+        printf 'Who founded the bakery?\\nWhat is in the apple cake?\\n' | selfextend chat docs/examples/bakery.md
     """
     if "-" in files:
-        from selfextend_mlx.errors import DocumentError
-
-        raise DocumentError("chat reads its questions from standard input: give the documents as files (or use ask -)")
+        raise UsageProblem(
+            "chat reads its questions from standard input: give the documents as files (or use ask -) "
+            "(see selfextend chat --help)"
+        )
     session = open_session(
         files,
         model=model,
@@ -141,50 +174,125 @@ def chat(
         prefill_step_size=prefill_step_size,
         cache_dir=cache_dir,
         no_cache=no_cache,
-        verbose=True,
+        verbose=not quiet,
     )
-    source = session.prepare(ProgressBar("reading"))
-    if source == "cache":
+    source = session.prepare(progress_bar("reading", quiet, progress))
+    if source == "cache" and not quiet:
         status("document read from the cache: no prefill needed")
-    interactive = sys.stdin.isatty()
-    if interactive:
-        status("ask a question (/help for commands)")
-    sampling = make_sampling(max_tokens, temp, top_p, seed)
-    while True:
-        line = _read_line(interactive)
-        if line is None:
-            break
-        question = line.strip()
-        if not question:
-            continue
-        if question.startswith("/"):
+    questions = Questions.for_this_terminal()
+    if questions.interactive:
+        status("ask a question (/help for commands, /bye to leave)")
+    sampling = make_sampling(
+        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, allow_repeats=allow_repeats
+    )
+    for question in questions:
+        if question.startswith("/") or question.lower() in EXIT_WORDS:
             if not _chat_command(session, question):
                 break
             continue
-        _answer(session, question, sampling, interactive)
+        _answer(session, question, sampling, questions.interactive, quiet)
 
 
-def _read_line(interactive: bool) -> Optional[str]:
-    """The next question, or None at the end of input."""
-    while True:
-        try:
-            if interactive:
-                return input("> " if sys.stdout.isatty() else "")
-            line = sys.stdin.readline()
-            return line if line else None
-        except EOFError:
-            return None
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            status("\n(/quit or Ctrl-D to leave)")
+class Questions:
+    """A chat's questions, one at a time: from a terminal through prompt_toolkit (line editing,
+    history kept across chats, a pasted block read as one question), or lines from a pipe.
+    Either way a question between lines of triple quotes may span several lines, and text that
+    is not UTF-8 is decoded (as Windows-1252) rather than ending the chat."""
+
+    def __init__(self, read_line: Callable[[str], Optional[str]], interactive: bool):
+        self.read_line, self.interactive = read_line, interactive
+
+    @classmethod
+    def for_this_terminal(cls) -> "Questions":
+        if stdin_is_piped():
+            return cls(lambda prompt: _read_piped_line(), interactive=False)
+        if sys.stdout.isatty():
+            return cls(_line_editor(), interactive=True)
+        return cls(_plain_input, interactive=True)  # a terminal, answers going to a file
+
+    def __iter__(self):
+        while True:
+            line = self._next("> ")
+            if line is None:
+                return
+            question = self._gather(line.strip())
+            if question:
+                yield question
+
+    def _next(self, prompt: str) -> Optional[str]:
+        while True:
+            try:
+                line = self.read_line(prompt if self.interactive else "")
+                return None if line is None else text_argument(line)
+            except EOFError:
+                return None
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    raise
+                status("(/bye or Ctrl-D to leave)")
+
+    def _gather(self, line: str) -> str:
+        """One question: the line, or from a line that opens with triple quotes to the line that
+        closes them (the end of input closes them too)."""
+        if not line.startswith(MULTILINE):
+            return line
+        body = line[len(MULTILINE) :]
+        if body.rstrip().endswith(MULTILINE):  # """on one line"""
+            return body.rstrip()[: -len(MULTILINE)].strip()
+        lines = [body]
+        while True:
+            more = self._next("... ")
+            if more is None:
+                break
+            if more.rstrip().endswith(MULTILINE):
+                lines.append(more.rstrip()[: -len(MULTILINE)])
+                break
+            lines.append(more)
+        return "\n".join(lines).strip()
 
 
-def _answer(session, question, sampling, interactive) -> None:
+def _read_piped_line() -> Optional[str]:
+    raw = sys.stdin.buffer.readline()
+    return decode_line(raw).rstrip("\r\n") if raw else None
+
+
+def _plain_input(prompt: str) -> str:
+    return input("")
+
+
+def history_path() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("selfextend-mlx")) / "chat_history"
+
+
+def _line_editor(input=None, output=None, history_file: Optional[Path] = None):
+    """prompt_toolkit's line reader: arrows, Ctrl-R search and history saved in history_path()
+    (kept in memory only when that folder cannot be written)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    path = history_file or history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        history = FileHistory(str(path))
+    except OSError:
+        history = InMemoryHistory()
+    session = PromptSession(history=history, input=input, output=output)
+    return lambda prompt: session.prompt(prompt)
+
+
+def _answer(session, question, sampling, interactive, quiet) -> None:
     from selfextend_mlx.errors import InputTooLongError
 
     try:
-        session.ask(question, sampling, on_text=write_out, on_progress=ProgressBar("reading") if interactive else None)
+        answer = session.ask(
+            question,
+            sampling,
+            on_text=write_out,
+            on_progress=progress_bar("reading", quiet) if interactive else None,
+        )
     except KeyboardInterrupt:
         write_out("\n")
         status("(answer stopped)")
@@ -193,12 +301,14 @@ def _answer(session, question, sampling, interactive) -> None:
         status(f"error: {error}")
         return
     write_out("\n\n" if not interactive else "\n")
+    if answer.finish_reason == "repetition" and not quiet:
+        status("(the answer was repeating itself: stopped)")
 
 
 def _chat_command(session, command: str) -> bool:
     """Run an in-chat command; False means leave."""
     name = command.split()[0].lower()
-    if name in ("/quit", "/exit", "/q"):
+    if name in EXIT_WORDS:
         return False
     if name == "/reset":
         session.reset()
@@ -213,11 +323,17 @@ def _chat_command(session, command: str) -> bool:
 
 
 def _info(session) -> str:
-    from selfextend_mlx.core.cache import cache_nbytes
-    from selfextend_mlx.planning import format_bytes
+    from selfextend_mlx.planning import format_bytes, kv_cache_bytes
 
     plan = session.plan
-    cache = format_bytes(cache_nbytes(session.cache)) if session.cache is not None else "empty"
+    held = session.conversation_tokens
+    # planning's size of a cache holding these tokens: the same tokens always give the same
+    # figure, whatever the buffers grew to on the way
+    cache = (
+        f"~{format_bytes(kv_cache_bytes(session.info.shape, held, plan.settings, session.options.kv_bits))}"
+        if session.cache is not None
+        else "empty"
+    )
     names = ", ".join(doc.name for doc in session.documents)
     source = {"cache": "read from the document cache", "prefill": "prefilled"}.get(
         session.document_source, "not reused"
@@ -226,8 +342,7 @@ def _info(session) -> str:
         header(session),
         f"documents: {names} ({source})",
         f"conversation: {len(session.history)} turn{'' if len(session.history) == 1 else 's'}, "
-        f"{session.conversation_tokens:,} tokens in the KV cache "
-        f"({cache}), {plan.max_length - session.conversation_tokens:,} left before N_max",
+        f"{held:,} tokens in the KV cache ({cache}), {plan.max_length - held:,} left before N_max",
     ]
     last = getattr(session, "last_answer", None)
     if last is not None:
@@ -243,10 +358,8 @@ def _info(session) -> str:
 
 
 def ask(
-    files: FilesArg,
-    question: Annotated[
-        Optional[str], typer.Option("--question", "-q", help="The question.", show_default=False)
-    ] = None,
+    files: FilesArg = None,
+    question: QuestionOpt = None,
     json_output: JsonOpt = False,
     model: ModelOpt = None,
     group_size: GroupSizeOpt = None,
@@ -255,33 +368,43 @@ def ask(
     max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
     temp: TempOpt = 0.0,
     top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     kv_bits: KvBitsOpt = None,
     prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
-    progress: ProgressOpt = None,
+    allow_repeats: AllowRepeatsOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ):
     """Ask one question about documents; the answer streams to stdout.
+
+    With no file, the text piped in is the document. stderr gets a header line (model,
+    tokens, settings, memory), reading progress and a stats line; --quiet leaves it to errors.
 
     Examples:
 
     \b
-        selfextend ask report.pdf -q "What were the three main risks?"
-        curl -s https://example.com/page.html | selfextend ask - -q "Summarize the pricing" --json
-        selfextend ask a.md b.md -q "Where do these two notes disagree?"
+        selfextend ask docs/examples/bakery.md -q "What is the secret ingredient in the apple cake?"
+        cat docs/examples/bakery.md | selfextend ask -q "When did the bakery open?" --json
+        selfextend ask docs/examples/bakery.md docs/examples/bakery-minutes.md -q "What was decided about the oven?"
     """
+    files = files_or_stdin(files, "ask")
     if question is None:
-        if not sys.stdin.isatty() or "-" in files:
-            from selfextend_mlx.errors import SelfExtendError
-
-            raise SelfExtendError('give the question with -q, for example: selfextend ask FILE -q "What is it about?"')
-        question = typer.prompt("Question")
+        if stdin_is_piped() or "-" in files:
+            raise UsageProblem(
+                'give the question with -q, for example: selfextend ask FILE -q "What is it about?" '
+                "(see selfextend ask --help)"
+            )
+        question = text_argument(typer.prompt("Question"))
     _answer_once(
         files,
         question,
         json_output,
         progress,
+        quiet=quiet,
         model=model,
         system=system,
         group_size=group_size,
@@ -291,7 +414,15 @@ def ask(
         prefill_step_size=prefill_step_size,
         cache_dir=cache_dir,
         no_cache=no_cache,
-        sampling=make_sampling(max_tokens, temp, top_p, seed),
+        sampling=make_sampling(
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            allow_repeats=allow_repeats,
+        ),
     )
 
 
@@ -309,7 +440,7 @@ SUMMARY_REQUESTS = {
 
 
 def summarize(
-    files: FilesArg,
+    files: FilesArg = None,
     style: Annotated[Style, typer.Option("--style", help="bullets or paragraph.")] = Style.bullets,
     max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
     json_output: JsonOpt = False,
@@ -319,27 +450,34 @@ def summarize(
     system: SystemOpt = None,
     temp: TempOpt = 0.0,
     top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     kv_bits: KvBitsOpt = None,
     prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
-    progress: ProgressOpt = None,
+    allow_repeats: AllowRepeatsOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ):
     """Summarize documents as bullet points or one paragraph.
+
+    With no file, the text piped in is summarized.
 
     Examples:
 
     \b
-        selfextend summarize minutes.md
-        selfextend summarize paper.pdf --style paragraph --max-tokens 200
-        pbpaste | selfextend summarize - --json
+        selfextend summarize docs/examples/bakery-minutes.md
+        selfextend summarize docs/examples/bakery.md --style paragraph --max-tokens 120
+        cat docs/examples/bakery.md | selfextend summarize --json
     """
     _answer_once(
-        files,
+        files_or_stdin(files, "summarize"),
         SUMMARY_REQUESTS[style],
         json_output,
         progress,
+        quiet=quiet,
         model=model,
         system=system,
         group_size=group_size,
@@ -349,29 +487,35 @@ def summarize(
         prefill_step_size=prefill_step_size,
         cache_dir=cache_dir,
         no_cache=no_cache,
-        sampling=make_sampling(max_tokens, temp, top_p, seed),
+        sampling=make_sampling(
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            allow_repeats=allow_repeats,
+        ),
     )
 
 
-def _answer_once(files, question, json_output, progress, *, sampling, **session_args) -> None:
-    verbose = show_status(progress)
-    session = open_session(files, verbose=verbose, first_question=question, **session_args)
-    bar = ProgressBar("reading") if verbose else None
-    answer = session.ask(question, sampling, on_text=(lambda text: None) if json_output else write_out, on_progress=bar)
+def _answer_once(files, question, json_output, progress, *, quiet=False, sampling, **session_args) -> None:
+    session = open_session(files, verbose=not quiet, first_question=question, **session_args)
+    answer = session.ask(
+        question,
+        sampling,
+        on_text=(lambda text: None) if json_output else write_out,
+        on_progress=progress_bar("reading", quiet, progress),
+    )
     if json_output:
         print_json(answer_record(session, answer))
     else:
         write_out("\n")
-    if verbose:
-        status(
-            f"prompt {answer.prompt_tokens:,} tokens ({answer.prefilled_tokens:,} computed, "
-            f"{answer.prompt_tps:,.1f} tok/s), "
-            f"answer {answer.generation_tokens:,} tokens ({answer.generation_tps:,.1f} tok/s), "
-            f"peak memory {answer.peak_memory_bytes / 1e9:.2f} GB"
-        )
+    if not quiet:
+        status(stats_line(answer))
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(chat)
-    app.command()(ask)
-    app.command()(summarize)
+    app.command(cls=Command)(chat)
+    app.command(cls=Command)(ask)
+    app.command(cls=Command)(summarize)

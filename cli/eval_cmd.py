@@ -1,5 +1,11 @@
-"""`selfextend eval`: perplexity, passkey and needle-in-a-haystack, plain vs SelfExtend."""
+"""`selfextend eval`: perplexity, passkey and needle-in-a-haystack, plain vs SelfExtend.
 
+Every argument is checked before the model loads, and the run's memory against the machine
+before any scoring (planning's estimate), so a mistyped length or an unwritable --plot fails
+in a second, not after an hour.
+"""
+
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,22 +16,34 @@ import typer
 from selfextend_mlx.errors import EvaluationError
 
 from .common import (
+    Command,
     GroupSizeOpt,
     KvBitsOpt,
     ModelOpt,
     ProgressBar,
     ProgressOpt,
+    QuietOpt,
+    TrustRemoteCodeOpt,
     WindowOpt,
     print_json,
-    show_status,
+    required_text,
     status,
+    token_count,
 )
 
 eval_app = typer.Typer(
     help="Measure a model on long inputs: perplexity by position, passkey and needle retrieval, "
-    "plain vs SelfExtend. Every command has --json (stdout), a progress bar (stderr) and --plot FILE.png.",
+    "plain vs SelfExtend. Every command has --json (stdout), progress on stderr (--quiet to hide it) "
+    "and --plot FILE.png.\n\n"
+    "Examples:\n\n\b\n"
+    "    selfextend eval passkey --lengths 1k,2k --depths 0.5 --trials 1 --compare\n"
+    "    selfextend eval ppl -f docs/examples/emma.txt --tokens 2k --compare --plot ppl.png",
     no_args_is_help=True,
 )
+
+MAX_TRIALS = 1000  # keys per length and depth
+MAX_GRID = 64  # lengths, and depths, per run
+MAX_ANSWER = 1024  # tokens of a retrieval answer
 
 CompareOpt = Annotated[bool, typer.Option("--compare", help="Run plain and SelfExtend in one run, on the same inputs.")]
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Run only the plain model (no SelfExtend).")]
@@ -38,15 +56,33 @@ DtypeOpt = Annotated[
         show_default=False,
     ),
 ]
-ChunkOpt = Annotated[int, typer.Option("--chunk-size", min=1, help="Tokens fed to the model at once (bounds memory).")]
+ChunkOpt = Annotated[
+    int,
+    typer.Option(
+        "--chunk-size", min=1, max=65536, metavar="N", help="Tokens fed to the model at once (bounds memory)."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 PlotOpt = Annotated[
     Optional[Path],
-    typer.Option("--plot", help="Write a PNG plot of the result to this file.", show_default=False, dir_okay=False),
+    typer.Option(
+        "--plot",
+        metavar="FILE.png",
+        help="Write a PNG plot of the result to this file (checked before the run starts).",
+        show_default=False,
+        dir_okay=False,
+    ),
 ]
-LengthsOpt = Annotated[str, typer.Option("--lengths", help="Prompt lengths in tokens, e.g. 2k,4k,8k,16k (k = 1024).")]
+LengthsOpt = Annotated[
+    str, typer.Option("--lengths", metavar="N,N,...", help="Prompt lengths in tokens, e.g. 2k,4k,8k,16k (k = 1024).")
+]
 DepthsOpt = Annotated[
-    str, typer.Option("--depths", help="Where the needle sits: 0 (start) to 1 (end), comma-separated.")
+    str,
+    typer.Option("--depths", metavar="D,D,...", help="Where the needle sits: 0 (start) to 1 (end), comma-separated."),
+]
+AnswerOpt = Annotated[
+    int,
+    typer.Option("--max-tokens", "-n", min=1, max=MAX_ANSWER, metavar="N", help="Greedy answer length, in tokens."),
 ]
 ChatTemplateOpt = Annotated[
     bool,
@@ -61,37 +97,30 @@ def register(app: typer.Typer) -> None:
 
 
 @contextmanager
-def _progress(label: str, total: int, progress: Optional[bool]):
-    """Yield `advance(n)` driving the project's stderr progress bar (counts are tokens).
-
-    Runs last minutes to hours, so a log (stderr not a terminal) also gets a line every 10%.
-    """
-    if not show_status(progress):
+def _progress(label: str, total: int, progress: bool, quiet: bool):
+    """Yield `advance(n)` driving the project's stderr progress bar (counts are tokens): a live
+    bar on a terminal, a line every 10% in a log. The run is many prompts of their own, so the
+    time left is from the average rate, without a cost growing over the whole count."""
+    if quiet or not progress:
         yield lambda n: None
         return
-    bar, started, done, logged = ProgressBar(label, min_tokens=0), time.perf_counter(), 0, 0
+    bar, started, done = ProgressBar(label, min_tokens=0, growing=False), time.perf_counter(), 0
     bar(0, total, 0.0)
 
     def advance(n: int):
-        nonlocal done, logged
+        nonlocal done
         done = min(done + n, total)
-        elapsed = time.perf_counter() - started
-        bar(done, total, elapsed)
-        tenth = 10 * done // total
-        if not bar.interactive and tenth > logged and done < total:
-            logged = tenth
-            left = elapsed * (total - done) / done
-            status(
-                f"{label}: {done:,}/{total:,} tokens ({done / total:.0%}), {done / elapsed:,.0f} tok/s, "
-                f"about {left / 60:.1f} min left"
-            )
+        bar(done, total, time.perf_counter() - started)
 
     yield advance
 
 
-def _load(model_ref, group_size, window, plain, compare, dtype, longest: int):
+def _load(
+    model_ref, group_size, window, plain, compare, dtype, longest: int, kv_bits=None, chunk_size=512, trust=False
+):
     """Load once; the modes to run. Without -G/-W, SelfExtend's settings are planned for each
-    length as the product plans them (plain attention where the input fits the model)."""
+    length as the product plans them (plain attention where the input fits the model). The
+    longest input's memory is checked against the machine before anything is scored."""
     from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode
     from selfextend_mlx.loading.load import load, model_info
     from selfextend_mlx.planning import choose_settings
@@ -100,19 +129,38 @@ def _load(model_ref, group_size, window, plain, compare, dtype, longest: int):
         raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
     if plain and (group_size is not None or window is not None):
         raise EvaluationError("-G/-W set SelfExtend, which --plain turns off: drop one of them")
-    model, tokenizer = load(model_ref, selfextend=False, dtype=dtype)
+    model, tokenizer = load(model_ref, selfextend=False, dtype=dtype, trust_remote_code=trust)
     info = model_info(model)
     if plain:
-        return model, tokenizer, info, [Mode(PLAIN)]
-    if group_size is None and window is None:
-        choose_settings(info.limits, longest)  # the longest input must be within reach: one error line if not
-        selfextend = Mode(SELFEXTEND, limits=info.limits)
+        modes, settings = [Mode(PLAIN)], [_plain_settings(longest)]
     else:
-        settings = choose_settings(info.limits, longest, group_size=group_size, window=window)
-        selfextend = Mode(SELFEXTEND, settings.config())
-        _warn_beyond_reach(settings, longest)
-    modes = [Mode(PLAIN), selfextend] if compare else [selfextend]
+        if group_size is None and window is None:
+            planned = choose_settings(info.limits, longest)  # within reach, or one error line
+            selfextend = Mode(SELFEXTEND, limits=info.limits)
+        else:
+            planned = choose_settings(info.limits, longest, group_size=group_size, window=window)
+            selfextend = Mode(SELFEXTEND, planned.config())
+            _warn_beyond_reach(planned, longest)
+        modes = [Mode(PLAIN), selfextend] if compare else [selfextend]
+        settings = ([_plain_settings(longest)] if compare else []) + [planned]
+    _check_memory(info, longest, settings, kv_bits, chunk_size)
     return model, tokenizer, info, modes
+
+
+def _plain_settings(tokens: int):
+    from selfextend_mlx.planning import GIVEN, Settings
+
+    return Settings(1, 1, GIVEN, tokens)  # plain attention over every token, however far
+
+
+def _check_memory(info, tokens: int, settings: list, kv_bits, chunk_size: int) -> None:
+    """planning's estimate for the longest input, in the hungriest mode (one runs at a time)."""
+    from selfextend_mlx.planning import check_memory, estimate_memory
+
+    estimates = [
+        estimate_memory(info.shape, info.weights_bytes, tokens, s, kv_bits, chunk_size, chunk_size) for s in settings
+    ]
+    check_memory(max(estimates, key=lambda estimate: estimate.total))
 
 
 def _warn_beyond_reach(settings, longest: int) -> None:
@@ -147,20 +195,50 @@ def _read_text(path: Path) -> str:
 
 
 def _check_plot_path(plot: Optional[Path]) -> None:
-    # Fail before minutes of scoring, not after.
-    if plot is not None and plot.suffix.lower() != ".png":
+    """Fail before minutes of scoring, not after: a PNG name, in a folder that can be written."""
+    if plot is None:
+        return
+    if plot.suffix.lower() != ".png":
         raise EvaluationError(f"--plot writes a PNG: give a file ending in .png, not {plot.name!r}")
+    folder = plot.absolute().parent
+    while not folder.exists() and folder != folder.parent:  # the plot creates missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise EvaluationError(f"--plot {plot}: {folder} is not a folder")
+    if plot.exists() and (plot.is_dir() or not os.access(plot, os.W_OK)):
+        raise EvaluationError(f"--plot {plot}: the file cannot be written")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EvaluationError(f"--plot {plot}: cannot write in {folder}")
 
 
-@eval_app.command("ppl")
+def _wrote_plot(plot: Path, quiet: bool) -> None:
+    if not quiet:
+        status(f"plot written to {plot}")
+
+
+def _check_buckets(edges: list, total: int) -> None:
+    past = [edge for edge in edges if edge > total]
+    if past:
+        raise EvaluationError(
+            f"--buckets {','.join(map(str, past))} past the {total} tokens scored: raise --tokens or drop them"
+        )
+
+
+@eval_app.command("ppl", cls=Command)
 def ppl(
-    file: Annotated[Path, typer.Option("--file", "-f", help="The long text to score (txt, md, html, pdf).")],
-    tokens: Annotated[str, typer.Option("--tokens", "-n", help="Score the first N tokens, e.g. 4096 or 16k.")] = "4k",
+    file: Annotated[
+        Path, typer.Option("--file", "-f", metavar="FILE", help="The long text to score (txt, md, html, pdf).")
+    ],
+    tokens: Annotated[
+        int,
+        typer.Option("--tokens", parser=token_count, metavar="N", help="Score the first N tokens, e.g. 4096 or 16k."),
+    ] = "4k",
     buckets: Annotated[
         Optional[str],
         typer.Option(
             "--buckets",
-            help="Bucket boundaries in tokens, e.g. 512,1024,2048 (default: doubling from 512).",
+            metavar="N,N,...",
+            help="Bucket boundaries in tokens, e.g. 512,1k,2k (default: doubling from 512); none past --tokens.",
             show_default=False,
         ),
     ] = None,
@@ -174,25 +252,39 @@ def ppl(
     chunk_size: ChunkOpt = 512,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
-    progress: ProgressOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ):
-    """Perplexity of one long text by position bucket, scored in chunks through the cache."""
-    from selfextend_mlx.evaluation.common import parse_token_count, parse_token_counts, use_mode
+    """Perplexity of one long text by position bucket, scored in chunks through the cache.
+
+    Examples:
+
+    \b
+        selfextend eval ppl -f docs/examples/emma.txt --tokens 2k --compare
+        selfextend eval ppl -f docs/examples/emma.txt --tokens 8k --buckets 2k,4k,6k --json > emma_ppl.json
+    """
+    from selfextend_mlx.evaluation.common import parse_token_counts, use_mode
     from selfextend_mlx.evaluation.perplexity import bucket_edges, perplexity_buckets
     from selfextend_mlx.evaluation.plots import plot_perplexity
     from selfextend_mlx.evaluation.results import ppl_result, ppl_series, series_labels
 
-    total = parse_token_count(tokens)
-    ranges = bucket_edges(total, parse_token_counts(buckets) if buckets else None)
+    total = tokens
+    edges = parse_token_counts(buckets) if buckets else None
+    if edges:
+        _check_buckets(edges, total)
+    ranges = bucket_edges(total, edges)
     _check_plot_path(plot)
     text = _read_text(file)
-    loaded, tokenizer, info, modes = _load(model, group_size, window, plain, compare, dtype, total)
+    loaded, tokenizer, info, modes = _load(
+        model, group_size, window, plain, compare, dtype, total, kv_bits, chunk_size, trust_remote_code
+    )
     ids = _first_tokens(tokenizer, text, total)
     if len(ids) < total:
         raise EvaluationError(f"{file} has only {len(ids)} tokens for this model; ask for fewer with --tokens")
 
     per_mode = {}
-    with _progress("perplexity", len(modes) * (total - 1), progress) as advance:
+    with _progress("perplexity", len(modes) * (total - 1), progress, quiet) as advance:
         for mode in modes:
             use_mode(loaded, mode, total)
             per_mode[mode.name] = perplexity_buckets(loaded, ids, ranges, kv_bits, chunk_size, on_chunk=advance)
@@ -205,6 +297,7 @@ def ppl(
             info.trained_context,
             title=f"Perplexity of {file.name} ({Path(info.model_id).name})",
         )
+        _wrote_plot(plot, quiet)
     _emit(result, as_json)
 
 
@@ -234,32 +327,55 @@ def _retrieval_grid(lengths: str, depths: str, plot: Optional[Path]):
     from selfextend_mlx.evaluation.common import parse_depths, parse_token_counts
 
     _check_plot_path(plot)
-    return parse_token_counts(lengths), parse_depths(depths)
+    length_list, depth_list = parse_token_counts(lengths), parse_depths(depths)
+    for name, values in (("--lengths", length_list), ("--depths", depth_list)):
+        if len(values) > MAX_GRID:
+            raise EvaluationError(f"{name}: {len(values)} values, more than the {MAX_GRID} one run takes")
+    return length_list, depth_list
 
 
 def _run_retrieval(
-    task, loaded, tokenizer, info, modes, cells, kv_bits, chunk_size, max_tokens, as_json, plot, progress, **settings
+    task,
+    loaded,
+    tokenizer,
+    info,
+    modes,
+    cells,
+    kv_bits,
+    chunk_size,
+    max_tokens,
+    as_json,
+    plot,
+    progress,
+    quiet,
+    **settings,
 ):
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid
     from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series, series_labels
     from selfextend_mlx.evaluation.retrieval import run_cells
 
     work = len(modes) * sum(len(p.tokens) for c in cells for p in c.prompts)
-    with _progress(task, work, progress) as advance:
+    with _progress(task, work, progress, quiet) as advance:
         run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_tokens=advance)
     result = retrieval_result(_header(task, info, modes, kv_bits), cells, [m.name for m in modes], **settings)
     if plot:
         panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}
         plot_accuracy_grid(panels, plot, title=f"{task} retrieval ({Path(info.model_id).name})")
+        _wrote_plot(plot, quiet)
     _emit(result, as_json)
 
 
-@eval_app.command("passkey")
+@eval_app.command("passkey", cls=Command)
 def passkey(
     lengths: LengthsOpt = "2k,4k,8k",
     depths: DepthsOpt = "0,0.25,0.5,0.75,1",
-    trials: Annotated[int, typer.Option("--trials", "-k", min=1, help="Random keys per length and depth.")] = 3,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random keys (same seed, same keys).")] = 0,
+    trials: Annotated[
+        int,
+        typer.Option("--trials", "-k", min=1, max=MAX_TRIALS, metavar="K", help="Random keys per length and depth."),
+    ] = 3,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar="SEED", help="Seed of the random keys (same seed, same keys).")
+    ] = 0,
     model: ModelOpt = None,
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
@@ -268,19 +384,38 @@ def passkey(
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Greedy answer length.")] = 10,
+    max_tokens: AnswerOpt = 10,
     chunk_size: ChunkOpt = 512,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
-    progress: ProgressOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ):
-    """Passkey retrieval in the paper's format: random 5-digit keys, greedy decoding."""
+    """Passkey retrieval in the paper's format: random 5-digit keys, greedy decoding.
+
+    Examples:
+
+    \b
+        selfextend eval passkey --lengths 1k,2k --depths 0,0.5,1 --trials 1 --compare
+        selfextend eval passkey --lengths 6k --depths 0.5 --plain --json > plain.json
+        selfextend eval passkey --lengths 6k --depths 0.5 --json > selfextend.json
+    """
     from selfextend_mlx.evaluation.prompts import passkey_prompt
     from selfextend_mlx.evaluation.retrieval import build_cells, passkey_keys
 
     length_list, depth_list = _retrieval_grid(lengths, depths, plot)
     loaded, tokenizer, info, modes = _load(
-        model, group_size, window, plain, compare, dtype, max(length_list) + max_tokens
+        model,
+        group_size,
+        window,
+        plain,
+        compare,
+        dtype,
+        max(length_list) + max_tokens,
+        kv_bits,
+        chunk_size,
+        trust_remote_code,
     )
     encode = _encoder(tokenizer, chat_template)
     keys = passkey_keys(seed, length_list, depth_list, trials)
@@ -298,17 +433,36 @@ def passkey(
         as_json,
         plot,
         progress,
+        quiet,
         seed=seed,
         chat_template=chat_template,
     )
 
 
-@eval_app.command("needle")
+@eval_app.command("needle", cls=Command)
 def needle(
-    haystack: Annotated[Path, typer.Option("--haystack", help="Your own long text (repeated when too short).")],
-    needle_text: Annotated[str, typer.Option("--needle", help="The sentence to hide in it.")],
-    question: Annotated[str, typer.Option("--question", help="The question the needle answers.")],
-    answer: Annotated[str, typer.Option("--answer", help="Correct when this appears in the output (any case).")],
+    haystack: Annotated[
+        Path, typer.Option("--haystack", metavar="FILE", help="Your own long text (repeated when too short).")
+    ],
+    needle_text: Annotated[
+        str,
+        typer.Option("--needle", parser=required_text("needle"), metavar="TEXT", help="The sentence to hide in it."),
+    ],
+    question: Annotated[
+        str,
+        typer.Option(
+            "--question", parser=required_text("question"), metavar="TEXT", help="The question the needle answers."
+        ),
+    ],
+    answer: Annotated[
+        str,
+        typer.Option(
+            "--answer",
+            parser=required_text("answer"),
+            metavar="TEXT",
+            help="Correct when this appears in the output (any case).",
+        ),
+    ],
     lengths: LengthsOpt = "2k,4k,8k",
     depths: DepthsOpt = "0,0.25,0.5,0.75,1",
     model: ModelOpt = None,
@@ -319,20 +473,38 @@ def needle(
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Greedy answer length.")] = 32,
+    max_tokens: AnswerOpt = 32,
     chunk_size: ChunkOpt = 512,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
-    progress: ProgressOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ):
-    """Needle in a haystack over your own text: the needle at each depth, the answer checked."""
+    """Needle in a haystack over your own text: the needle at each depth, the answer checked.
+
+    Examples:
+
+    \b
+        selfextend eval needle --haystack docs/examples/emma.txt --needle "The code of the east tower is 48213." \\
+            --question "What is the code of the east tower?" --answer 48213 --lengths 2k,4k --depths 0.5 --compare
+    """
     from selfextend_mlx.evaluation.prompts import needle_prompt
     from selfextend_mlx.evaluation.retrieval import build_cells
 
     length_list, depth_list = _retrieval_grid(lengths, depths, plot)
     text = _read_text(haystack)
     loaded, tokenizer, info, modes = _load(
-        model, group_size, window, plain, compare, dtype, max(length_list) + max_tokens
+        model,
+        group_size,
+        window,
+        plain,
+        compare,
+        dtype,
+        max(length_list) + max_tokens,
+        kv_bits,
+        chunk_size,
+        trust_remote_code,
     )
     encode = _encoder(tokenizer, chat_template)
     cells = build_cells(
@@ -351,6 +523,7 @@ def needle(
         as_json,
         plot,
         progress,
+        quiet,
         haystack=str(haystack),
         needle=needle_text,
         question=question,
@@ -359,15 +532,25 @@ def needle(
     )
 
 
-@eval_app.command("compare")
+@eval_app.command("compare", cls=Command)
 def compare_cmd(
     results: Annotated[
-        list[Path], typer.Argument(help="JSON files written by `selfextend eval ppl/passkey/needle --json`.")
+        list[Path],
+        typer.Argument(
+            metavar="RESULT.json", help="JSON files written by `selfextend eval ppl/passkey/needle --json`."
+        ),
     ],
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
+    quiet: QuietOpt = False,
 ):
-    """Several runs side by side in one table: e.g. a 4-bit and an 8-bit model, or --kv-bits 4 against none."""
+    """Several runs side by side in one table: e.g. a 4-bit and an 8-bit model, or --kv-bits 4 against none.
+
+    Example (after the two --json runs of selfextend eval passkey --help):
+
+    \b
+        selfextend eval compare plain.json selfextend.json --plot passkey.png
+    """
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid, plot_perplexity
     from selfextend_mlx.evaluation.results import compare_results, comparison_table, grid_panel, load_result
 
@@ -383,6 +566,7 @@ def compare_cmd(
             plot_accuracy_grid(
                 panels, plot, title=f"{comparison['task']} retrieval", size=(max(800, 400 * len(panels)), 500)
             )
+        _wrote_plot(plot, quiet)
     if as_json:
         print_json({"task": comparison["task"], "runs": loaded})
     else:

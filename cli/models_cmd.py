@@ -8,10 +8,12 @@ import typer
 
 from selfextend_mlx.errors import SelfExtendError
 
+from .common import Command, token_count
+
 
 def register(app: typer.Typer) -> None:
-    app.command("models")(_one_line_errors(models))
-    app.command("info")(_one_line_errors(info))
+    app.command("models", cls=Command)(_one_line_errors(models))
+    app.command("info", cls=Command)(_one_line_errors(info))
 
 
 def _one_line_errors(command):
@@ -31,18 +33,29 @@ def _one_line_errors(command):
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
 ):
-    """List the models the registry knows, with their SelfExtend settings (G, W) and reach."""
-    from selfextend_mlx.loading.registry import default_model_name, entries
-    from selfextend_mlx.loading.resolve import is_available_locally
+    """List the models the registry knows, with their SelfExtend settings (G, W) and reach.
+
+    SOURCE is what loads: a file from an installed package or a local path when the entry
+    has one, else the Hugging Face repo. Add your own entries with a registry file named by
+    $SELFEXTEND_MODELS; $SELFEXTEND_MODEL picks the default.
+
+    Examples:
+
+    \b
+        selfextend models
+        selfextend models --json
+    """
+    from selfextend_mlx.loading.registry import entries
+    from selfextend_mlx.loading.resolve import is_available_locally, reference
     from selfextend_mlx.planning import max_length
 
-    default = default_model_name()
+    default = reference(None).lower()
     rows = []
     for entry in entries():
         rows.append(
             {
                 "name": entry.name,
-                "default": entry.name == default,
+                "default": default in (entry.name.lower(), entry.repo.lower()),
                 "family": entry.family,
                 "trained_context": entry.trained_context,
                 "group_size": entry.group_size,
@@ -51,12 +64,13 @@ def models(
                 "max_length": max_length(entry.trained_context, entry.group_size, entry.window),
                 "local": is_available_locally(entry.name),
                 "repo": entry.repo,
+                "source": _source(entry),
             }
         )
     if as_json:
         typer.echo(json.dumps(rows, ensure_ascii=False))
         return
-    header = ("NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "REPO")
+    header = ("NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "SOURCE")
     table = [
         (
             row["name"] + (" *" if row["default"] else ""),
@@ -66,7 +80,7 @@ def models(
             str(row["window"]),
             str(row["max_length"]),
             "yes" if row["local"] else "no",
-            row["repo"],
+            row["source"],
         )
         for row in rows
     ]
@@ -76,22 +90,56 @@ def models(
     typer.echo("\n* the default model. `selfextend info NAME --tokens N` shows the settings for an input of N tokens.")
 
 
+def _source(entry) -> str:
+    """What `--model NAME` loads: the package's file or the entry's path before the Hub repo."""
+    from selfextend_mlx.loading.resolve import package_file
+
+    if entry.path:
+        return entry.path
+    if entry.package and package_file(entry.package) is not None:
+        return f"package {entry.package}"
+    return entry.repo
+
+
 def info(
     model: Optional[str] = typer.Argument(
         None,
         help="A registry name, a local folder, a .gguf file or a Hugging Face repo id (default: the default model).",
     ),
     tokens: Optional[int] = typer.Option(
-        None, "--tokens", "-n", min=1, help="Input plus answer length to plan for (picks G; default: the registry's G)."
+        None,
+        "--tokens",
+        parser=token_count,
+        metavar="N",
+        help="Input plus answer length to plan for, e.g. 20000 or 16k (picks G; default: the registry's G).",
+        show_default=False,
     ),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-G", min=1, help="Use this G instead."),
-    window: Optional[int] = typer.Option(None, "--window", "-W", min=1, help="Use this W instead."),
+    group_size: Optional[int] = typer.Option(
+        None, "--group-size", "-G", min=1, metavar="G", help="Use this G instead.", show_default=False
+    ),
+    window: Optional[int] = typer.Option(
+        None, "--window", "-W", min=1, metavar="W", help="Use this W instead.", show_default=False
+    ),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Compute dtype to size the KV cache for (default: fp32 on CPU)."
+        None,
+        "--dtype",
+        metavar="DTYPE",
+        help="Compute dtype to size the KV cache for (default: fp32 on CPU).",
+        show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
-    """Show a model's family, trained context, SelfExtend G and W, reach, and KV-cache memory."""
+    """Show a model's family, trained context, SelfExtend G and W, reach, and KV-cache memory.
+
+    Reads the registry or the model's config only: no weights are loaded.
+
+    Examples:
+
+    \b
+        selfextend info
+        selfextend info SmolLM2-135M-Instruct --tokens 16k
+        selfextend info Llama-3-8B-Instruct --tokens 32k --dtype native --json
+    """
     from selfextend_mlx.loading.device import DTYPES, describe_runtime, resolve_dtype
     from selfextend_mlx.loading.load import describe
     from selfextend_mlx.planning import ModelShape, choose_settings, format_bytes, kv_cache_bytes
@@ -121,6 +169,7 @@ def info(
         "runtime": describe_runtime(dtype_name),
         "local": spec.available,
         "path": spec.location,
+        "weights": spec.location if spec.available else (spec.entry.repo if spec.entry else spec.name),
         "repo": spec.entry.repo if spec.entry else None,
         "notes": spec.entry.notes if spec.entry else None,
     }
@@ -141,11 +190,13 @@ def info(
             f"{format_bytes(record['kv_cache_bytes'])} at {at} tokens ({dtype_name}, "
             f"{shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim})",
         ),
-        ("available locally", f"yes: {spec.location}" if spec.available else "no (downloaded on first use)"),
+        ("weights", spec.location if spec.available else f"{record['weights']} (downloaded on first use)"),
         ("runtime", record["runtime"]),
     ]
-    if spec.entry:
+    if spec.entry and not (spec.available and _loads_from_elsewhere(spec.entry)):
         lines.insert(1, ("repo", spec.entry.repo))
+    elif spec.entry:
+        lines.insert(len(lines) - 1, ("Hub repo", f"{spec.entry.repo} (used only if the weights above are missing)"))
     if tokens and tokens > settings.reach:
         lines.append(("warning", f"{tokens} tokens are beyond the reach of {settings.describe()}"))
     if spec.entry and spec.entry.notes:
@@ -153,3 +204,8 @@ def info(
     width = max(len(key) for key, _ in lines)
     for key, value in lines:
         typer.echo(f"{key.ljust(width)}  {value}")
+
+
+def _loads_from_elsewhere(entry) -> bool:
+    """Whether a local entry's weights are its package file or path rather than its Hub repo."""
+    return bool(entry.path or entry.package)

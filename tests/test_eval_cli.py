@@ -78,6 +78,41 @@ def test_ppl_progress_goes_to_stderr_and_plot_is_a_png(ppl_compare):
     assert png_size(folder / "ppl.png") == (800, 500)
 
 
+def test_progress_and_the_plot_are_said_on_stderr(stories, story_text, tmp_path):
+    plot = tmp_path / "ppl.png"
+    args = ("eval", "ppl", "-m", stories, "-f", story_text, "--tokens", "600", "--plain", "--json")
+    result = run(*args, "--plot", plot)
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("perplexity [") and lines[-1] == f"plot written to {plot}"
+    assert "done in" in lines[-2] and not any("0.0 min" in line for line in lines)
+    quiet = run(*args, "--plot", tmp_path / "quiet.png", "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and (tmp_path / "quiet.png").exists()
+
+
+@pytest.mark.parametrize("low, high", [(5.8, 7.5), (1.2, 1.3), (4.5, 237.0)])
+def test_log_scale_ticks_are_plain_numbers(low, high, tmp_path, monkeypatch):
+    from selfextend_mlx.evaluation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    buckets = [{"start": 0, "end": 512, "ppl": low}, {"start": 512, "end": 1024, "ppl": high}]
+    plots.plot_perplexity({"run": buckets}, tmp_path / "p.png")
+    (figure,) = figures
+    figure.canvas.draw()
+    axis = figure.axes[0]
+    bottom, top = axis.get_ylim()
+    labels = [
+        (tick.get_position()[1], tick.get_text())
+        for tick in axis.get_yticklabels() + axis.get_yticklabels(minor=True)
+        if tick.get_text() and bottom <= tick.get_position()[1] <= top
+    ]
+    assert len(labels) >= 2, labels  # a narrow range still gets numbers to read
+    for value, text in labels:
+        assert "times" not in text and "^" not in text and "$" not in text, labels
+        assert float(text.replace(",", "")) == pytest.approx(value, rel=0.01)
+
+
 def test_ppl_single_mode_table_and_json(stories, story_text):
     result = run("eval", "ppl", "-m", stories, "-f", story_text, "--tokens", "600", "--plain", "--json")
     assert result.exit_code == 0, result.output
@@ -204,6 +239,8 @@ def test_compare_ppl_runs_in_one_table(ppl_compare, tmp_path):
         (["passkey", "--lengths", "2x"], "not a token count"),
         (["passkey", "--depths", "0.5,2"], "between 0 and 1"),
         (["ppl", "-f", "{text}", "--plot", "out.jpg"], "PNG"),
+        (["ppl", "-f", "{text}", "--tokens", "1k", "--buckets", "512,2k"], "past the 1024 tokens scored"),
+        (["passkey", "--lengths", "1k", "--needle-x"], "No such option"),
         (["ppl", "-f", "{text}", "--plain", "--compare"], "cannot be used together"),
         (["ppl", "-f", "{text}", "-m", "{model}", "--tokens", "100k", "--plain"], "has only"),
         (["compare", "{text}"], "not a JSON result"),

