@@ -61,13 +61,20 @@ def test_openai_and_llm_find_the_fact_and_reuse_the_document(server, document, t
         stream=True,
         stream_options={"include_usage": True},
     )
-    chunks = list(stream)
-    second_seconds = time.monotonic() - started
+    chunks, first_token_seconds = [], None
+    for chunk in stream:
+        chunks.append(chunk)
+        if first_token_seconds is None and chunk.choices and chunk.choices[0].delta.content:
+            first_token_seconds = time.monotonic() - started
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert NUMBER in text
     usage = chunks[-1].usage
     assert usage.prompt_tokens > 1300 and usage.prompt_tokens_details.cached_tokens > usage.prompt_tokens - 40
-    assert second_seconds < first_seconds / 3, (first_seconds, second_seconds)
+    # The answer starts once the question is read: a fraction of the time the first request took.
+    # (Whole answers take a while to decode on a busy CPU; the time to the first token does not.)
+    assert first_token_seconds < first_seconds / 4, (first_seconds, first_token_seconds)
+    reading = [first.model_extra["selfextend"], chunks[-2].model_extra["selfextend"]]
+    assert reading[1]["prefilled_tokens"] < 40 and reading[1]["prompt_seconds"] < reading[0]["prompt_seconds"] / 4
 
     answer = run_llm(server.url, model, tmp_path, "What is the code for the lock of the east tower?", document)
     assert answer.returncode == 0, answer.stderr
