@@ -267,7 +267,7 @@ def test_a_client_that_disconnects_stops_its_generation(stories, story):
             assert server.engine.running is not None
         left = time.monotonic()
         server.wait_idle(10)
-        assert time.monotonic() - left < 3
+        assert time.monotonic() - left < 5  # the 2000 tokens would take far longer
         (line,) = [line for line in server.lines if "cancelled" in line]
         assert "its client left" in line and int(line.split()[3].replace(",", "")) < 2000
         # What the cancelled request left in the cache is exactly what it holds: reusing it is exact.
