@@ -128,3 +128,13 @@ def test_public_api_is_importable_lazily():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "OK 2", done.stderr
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages by hand (the CLI's folder is mapped to another name):
+    a new folder left out would be missing from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(init) for init in PACKAGE.rglob("__init__.py")} | {"selfextend_cli"}
+    assert listed == found
