@@ -20,6 +20,7 @@ from .common import (
     GroupSizeOpt,
     JsonOpt,
     KvBitsOpt,
+    MaxInputOpt,
     MaxTokensOpt,
     MinPOpt,
     ModelOpt,
@@ -33,6 +34,7 @@ from .common import (
     TempOpt,
     TopKOpt,
     TopPOpt,
+    TrustRemoteCodeOpt,
     UsageProblem,
     WindowOpt,
     answer_record,
@@ -80,14 +82,16 @@ def open_session(
     cache_dir,
     no_cache,
     verbose,
+    max_input=None,
+    trust_remote_code=False,
     first_question=None,
 ):
     """Read the documents (bad files fail before the model loads), load the model, plan the run."""
     from selfextend_mlx.app.documents import read_documents
     from selfextend_mlx.app.session import Session, SessionOptions
 
-    documents = read_documents(files)
-    loaded_model, tokenizer = load_model(model)
+    documents = read_documents(files, max_bytes=max_input)
+    loaded_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     options = SessionOptions(
         group_size=group_size,
         window=window,
@@ -139,6 +143,8 @@ def chat(
     prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    max_input: MaxInputOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     allow_repeats: AllowRepeatsOpt = False,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
@@ -174,6 +180,8 @@ def chat(
         prefill_step_size=prefill_step_size,
         cache_dir=cache_dir,
         no_cache=no_cache,
+        max_input=max_input,
+        trust_remote_code=trust_remote_code,
         verbose=not quiet,
     )
     source = session.prepare(progress_bar("reading", quiet, progress))
@@ -375,6 +383,8 @@ def ask(
     prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    max_input: MaxInputOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     allow_repeats: AllowRepeatsOpt = False,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
@@ -414,6 +424,8 @@ def ask(
         prefill_step_size=prefill_step_size,
         cache_dir=cache_dir,
         no_cache=no_cache,
+        max_input=max_input,
+        trust_remote_code=trust_remote_code,
         sampling=make_sampling(
             max_tokens=max_tokens,
             temp=temp,
@@ -457,6 +469,8 @@ def summarize(
     prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    max_input: MaxInputOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     allow_repeats: AllowRepeatsOpt = False,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
@@ -487,6 +501,8 @@ def summarize(
         prefill_step_size=prefill_step_size,
         cache_dir=cache_dir,
         no_cache=no_cache,
+        max_input=max_input,
+        trust_remote_code=trust_remote_code,
         sampling=make_sampling(
             max_tokens=max_tokens,
             temp=temp,
