@@ -289,7 +289,31 @@ def run() -> None:
     if ours:
         os.environ.pop(_CTRL_C_AFTER_EXEC, None)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    app(prog_name="selfextend")
+    try:
+        app(prog_name="selfextend")
+    except SystemExit as done:
+        _leave(done.code)
+    _leave(0)
+
+
+def _leave(code) -> None:
+    """Exit with `code`. With OpenBLAS preloaded, skip the C libraries' exit handlers: Debian's
+    OpenBLAS 0.3.21 was seen to hang in its own (blas_thread_shutdown_ joining a worker that
+    never wakes) after a 45-minute answer had been printed. By now every file is written and
+    closed and every temporary file removed (finally blocks); Python's exit functions still run."""
+    code = code if isinstance(code, int) else (0 if code is None else 1)
+    if "openblas" not in os.environ.get("LD_PRELOAD", "").lower():
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 # Imported for a test or a server rather than run: Ctrl-C is the caller's again.
