@@ -98,6 +98,9 @@ class _OneLineErrors(TyperGroup):
         previous = _install_signal_handlers()
         try:
             code = self._run(args, prog_name, complete_var, debug, **extra)
+        except BrokenPipeError:  # while printing a help page or an error's output
+            _silence_stdout()
+            code = 1
         finally:
             _restore_signal_handlers(previous)
         return _finish(code, standalone_mode)
