@@ -69,42 +69,52 @@ FilesArg = Annotated[
 ]
 
 
-def open_session(
-    files,
-    *,
-    model,
-    system,
-    group_size,
-    window,
-    max_tokens,
-    kv_bits,
-    prefill_step_size,
-    cache_dir,
-    no_cache,
-    verbose,
-    max_input=None,
-    trust_remote_code=False,
-    first_question=None,
-):
-    """Read the documents (bad files fail before the model loads), load the model, plan the run."""
+def open_documents(files, *, model, max_input=None, trust_remote_code=False):
+    """Read the documents (bad files fail before the model loads), then load the model."""
     from selfextend_mlx.app.documents import read_documents
-    from selfextend_mlx.app.session import Session, SessionOptions
 
     documents = read_documents(files, max_bytes=max_input)
     loaded_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
-    options = SessionOptions(
+    return documents, loaded_model, tokenizer
+
+
+def session_options(*, group_size, window, max_tokens, kv_bits, prefill_step_size):
+    from selfextend_mlx.app.session import SessionOptions
+
+    return SessionOptions(
         group_size=group_size,
         window=window,
         max_tokens=max_tokens,
         kv_bits=kv_bits,
         prefill_step_size=prefill_step_size,
     )
+
+
+def open_session(
+    files,
+    *,
+    model,
+    system,
+    cache_dir,
+    no_cache,
+    verbose,
+    max_input=None,
+    trust_remote_code=False,
+    first_question=None,
+    **options,
+):
+    """Read the documents, load the model, plan the run (a chat: the documents must fit whole)."""
+    from selfextend_mlx.app.session import Session
+
+    documents, loaded_model, tokenizer = open_documents(
+        files, model=model, max_input=max_input, trust_remote_code=trust_remote_code
+    )
     session = Session(
         loaded_model,
         tokenizer,
         documents,
         system=system,
-        options=options,
+        options=session_options(**options),
         doc_cache=document_cache(cache_dir, no_cache),
         first_question=first_question,
         notice=status,
@@ -414,6 +424,7 @@ def ask(
         question,
         json_output,
         progress,
+        task="ask",
         quiet=quiet,
         model=model,
         system=system,
@@ -491,6 +502,7 @@ def summarize(
         SUMMARY_REQUESTS[style],
         json_output,
         progress,
+        task="summarize",
         quiet=quiet,
         model=model,
         system=system,
@@ -515,20 +527,76 @@ def summarize(
     )
 
 
-def _answer_once(files, question, json_output, progress, *, quiet=False, sampling, **session_args) -> None:
-    session = open_session(files, verbose=not quiet, first_question=question, **session_args)
-    answer = session.ask(
+def _answer_once(
+    files,
+    question,
+    json_output,
+    progress,
+    *,
+    task,
+    quiet=False,
+    sampling,
+    model,
+    system,
+    cache_dir,
+    no_cache,
+    max_input=None,
+    trust_remote_code=False,
+    **options,
+) -> None:
+    """One answer about documents of any length: read whole when they fit the model's reach,
+    else by the task's strategy (ask: the most relevant passages; summarize: map-reduce)."""
+    from selfextend_mlx.app.longdoc import LongDocument, SummaryMemo
+
+    documents, loaded_model, tokenizer = open_documents(
+        files, model=model, max_input=max_input, trust_remote_code=trust_remote_code
+    )
+    doc_cache = document_cache(cache_dir, no_cache)
+    memo = SummaryMemo(doc_cache.directory / "summaries" if doc_cache is not None else None, status)
+    notice = (lambda message: None) if quiet else status
+    long = LongDocument(
+        loaded_model,
+        tokenizer,
+        documents,
         question,
+        task=task,
+        options=session_options(**options),
+        system=system,
+        doc_cache=doc_cache,
+        memo=memo,
+        notice=notice,
+    )
+    if not quiet and long.describe():
+        status(long.describe())
+    result = long.answer(
         sampling,
         on_text=(lambda text: None) if json_output else write_out,
         on_progress=progress_bar("reading", quiet, progress),
+        on_session=None if quiet else (lambda session: status(header(session))),
     )
     if json_output:
-        print_json(answer_record(session, answer))
+        print_json(document_answer_record(task, result))
     else:
         write_out("\n")
     if not quiet:
-        status(stats_line(answer))
+        status(stats_line(result.answer))
+
+
+def document_answer_record(task: str, result) -> dict:
+    """--json of ask and summarize: the answer's record, how it was reached, the whole document's size."""
+    record = answer_record(result.session, result.answer)
+    record.update(strategy=result.strategy, document_tokens=result.document_tokens)
+    if result.parts is not None:
+        record.update(parts=result.parts, levels=result.levels)
+    if result.selected_tokens is not None:
+        record.update(
+            selected_tokens=result.selected_tokens,
+            selected_passages=result.selected_passages,
+            total_passages=result.total_passages,
+        )
+    if task == "summarize":
+        record = {"summary": record.pop("answer"), **record}
+    return record
 
 
 def register(app: typer.Typer) -> None:

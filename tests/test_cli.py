@@ -337,13 +337,31 @@ def test_unknown_model(tmp_path):
     assert_one_line_error(invoke("ask", document, "-q", "Why?", "-m", str(tmp_path / "no-such-model")), 1, "error: ")
 
 
-def test_document_too_long(tmp_path, stories, story_text):
+def test_past_the_largest_reach_ask_retrieves_and_summarize_maps_and_reduces(tmp_path, stories, story_text):
     document = write(tmp_path, "stories.txt", story_text)  # ~9.3k tokens; stories260K reaches 6272 at G=16
-    result = invoke("ask", document, "-q", "Why?", "-m", stories, "-n", "100")
-    assert_one_line_error(result, 1, "error: input too long: ")
+    record = json_of(invoke("ask", document, "-q", "Why did Lily cry?", "-m", stories, "-n", "16", "--json"))
+    assert record["strategy"] == "retrieval" and record["document_tokens"] > 9000
     assert (
-        "N_max 6272" in result.stderr and "it would need G=" in result.stderr and "+ 100 answer tokens" in result.stderr
+        record["selected_tokens"] < record["document_tokens"] and record["total_passages"] > record["selected_passages"]
     )
+    assert record["prompt_tokens"] + 16 <= record["max_length"] <= 6272 and record["group_size"] > 1
+    record = json_of(invoke("summarize", document, "-m", stories, "-n", "16", "--json"))
+    assert record["strategy"] == "map-reduce" and record["parts"] >= 2 and record["levels"] >= 2
+    assert "summary" in record and "answer" not in record and record["document_tokens"] > 9000
+
+
+def test_fitting_documents_say_strategy_full(tmp_path, stories):
+    document = write(tmp_path, "note.txt", "Tom has a red ball.")
+    record = json_of(invoke("ask", document, "-q", "What does Tom have?", "-m", stories, "-n", "4", "--json"))
+    assert record["strategy"] == "full" and record["document_tokens"] > 0 and record["group_size"] == 1
+    assert set(record) >= {"prompt_tokens", "max_length", "group_size", "window"}
+
+
+def test_a_chat_about_a_document_past_the_largest_reach_is_one_error_line(tmp_path, stories, story_text):
+    document = write(tmp_path, "stories.txt", story_text)
+    result = invoke("chat", document, "-m", stories, input="Why?\n")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "use `selfextend ask`" in result.stderr and "`selfextend summarize`" in result.stderr
 
 
 def test_not_enough_memory(tmp_path, stories, monkeypatch):

@@ -300,25 +300,25 @@ class LongDocument:
         return ""
 
     def answer(
-        self, sampling: Optional[Sampling] = None, on_text=lambda text: None, on_progress=None
+        self, sampling: Optional[Sampling] = None, on_text=lambda text: None, on_progress=None, on_session=None
     ) -> DocumentAnswer:
+        """Run the strategy. `on_session(session)` hears of the final step's session just before
+        it runs (for a header); `on_progress` hears of every prefill."""
         sampling = sampling or Sampling(max_tokens=self.options.max_tokens)
+        announce = on_session or (lambda session: None)
         started = time.perf_counter()
         if self.strategy == FULL:
-            result = DocumentAnswer(
-                self.session.ask(self.question, sampling, on_text, on_progress),
-                self.session,
-                FULL,
-                self.document_tokens,
-            )
+            announce(self.session)
+            answer = self.session.ask(self.question, sampling, on_text, on_progress)
+            result = DocumentAnswer(answer, self.session, FULL, self.document_tokens)
         elif self.strategy == RETRIEVAL:
-            result = self._retrieve(sampling, on_text, on_progress)
+            result = self._retrieve(sampling, on_text, on_progress, announce)
         else:
-            result = self._map_reduce(sampling, on_text, on_progress)
+            result = self._map_reduce(sampling, on_text, on_progress, announce)
         result.seconds = time.perf_counter() - started
         return result
 
-    def _retrieve(self, sampling, on_text, on_progress) -> DocumentAnswer:
+    def _retrieve(self, sampling, on_text, on_progress, announce) -> DocumentAnswer:
         pool = [(doc, passages(doc.text, self._count)) for doc in self.documents]
         flat = [p for _, items in pool for p in items]
         budget = self._content_budget(self.question, self.options.max_tokens)
@@ -331,6 +331,7 @@ class LongDocument:
         if not kept:
             raise SelfExtendError("no passage of the document fits the model's reach with this question")
         session = self._session(kept, self.question)
+        announce(session)
         answer = session.ask(self.question, sampling, on_text, on_progress)
         selected_tokens = sum(p.tokens for p in flat if id(p) in chosen)
         return DocumentAnswer(
@@ -343,7 +344,7 @@ class LongDocument:
             total_passages=len(flat),
         )
 
-    def _map_reduce(self, sampling, on_text, on_progress) -> DocumentAnswer:
+    def _map_reduce(self, sampling, on_text, on_progress, announce) -> DocumentAnswer:
         name = ", ".join(doc.name for doc in self.documents)
         part_tokens = min(PART_ANSWER_TOKENS, self.options.max_tokens)
         part_sampling = Sampling(max_tokens=part_tokens, temp=sampling.temp, top_p=sampling.top_p, seed=sampling.seed)
@@ -373,6 +374,7 @@ class LongDocument:
             items = shorter
         joined = "\n\n".join(f"Part {i + 1}: {p.text}" for i, p in enumerate(items))
         session = self._session([Document(REDUCE_NAME.format(name=name), joined, "text")], self.question)
+        announce(session)
         answer = session.ask(self.question, sampling, on_text, on_progress)
         return DocumentAnswer(
             answer,
