@@ -63,7 +63,7 @@ def _is_shown_argument(param) -> bool:
 
 def token_count(value) -> int:
     """4096, 4k (4,096) or 1.5k: a token count, for every option that asks for one."""
-    from selfextend_mlx.evaluation.common import parse_token_count
+    from selfextend_mlx.planning import parse_token_count
 
     if isinstance(value, int):
         value = str(value)
@@ -75,7 +75,7 @@ def token_count(value) -> int:
 
 def token_counts(value) -> list:
     """'1k,2k,4k' or '1024,2048'."""
-    from selfextend_mlx.evaluation.common import parse_token_counts
+    from selfextend_mlx.planning import parse_token_counts
 
     try:
         return parse_token_counts(value)

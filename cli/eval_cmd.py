@@ -264,10 +264,11 @@ def ppl(
         selfextend eval ppl -f docs/examples/emma.txt --tokens 2k --compare
         selfextend eval ppl -f docs/examples/emma.txt --tokens 8k --buckets 2k,4k,6k --json > emma_ppl.json
     """
-    from selfextend_mlx.evaluation.common import parse_token_counts, use_mode
+    from selfextend_mlx.evaluation.common import use_mode
     from selfextend_mlx.evaluation.perplexity import bucket_edges, perplexity_buckets
     from selfextend_mlx.evaluation.plots import plot_perplexity
     from selfextend_mlx.evaluation.results import ppl_result, ppl_series, series_labels
+    from selfextend_mlx.planning import parse_token_counts
 
     total = tokens
     edges = parse_token_counts(buckets) if buckets else None
@@ -324,7 +325,8 @@ def _encoder(tokenizer, chat_template: bool):
 
 
 def _retrieval_grid(lengths: str, depths: str, plot: Optional[Path]):
-    from selfextend_mlx.evaluation.common import parse_depths, parse_token_counts
+    from selfextend_mlx.evaluation.common import parse_depths
+    from selfextend_mlx.planning import parse_token_counts
 
     _check_plot_path(plot)
     length_list, depth_list = parse_token_counts(lengths), parse_depths(depths)

@@ -15,6 +15,7 @@ same answers, and tests pin each rule with a table of cases.
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -356,6 +357,28 @@ def parse_size(text: str, what: str = "size") -> int:
     if not math.isfinite(number) or number <= 0:
         raise SelfExtendError(f"{what}={text!r} is not a size (use bytes or e.g. 8GB)")
     return int(number * scale)
+
+
+_TOKEN_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+
+
+def parse_token_count(text: str) -> int:
+    """'4096', '4k' (4096) or '1.5k' (1536): token counts as people write them."""
+    match = _TOKEN_COUNT.match(str(text))
+    if not match:
+        raise SettingsError(f"not a token count: {text!r} (write e.g. 4096 or 4k)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    value = number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]
+    if value != int(value) or value < 1:
+        raise SettingsError(f"not a whole positive token count: {text!r}")
+    return int(value)
+
+
+def parse_token_counts(text: str) -> list[int]:
+    values = [parse_token_count(part) for part in str(text).split(",") if part.strip()]
+    if not values:
+        raise SettingsError(f"no token counts in {text!r}")
+    return values
 
 
 def format_bytes(n: float) -> str:

@@ -200,7 +200,9 @@ def test_second_run_answers_from_the_document_cache(tmp_path, stories, story_tex
     second = json_of(invoke(*args))
     assert (first["document_cache"], second["document_cache"]) == ("miss", "hit")
     assert first["prefilled_tokens"] == first["prompt_tokens"]
-    assert second["prefilled_tokens"] == second["prompt_tokens"] - second["document_tokens"] < 20
+    # Only the question was computed: the whole document (and the template before it) came from the cache.
+    assert second["prefilled_tokens"] < 20
+    assert second["prompt_tokens"] - second["prefilled_tokens"] >= second["document_tokens"]
     assert second["answer"] == first["answer"]
 
     listed = invoke("cache", "list")

@@ -6,8 +6,8 @@ import pytest
 from conftest import shared_path
 from tokenizers import Tokenizer
 
-from selfextend_mlx.errors import EvaluationError
-from selfextend_mlx.evaluation.common import parse_depths, parse_token_count, parse_token_counts
+from selfextend_mlx.errors import EvaluationError, SelfExtendError
+from selfextend_mlx.evaluation.common import parse_depths
 from selfextend_mlx.evaluation.prompts import (
     PASSKEY_FILLER,
     PASSKEY_INTRO,
@@ -18,6 +18,7 @@ from selfextend_mlx.evaluation.prompts import (
     split_sentences,
 )
 from selfextend_mlx.evaluation.retrieval import passkey_keys
+from selfextend_mlx.planning import parse_token_count, parse_token_counts
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_lengths_and_depths_parse_like_people_write_them():
     assert parse_token_counts("2k,4k, 16k") == [2048, 4096, 16384]
     assert parse_depths("0,0.25,1") == [0.0, 0.25, 1.0]
     for bad in ("x", "0", "1.3", "-2"):
-        with pytest.raises(EvaluationError):
+        with pytest.raises(SelfExtendError, match="token count"):
             parse_token_count(bad)
     with pytest.raises(EvaluationError):
         parse_depths("0.5,1.5")

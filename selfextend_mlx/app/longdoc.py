@@ -251,6 +251,8 @@ class LongDocument:
         else:
             self.strategy = choose_strategy(task, self.info.limits, needed, options.window)
         self.session = self._session(self.documents, question, doc_cache) if self.strategy == FULL else None
+        if self.session is not None and self.session.prefix_tokens:
+            self.document_tokens = len(self.session.prefix_tokens)  # as the document cache counts them
         self.budget = fill_reach(self.info.limits, options.window)
 
     def _count(self, text: str) -> int:

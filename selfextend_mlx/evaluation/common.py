@@ -1,7 +1,6 @@
 """Pieces every evaluation shares: argument parsing, plain / SelfExtend / planned modes,
 fresh caches and greedy decoding."""
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -17,27 +16,6 @@ from ..planning import ModelLimits, choose_settings, kv_group_size
 
 PLAIN = "plain"
 SELFEXTEND = "selfextend"
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
-
-
-def parse_token_count(text: str) -> int:
-    """'4096', '4k' (4096) or '1.5k' (1536): token counts as people write them."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise EvaluationError(f"not a token count: {text!r} (write e.g. 4096 or 4k)")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    value = number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]
-    if value != int(value) or value < 1:
-        raise EvaluationError(f"not a whole positive token count: {text!r}")
-    return int(value)
-
-
-def parse_token_counts(text: str) -> list[int]:
-    values = [parse_token_count(part) for part in str(text).split(",") if part.strip()]
-    if not values:
-        raise EvaluationError(f"no token counts in {text!r}")
-    return values
 
 
 def parse_depths(text: str) -> list[float]:
