@@ -104,11 +104,11 @@ def open_session(
     **options,
 ):
     """Read the documents, load the model, plan the run (a chat: the documents must fit whole)."""
-    from selfextend_mlx.app.session import Session
-
     documents, loaded_model, tokenizer = open_documents(
         files, model=model, max_input=max_input, trust_remote_code=trust_remote_code
     )
+    from selfextend_mlx.app.session import Session  # after the documents: a bad one fails at once
+
     session = Session(
         loaded_model,
         tokenizer,
@@ -546,11 +546,11 @@ def _answer_once(
 ) -> None:
     """One answer about documents of any length: read whole when they fit the model's reach,
     else by the task's strategy (ask: the most relevant passages; summarize: map-reduce)."""
-    from selfextend_mlx.app.longdoc import LongDocument, SummaryMemo
-
     documents, loaded_model, tokenizer = open_documents(
         files, model=model, max_input=max_input, trust_remote_code=trust_remote_code
     )
+    from selfextend_mlx.app.longdoc import LongDocument, SummaryMemo  # after the documents, as above
+
     doc_cache = document_cache(cache_dir, no_cache)
     memo = SummaryMemo(doc_cache.directory / "summaries" if doc_cache is not None else None, status)
     notice = (lambda message: None) if quiet else status

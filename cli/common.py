@@ -530,10 +530,16 @@ def stdin_is_piped() -> bool:
 def files_or_stdin(files: Optional[list], command: str) -> list:
     """The documents to read: the files given, else `-` (stdin) when text is piped in, as `llm`
     does."""
-    if files:
-        return list(files)
-    if stdin_is_piped():
-        return ["-"]
+    from selfextend_mlx.loading.distributed import launched
+
+    chosen = list(files) if files else ["-"] if stdin_is_piped() else None
+    if chosen and "-" in chosen and launched():
+        raise UsageProblem(
+            f"under mlx.launch standard input does not reach the ranks: give selfextend {command} the document "
+            "as a file"
+        )
+    if chosen:
+        return chosen
     raise UsageProblem(
         f"give a document to read, or pipe one in: selfextend {command} FILE ... or "
         f"cat FILE | selfextend {command} ... (see selfextend {command} --help)"

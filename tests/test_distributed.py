@@ -143,3 +143,14 @@ def test_a_model_that_cannot_be_split_is_one_error_line_under_mlx_launch(stories
 
 def test_launcher_is_installed():
     assert LAUNCH.exists() or shutil.which("mlx.launch"), "mlx.launch comes with mlx"
+
+
+def test_standard_input_is_refused_under_a_launcher(monkeypatch):
+    """mlx.launch does not pass standard input on to the ranks: a document given as - would wait forever."""
+    from selfextend_cli.common import UsageProblem, files_or_stdin
+
+    assert files_or_stdin(["-"], "ask") == ["-"]
+    monkeypatch.setenv("MLX_RANK", "0")
+    with pytest.raises(UsageProblem, match="standard input does not reach the ranks"):
+        files_or_stdin(["-"], "ask")
+    assert files_or_stdin(["notes.txt"], "ask") == ["notes.txt"]

@@ -35,6 +35,7 @@ from .session import Session, SessionOptions
 PASSAGE_TOKENS = 256  # retrieval unit: a few paragraphs
 PART_ANSWER_TOKENS = 256  # the longest summary of one part
 SKIPPED = "\n\n[...]\n\n"  # marks text left out between retrieved passages
+COUNT_SLICE = 100_000  # characters tokenized at once when counting a long document
 MARGIN = 0.02  # of the reach kept free: tokens of joined pieces differ a little from their sum
 
 PART_REQUEST = (
@@ -243,8 +244,7 @@ class LongDocument:
         self.task, self.options, self.system, self.doc_cache, self.notice = task, options, system, doc_cache, notice
         self.memo = memo or SummaryMemo(None)
         self.info = model_info(model)
-        text = format_documents(self.documents)
-        self.document_tokens = len(tokenizer.encode(text))
+        self.document_tokens = self._count(format_documents(self.documents)) + 1  # + the BOS token
         needed = self._overhead(question) + self.document_tokens + options.max_tokens
         if options.group_size is not None:
             self.strategy = FULL  # given settings: used as given (the session refuses what they cannot reach)
@@ -256,7 +256,15 @@ class LongDocument:
         self.budget = fill_reach(self.info.limits, options.window)
 
     def _count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        """Tokens of `text`, tokenized a slice at a time so a long book never needs the memory of
+        all its tokens' intermediate forms at once (each cut is at a paragraph break)."""
+        total, start = 0, 0
+        while start < len(text):
+            end = len(text) if len(text) - start <= COUNT_SLICE else text.rfind("\n\n", start, start + COUNT_SLICE)
+            end = start + COUNT_SLICE if end <= start else end
+            total += len(self.tokenizer.encode(text[start:end], add_special_tokens=False))
+            start = end
+        return total
 
     def _session(self, documents, question, doc_cache=None, max_tokens=None) -> Session:
         options = self.options if max_tokens is None else replace(self.options, max_tokens=max_tokens)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
-from ..planning import ModelLimits, ModelShape, choose_settings
+from ..planning import ModelLimits, ModelShape, attention_chunk_size, choose_settings
 from .device import DTYPES, activation_bytes, apply_dtype, resolve_dtype
 from .hub import hub_config_path, offline
 from .registry import ModelEntry, registry_entry
@@ -229,6 +229,7 @@ def load(
     )
     if selfextend:
         settings = choose_settings(limits, tokens, group_size=group_size, window=window)
-        if not settings.plain:
-            apply_selfextend(model, settings.config())
+        if not settings.plain:  # the attention chunk keeps its scores within planning's budget
+            chunk = attention_chunk_size(model.model_info.shape.heads, tokens or settings.reach)
+            apply_selfextend(model, settings.config(chunk_size=chunk))
     return model, tokenizer
