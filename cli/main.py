@@ -125,7 +125,26 @@ class _OneLineErrors(TyperGroup):
             _silence_stdout()
             return 1
         except Exception as error:
+            stop = _stop_inside(error)
+            if isinstance(stop, KeyboardInterrupt):
+                _error("interrupted", prefix="")
+                return EXIT_INTERRUPTED
+            if isinstance(stop, Terminated):
+                _error("terminated", prefix="")
+                return stop.exit_code
             return _report(error, debug)
+
+
+def _stop_inside(error: BaseException):
+    """The Ctrl-C or SIGTERM that `error` wraps, if any: Python 3.11 turns one raised while a class
+    body runs (an import, mid-way) into a RuntimeError from `__set_name__`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _report(error: Exception, debug: bool) -> int:

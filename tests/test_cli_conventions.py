@@ -17,7 +17,8 @@ from conftest import shared_path
 from typer.testing import CliRunner
 
 import selfextend_mlx.loading.load as loading
-from selfextend_cli import common
+from selfextend_cli import chat_cmd, common
+from selfextend_cli import main as main_module
 from selfextend_cli.chat_cmd import Questions, _line_editor
 from selfextend_cli.main import app
 from selfextend_mlx.app.generation import repeating_tail
@@ -491,6 +492,21 @@ def test_ctrl_c_while_the_command_starts_gives_no_traceback(tmp_path):
         _, stderr = process.communicate(timeout=120)
         assert "Traceback" not in stderr, (delay, stderr)
         assert process.returncode == 130 and stderr.splitlines()[-1] == "interrupted", (delay, stderr)
+
+
+@pytest.mark.parametrize(
+    "stop, code, line",
+    [(KeyboardInterrupt(), 130, "interrupted"), (main_module.Terminated(signal.SIGTERM), 143, "terminated")],
+)
+def test_a_stop_wrapped_by_python_is_still_a_stop(tmp_path, monkeypatch, stop, code, line):
+    # Python 3.11 wraps a Ctrl-C that lands while a class body runs (mid-import) in a RuntimeError
+    # from __set_name__; CI met it as "error: RuntimeError: Error calling __set_name__ ...".
+    def interrupted_mid_import(files, command):
+        raise RuntimeError("Error calling __set_name__ on 'Field' instance") from stop
+
+    monkeypatch.setattr(chat_cmd, "files_or_stdin", interrupted_mid_import)
+    result = CliRunner().invoke(app, ["ask", str(write(tmp_path, "n.txt", "x")), "-q", "x"])
+    assert result.exit_code == code and result.output.strip().splitlines()[-1] == line, result.output
 
 
 def test_closed_and_vanishing_stdout(tmp_path, stories):
