@@ -17,6 +17,7 @@ from selfextend_mlx.app.doccache import DocumentCache
 from selfextend_mlx.loading.load import load
 from selfextend_mlx.planning import choose_settings
 from selfextend_mlx.server.engine import EngineOptions
+from selfextend_mlx.server.prompt_cache import settings_key
 from selfextend_mlx.server.prompting import completion_prompt
 
 ANSWER = 24  # tokens: short enough that no answer is cut as a repetition loop
@@ -314,3 +315,57 @@ def test_a_full_queue_answers_503_with_retry_after(stories, story):
         assert int(refused.headers["Retry-After"]) >= 1
         assert refused.json()["error"]["code"] == "server_busy"
         assert post(live, "/completions", {"prompt": "Once", "max_tokens": 2}).status_code == 200
+
+
+# -- a quantized KV cache -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory, stories):
+    """A random Llama with stories260K's tokenizer and 32-wide heads (--kv-bits needs them), trained
+    context 256: loaded from a folder, as `selfextend serve --kv-bits` loads a model."""
+    import json
+    import shutil
+
+    from mlx_lm.utils import save_model
+    from tiny_models import tiny_model
+
+    overrides = dict(hidden_size=128, vocab_size=512, max_position_embeddings=256)
+    model = tiny_model("llama", **overrides)
+    folder = tmp_path_factory.mktemp("wide_heads")
+    save_model(folder, model)
+    config = json.loads((shared_path("models", "stories260K") / "config.json").read_text())
+    config.update(model.args.__dict__ | overrides | {"model_type": "llama"})
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "rope_scaling"}))
+    for name in ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (shared_path("models", "stories260K") / name).exists():
+            shutil.copy(shared_path("models", "stories260K") / name, folder / name)
+    return load(str(folder), selfextend=False)
+
+
+@pytest.mark.parametrize("words", [40, 400], ids=["plain", "selfextend"])
+def test_kv_bits_answers_from_a_quantized_cache(wide_heads, story, words):
+    model, tokenizer = wide_heads
+    tokens = tokenizer.encode(" ".join(story.split()[:words]))[:600]
+    with LiveServer(model, tokenizer, engine_options=EngineOptions(kv_bits=8)) as live:
+        data = post(live, "/completions", {"prompt": tokens, "max_tokens": 12}).json()
+        live.wait_idle()
+        settings = choose_settings(model.model_info.limits, len(tokens) + 12)
+        kept, reused = live.engine.store.fetch(settings_key(settings, 8), tokens)
+    assert reused == len(tokens) - 1
+    assert data["selfextend"]["group_size"] == settings.group_size and (settings.group_size > 1) == (words > 100)
+    assert all(hasattr(layer, "bits") and layer.bits == 8 for layer in kept), [type(layer) for layer in kept]
+    expected = reference_answer(model, tokenizer, tokens, settings.config(), 12, kv_bits=8, kv_group_size=32)
+    assert data["choices"][0]["text"] == expected
+
+
+def test_a_quantized_cache_comes_back_from_the_disk_cache(wide_heads, story, tmp_path):
+    model, tokenizer = wide_heads
+    options = EngineOptions(kv_bits=8, disk_min_tokens=64)
+    body = {"prompt": f"{story[:1500]}\n\nQuestion: Where did she go?\nAnswer:", "max_tokens": 12}
+    with LiveServer(model, tokenizer, options, doc_cache=DocumentCache(tmp_path)) as live:
+        first = post(live, "/completions", body).json()
+    with LiveServer(model, tokenizer, options, doc_cache=DocumentCache(tmp_path)) as live:
+        again = post(live, "/completions", body).json()
+    assert first["selfextend"]["group_size"] > 1 and again["selfextend"]["cache"] == "disk"
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]

@@ -55,13 +55,12 @@ class LiveServer:
             time.sleep(0.01)
 
 
-def reference_answer(model, tokenizer, tokens, config, max_tokens) -> str:
+def reference_answer(model, tokenizer, tokens, config, max_tokens, kv_bits=None, kv_group_size=64) -> str:
     """Greedy answer for `tokens` straight from mlx-lm's generate (with this project's caches
     when `config` is SelfExtend's): what the server must say for the same prompt."""
     use_selfextend(model, config)
-    return generate(
-        model, tokenizer, list(tokens), max_tokens=max_tokens, prompt_cache=make_cache(model), prefill_step_size=512
-    )
+    cache = make_cache(model, kv_bits, kv_group_size)
+    return generate(model, tokenizer, list(tokens), max_tokens=max_tokens, prompt_cache=cache, prefill_step_size=512)
 
 
 def sse_events(response) -> tuple[list[dict], list[str]]:
