@@ -419,34 +419,7 @@ def ask(
                 "(see selfextend ask --help)"
             )
         question = text_argument(typer.prompt("Question"))
-    _answer_once(
-        files,
-        question,
-        json_output,
-        progress,
-        task="ask",
-        quiet=quiet,
-        model=model,
-        system=system,
-        group_size=group_size,
-        window=window,
-        max_tokens=max_tokens,
-        kv_bits=kv_bits,
-        prefill_step_size=prefill_step_size,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        max_input=max_input,
-        trust_remote_code=trust_remote_code,
-        sampling=make_sampling(
-            max_tokens=max_tokens,
-            temp=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            allow_repeats=allow_repeats,
-        ),
-    )
+    _run_document_task("ask", files, question, locals())
 
 
 class Style(StrEnum):
@@ -497,42 +470,41 @@ def summarize(
         selfextend summarize docs/examples/bakery.md --style paragraph --max-tokens 120
         cat docs/examples/bakery.md | selfextend summarize --json
     """
-    _answer_once(
-        files_or_stdin(files, "summarize"),
-        SUMMARY_REQUESTS[style],
-        json_output,
-        progress,
-        task="summarize",
-        quiet=quiet,
-        model=model,
-        system=system,
-        group_size=group_size,
-        window=window,
-        max_tokens=max_tokens,
-        kv_bits=kv_bits,
-        prefill_step_size=prefill_step_size,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        max_input=max_input,
-        trust_remote_code=trust_remote_code,
-        sampling=make_sampling(
-            max_tokens=max_tokens,
-            temp=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            allow_repeats=allow_repeats,
-        ),
-    )
+    _run_document_task("summarize", files_or_stdin(files, "summarize"), SUMMARY_REQUESTS[style], locals())
+
+
+SAMPLING_PARAMETERS = ("max_tokens", "temp", "top_p", "top_k", "min_p", "seed", "allow_repeats")
+RUN_PARAMETERS = (
+    "json_output",
+    "progress",
+    "quiet",
+    "model",
+    "system",
+    "group_size",
+    "window",
+    "max_tokens",
+    "kv_bits",
+    "prefill_step_size",
+    "cache_dir",
+    "no_cache",
+    "max_input",
+    "trust_remote_code",
+)
+
+
+def _run_document_task(task: str, files: list, question: str, parameters: dict) -> None:
+    """ask and summarize share every option: each passes its own parameters (`locals()`), so a new
+    option is added to both commands' signatures and to the tuples above, nowhere else."""
+    sampling = make_sampling(**{name: parameters[name] for name in SAMPLING_PARAMETERS})
+    _answer_once(files, question, task=task, sampling=sampling, **{name: parameters[name] for name in RUN_PARAMETERS})
 
 
 def _answer_once(
     files,
     question,
+    *,
     json_output,
     progress,
-    *,
     task,
     quiet=False,
     sampling,
