@@ -11,60 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import (  # fixtures by name: the autouse ones apply to this module too
+    invoke,
+    isolated_cache,
+    load_each_model_once,
+    stories,
+    story_text,
+    write,
+)
 from conftest import shared_path
 from pdf_fixture import make_pdf
 from typer.testing import CliRunner
 
 import selfextend_mlx.loading.load as loading
 from selfextend_cli.main import app
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return str(shared_path("models", "stories260K"))
-
-
-@pytest.fixture(scope="module")
-def story_text():
-    return shared_path("text", "tinystories_sample.txt").read_text()
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own document cache folder."""
-    folder = tmp_path / "doc-cache"
-    monkeypatch.setenv("SELFEXTEND_CACHE_DIR", str(folder))
-    return folder
-
-
-_loaded = {}
-
-
-@pytest.fixture(autouse=True)
-def load_each_model_once(monkeypatch):
-    """In-process runs share loaded weights (sessions re-apply their own G and W); the
-    subprocess tests below load for real."""
-    real = loading.load
-
-    def load(model_ref=None, **kwargs):
-        key = (model_ref, tuple(sorted(kwargs.items())))
-        if key not in _loaded:
-            _loaded[key] = real(model_ref, **kwargs)
-        return _loaded[key]
-
-    monkeypatch.setattr(loading, "load", load)
-
-
-def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def write(tmp_path, name, data):
-    path = tmp_path / name
-    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    return str(path)
 
 
 def json_of(result) -> dict:

@@ -13,6 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import (  # fixtures by name: the autouse ones apply to this module too
+    REAL_LOAD,
+    invoke,
+    isolated_cache,
+    load_each_model_once,
+    stories,
+    story_text,
+    write,
+)
 from conftest import shared_path
 from typer.testing import CliRunner
 
@@ -22,53 +31,6 @@ from selfextend_cli import main as main_module
 from selfextend_cli.chat_cmd import Questions, _line_editor
 from selfextend_cli.main import app
 from selfextend_mlx.app.generation import repeating_tail
-
-runner = CliRunner()
-REAL_LOAD = loading.load  # before any fixture shares loaded models between runs
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return str(shared_path("models", "stories260K"))
-
-
-@pytest.fixture(scope="module")
-def story_text():
-    return shared_path("text", "tinystories_sample.txt").read_text()
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    folder = tmp_path / "doc-cache"
-    monkeypatch.setenv("SELFEXTEND_CACHE_DIR", str(folder))
-    monkeypatch.delenv("SELFEXTEND_DEBUG", raising=False)
-    return folder
-
-
-_loaded = {}
-
-
-@pytest.fixture(autouse=True)
-def load_each_model_once(monkeypatch):
-    real = loading.load
-
-    def load(model_ref=None, **kwargs):
-        key = (model_ref, tuple(sorted(kwargs.items())))
-        if key not in _loaded:
-            _loaded[key] = real(model_ref, **kwargs)
-        return _loaded[key]
-
-    monkeypatch.setattr(loading, "load", load)
-
-
-def invoke(*args, input=None):
-    return runner.invoke(app, [str(a) for a in args], input=input)
-
-
-def write(tmp_path, name, data):
-    path = tmp_path / name
-    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    return str(path)
 
 
 def one_line_error(result, code, text):
