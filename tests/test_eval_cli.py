@@ -284,3 +284,38 @@ def test_prefix_reuse_between_prompts_answers_like_fresh_caches(stories):
     for cell in cells:
         fresh = [tokenizer.decode(greedy_generate(model, p.tokens, new_cache(model), 6, 128)) for p in cell.prompts]
         assert cell.outputs["selfextend"] == fresh
+
+
+def test_a_planned_mode_that_plans_plain_attention_takes_the_plain_answers(stories):
+    """Inside the context a planned mode is plain attention: its answers are plain's, not
+    computed a second time; past the context it runs its own SelfExtend pass."""
+    from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode
+    from selfextend_mlx.evaluation.prompts import passkey_prompt
+    from selfextend_mlx.evaluation.retrieval import build_cells, passkey_keys, run_cells
+    from selfextend_mlx.loading.load import load
+
+    model, tokenizer = load(stories, selfextend=False)
+    keys = passkey_keys(2, [300, 700], [0.5], 1)
+
+    def run(lengths, modes):
+        """The cells after the run, and the tokens the model was fed."""
+        cells = build_cells(lengths, [0.5], 1, lambda n, d, t: passkey_prompt(tokenizer.encode, n, d, keys[(n, d)][t]))
+        fed, seen = [], []
+
+        def counting(x, cache):
+            seen.append(x.shape[1])
+            return model(x, cache=cache)
+
+        counting.layers = model.layers
+        run_cells(counting, tokenizer, cells, modes, 6, chunk_size=128, on_tokens=fed.append)
+        assert sum(fed) == len(modes) * sum(len(cell.prompts[0].tokens) for cell in cells)  # progress counts all
+        return cells, sum(seen)
+
+    plain, planned = Mode(PLAIN), Mode(SELFEXTEND, limits=model.model_info.limits)
+    (inside, past), both_fed = run([300, 700], [plain, planned])  # 300: inside the 512 tokens; 700: past
+    assert inside.settings == {"plain": (1, 0), "selfextend": (1, 0)} and past.settings["selfextend"][0] > 1
+    assert inside.outputs["selfextend"] == inside.outputs["plain"]
+    _, plain_fed = run([300, 700], [plain])
+    (past_alone,), extended_fed = run([700], [planned])
+    assert past.outputs["selfextend"] == past_alone.outputs["selfextend"]
+    assert both_fed == plain_fed + extended_fed  # the inside cell was fed once, for plain

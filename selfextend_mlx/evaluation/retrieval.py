@@ -71,17 +71,27 @@ def run_cells(
     A planned mode is set up for each cell's length (plain attention where it fits, as the
     product runs it). Prompts of one length share their filler up to the needle, so the cache
     is trimmed back to the common prefix with the previous prompt instead of being rebuilt:
-    at five depths (deepest first) that saves about a third of the prefill. `on_tokens(n)`
-    hears of prompt tokens done, chunk by chunk.
+    at five depths (deepest first) that saves about a third of the prefill. A cell that a mode
+    runs with the same attention as a mode before it (a planned mode inside the context is
+    plain attention) takes that mode's answers: the computation would be the same one.
+    `on_tokens(n)` hears of prompt tokens done, chunk by chunk.
     """
     stop_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
     for mode in modes:
         reuse, current = None, object()
         for cell in cells:
             config = use_mode(model, mode, cell.tokens + max_tokens)
+            cell.settings[mode.name] = (1, 0) if config is None else (config.group_size, config.window)
+            same = [
+                name for name, ran in cell.settings.items() if name != mode.name and ran == cell.settings[mode.name]
+            ]
+            if same:
+                cell.outputs[mode.name], cell.correct[mode.name] = list(cell.outputs[same[0]]), cell.correct[same[0]]
+                if on_tokens is not None:
+                    on_tokens(sum(len(p.tokens) for p in cell.prompts))
+                continue
             if reuse is None or config != current:
                 reuse, current = _PrefixCache(model, kv_bits), config
-            cell.settings[mode.name] = (1, 0) if config is None else (config.group_size, config.window)
             outputs = []
             for prompt in cell.prompts:
                 cache, held = reuse.rewind(prompt.tokens)
