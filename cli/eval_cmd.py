@@ -336,26 +336,30 @@ def _retrieval_grid(lengths: str, depths: str, plot: Optional[Path]):
     return length_list, depth_list
 
 
-def _run_retrieval(
-    task,
-    loaded,
-    tokenizer,
-    info,
-    modes,
-    cells,
-    kv_bits,
-    chunk_size,
-    max_tokens,
-    as_json,
-    plot,
-    progress,
-    quiet,
-    **settings,
-):
+def _run_retrieval(task: str, options: dict, length_list, depth_list, trials: int, prompt_maker, **settings):
+    """passkey and needle once their own inputs are read: load the model, build the grid's
+    prompts (`prompt_maker(encode)` gives `make_prompt(length, depth, trial)`), run, report.
+    `options` are the command's parameters (its `locals()`): both take the same ones."""
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid
     from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series, series_labels
-    from selfextend_mlx.evaluation.retrieval import run_cells
+    from selfextend_mlx.evaluation.retrieval import build_cells, run_cells
 
+    kv_bits, chunk_size, max_tokens = options["kv_bits"], options["chunk_size"], options["max_tokens"]
+    as_json, plot, progress, quiet = options["as_json"], options["plot"], options["progress"], options["quiet"]
+    loaded, tokenizer, info, modes = _load(
+        options["model"],
+        options["group_size"],
+        options["window"],
+        options["plain"],
+        options["compare"],
+        options["dtype"],
+        max(length_list) + max_tokens,
+        kv_bits,
+        chunk_size,
+        options["trust_remote_code"],
+    )
+    encode = _encoder(tokenizer, options["chat_template"])
+    cells = build_cells(length_list, depth_list, trials, prompt_maker(encode))
     work = len(modes) * sum(len(p.tokens) for c in cells for p in c.prompts)
     with _progress(task, work, progress, quiet) as advance:
         run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_tokens=advance)
@@ -404,40 +408,13 @@ def passkey(
         selfextend eval passkey --lengths 6k --depths 0.5 --json > selfextend.json
     """
     from selfextend_mlx.evaluation.prompts import passkey_prompt
-    from selfextend_mlx.evaluation.retrieval import build_cells, passkey_keys
+    from selfextend_mlx.evaluation.retrieval import passkey_keys
 
     length_list, depth_list = _retrieval_grid(lengths, depths, plot)
-    loaded, tokenizer, info, modes = _load(
-        model,
-        group_size,
-        window,
-        plain,
-        compare,
-        dtype,
-        max(length_list) + max_tokens,
-        kv_bits,
-        chunk_size,
-        trust_remote_code,
-    )
-    encode = _encoder(tokenizer, chat_template)
     keys = passkey_keys(seed, length_list, depth_list, trials)
-    cells = build_cells(length_list, depth_list, trials, lambda n, d, t: passkey_prompt(encode, n, d, keys[(n, d)][t]))
+    prompt_maker = lambda encode: lambda n, d, t: passkey_prompt(encode, n, d, keys[(n, d)][t])
     _run_retrieval(
-        "passkey",
-        loaded,
-        tokenizer,
-        info,
-        modes,
-        cells,
-        kv_bits,
-        chunk_size,
-        max_tokens,
-        as_json,
-        plot,
-        progress,
-        quiet,
-        seed=seed,
-        chat_template=chat_template,
+        "passkey", locals(), length_list, depth_list, trials, prompt_maker, seed=seed, chat_template=chat_template
     )
 
 
@@ -492,40 +469,17 @@ def needle(
             --question "What is the code of the east tower?" --answer 48213 --lengths 2k,4k --depths 0.5 --compare
     """
     from selfextend_mlx.evaluation.prompts import needle_prompt
-    from selfextend_mlx.evaluation.retrieval import build_cells
 
     length_list, depth_list = _retrieval_grid(lengths, depths, plot)
     text = _read_text(haystack)
-    loaded, tokenizer, info, modes = _load(
-        model,
-        group_size,
-        window,
-        plain,
-        compare,
-        dtype,
-        max(length_list) + max_tokens,
-        kv_bits,
-        chunk_size,
-        trust_remote_code,
-    )
-    encode = _encoder(tokenizer, chat_template)
-    cells = build_cells(
-        length_list, depth_list, 1, lambda n, d, t: needle_prompt(encode, text, needle_text, question, answer, n, d)
-    )
+    prompt_maker = lambda encode: lambda n, d, t: needle_prompt(encode, text, needle_text, question, answer, n, d)
     _run_retrieval(
         "needle",
-        loaded,
-        tokenizer,
-        info,
-        modes,
-        cells,
-        kv_bits,
-        chunk_size,
-        max_tokens,
-        as_json,
-        plot,
-        progress,
-        quiet,
+        locals(),
+        length_list,
+        depth_list,
+        1,
+        prompt_maker,
         haystack=str(haystack),
         needle=needle_text,
         question=question,
