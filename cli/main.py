@@ -217,6 +217,10 @@ def _is_click(error: Exception, name: str) -> bool:
 
 
 def _error(message: str, prefix: str = "error: ") -> None:
+    if prefix:
+        from selfextend_mlx.loading.distributed import let_the_primary_report
+
+        let_the_primary_report()  # under mlx.launch: rank 0's line is the one the user reads
     try:
         if sys.stdout is not None:
             sys.stdout.flush()  # the answer so far comes before the error

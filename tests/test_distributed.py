@@ -37,6 +37,26 @@ def launch(ranks: int, *command, timeout=300):
 # -- in this process --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rank, waits", [(None, False), ("0", False), ("1", True), ("2", True)])
+def test_a_failing_rank_other_than_0_lets_rank_0_report_first(monkeypatch, capsys, rank, waits):
+    # mlx.launch stops every rank once one exits: were rank 1 to exit first, no line would show.
+    from selfextend_cli import main
+
+    for name in distributed.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if rank is not None:
+        monkeypatch.setenv("MLX_RANK", rank)
+    events = []
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: events.append(f"wait {seconds:g}"))
+    monkeypatch.setattr(distributed.signal, "signal", lambda *args: None)  # this process's own handlers stay
+    main._error("its 8 attention heads do not split evenly over 3 ranks")
+    events.append(capsys.readouterr().err.strip())
+    line = "error: its 8 attention heads do not split evenly over 3 ranks"
+    assert events == ([f"wait {distributed.PRIMARY_REPORT_WAIT:g}", line] if waits else [line])
+    main._error("interrupted", prefix="")  # a stop is not an error: nothing to wait for
+    assert len(events) == (2 if waits else 1) and capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_a_single_process_is_one_rank_and_touches_no_backend(monkeypatch):
     for name in distributed.LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)

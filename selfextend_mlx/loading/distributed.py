@@ -8,27 +8,58 @@ over the ranks. SelfExtend needs nothing more: the attention patch reads the hea
 the sharded module (`n_heads`, `n_kv_heads`, which `shard` divides), and each head's attention
 is computed whole on one rank, so a sharded run is the single-process model up to the order
 of the final sums. Every rank samples the same tokens (the same seed) and only rank 0 writes.
+Every rank meets the same errors: the others give rank 0 time to report its line first.
+MLX is imported where a group is needed, so the CLI asks about ranks without loading it.
 """
+
+from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
 from functools import lru_cache
-from typing import Optional
-
-import mlx.core as mx
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import UnsupportedModelError
 
 # Environment variables the launchers set on every rank: mlx.launch (ring, JACCL), mpirun.
 LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# How long a rank other than 0 waits before it exits on an error: the launcher stops every rank
+# as soon as one exits, so the first to exit is the one whose error line the user reads.
+PRIMARY_REPORT_WAIT = 10.0  # seconds
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 
 def launched() -> bool:
     """Whether this process was started by a distributed launcher."""
     return any(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (0 when not launched)."""
+    for name in LAUNCH_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def let_the_primary_report(wait: float = PRIMARY_REPORT_WAIT) -> None:
+    """On a failing rank other than 0, wait (at most `wait` seconds) before exiting: rank 0
+    meets the same error, prints its one line and exits, and the launcher then stops this rank.
+    Without the wait, whichever rank exits first ends the run, often with no line shown."""
+    if launcher_rank() == 0:
+        return
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop ends this rank quietly
+    except ValueError:  # not the main thread
+        pass
+    time.sleep(wait)
 
 
 @lru_cache(maxsize=1)
@@ -37,6 +68,8 @@ def world() -> Optional[mx.distributed.Group]:
     touched in an ordinary run)."""
     if not launched():
         return None
+    import mlx.core as mx
+
     group = mx.distributed.init()
     return group if group.size() > 1 else None
 
@@ -100,6 +133,7 @@ def load_sharded(model_ref=None, group: Optional[mx.distributed.Group] = None, *
     describes one rank's share (its heads, so its KV cache and memory), `model.tensor_group`
     is the group. On a GPU the weights are still lazy when sharded, so each rank reads only
     its share into memory, as mlx-lm's `sharded_load` does."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from .load import load
@@ -124,6 +158,8 @@ def load_sharded(model_ref=None, group: Optional[mx.distributed.Group] = None, *
 def synchronize_seed(group) -> int:
     """Give every rank rank 0's random seed, so unseeded sampling picks the same tokens on all
     of them (each rank runs the whole generation loop). Also a barrier after loading."""
+    import mlx.core as mx
+
     mine = time.time_ns() % (2**31) if group.rank() == 0 else 0
     seed = int(mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group, stream=mx.cpu).item())
     mx.random.seed(seed)
