@@ -136,6 +136,45 @@ def test_summarize_past_the_largest_reach_maps_and_reduces(stories, long_text, t
     assert again.answer.text == first.answer.text
 
 
+def test_a_part_the_model_gives_no_summary_of_is_summarized_in_halves(stories, long_text, tmp_path, monkeypatch):
+    # SmolLM2-135M answered nothing at all for a 27k-token part of a novel (G=7): the summary
+    # must not be that part's silence, kept on disk for every later run.
+    from selfextend_mlx.app import session as session_module
+
+    model, tokenizer = stories
+    real_ask, asked = session_module.Session.ask, []
+
+    def silent_on_long_parts(self, question, sampling=None, *args, **kwargs):
+        answer = real_ask(self, question, sampling, *args, **kwargs)
+        if "is part" in question:
+            asked.append(self.plan.prompt_tokens)
+        if self.plan.prompt_tokens > 3000 and "is part" in question:
+            answer.text = ""  # what the model said, as if it had stopped at once
+        return answer
+
+    monkeypatch.setattr(session_module.Session, "ask", silent_on_long_parts)
+    notices = []
+    memo = SummaryMemo(tmp_path / "summaries", notices.append)
+    long = LongDocument(
+        model,
+        tokenizer,
+        [Document("stories.txt", long_text, "text")],
+        "Summarize the text above.",
+        task="summarize",
+        options=SessionOptions(max_tokens=24),
+        memo=memo,
+        notice=notices.append,
+    )
+    result = long.answer(Sampling(max_tokens=24))
+    assert result.strategy == MAP_REDUCE and all(result.part_summaries[0])
+    silent = [n for n in notices if n.startswith("no summary of part ")]
+    assert silent and all(n.endswith(": summarizing it in two halves") for n in silent)
+    assert any("first half" in n for n in notices) and any("second half" in n for n in notices)
+    assert len(asked) > result.parts and any(tokens <= 3000 for tokens in asked)  # shorter halves were asked
+    kept = [path.read_text() for path in (tmp_path / "summaries").glob("*.json")]
+    assert kept and all('"summary": ""' not in text for text in kept)  # silence is never kept
+
+
 def test_summary_memo_survives_corrupt_and_unwritable_entries(tmp_path):
     notices = []
     memo = SummaryMemo(tmp_path, notices.append)

@@ -135,6 +135,15 @@ def balanced_parts(items: Sequence[Passage], budget: int) -> list[list[Passage]]
         count += 1
 
 
+def halves(items: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
+    """Two consecutive, non-empty groups of about equal tokens (at least two items given)."""
+    total, size, cut = sum(p.tokens for p in items), 0, 1
+    while cut < len(items) - 1 and (size + items[cut - 1].tokens) * 2 < total:
+        size += items[cut - 1].tokens
+        cut += 1
+    return list(items[:cut]), list(items[cut:])
+
+
 def select_passages(items: Sequence[Passage], question: str, budget: int) -> list[Passage]:
     """The passages BM25 ranks highest for `question`, as many as fit `budget` tokens, in
     document order."""
@@ -192,7 +201,8 @@ class SummaryMemo:
             data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return data.get("summary") if isinstance(data, dict) and data.get("key") == key else None
+        summary = data.get("summary") if isinstance(data, dict) and data.get("key") == key else None
+        return summary or None  # an empty one (kept by an earlier version) is no summary
 
     def put(self, key: str, summary: str) -> None:
         if self.folder is None:
@@ -365,13 +375,13 @@ class LongDocument:
         while sum(p.tokens for p in items) > final_budget:
             groups = balanced_parts(items, part_budget)
             first_parts = first_parts or len(groups)
+            level, count = len(levels) + 1, len(groups)
             summaries = [
-                self._summarize_part(
-                    "\n\n".join(p.text for p in group),
+                self._summarize_group(
+                    group,
                     name,
-                    len(levels) + 1,
-                    index,
-                    len(groups),
+                    PART_REQUEST.format(index=index, count=count),
+                    f"level {level}, part {index} of {count}" if level > 1 else f"part {index} of {count}",
                     part_sampling,
                     on_progress,
                 )
@@ -396,12 +406,25 @@ class LongDocument:
             part_summaries=levels,
         )
 
-    def _summarize_part(self, text, name, level, index, count, sampling, on_progress) -> str:
-        request = PART_REQUEST.format(index=index, count=count)
+    def _summarize_group(self, group, name, request, where, sampling, on_progress) -> str:
+        """The summary of consecutive passages. A small model can give nothing at all for a long
+        part (SmolLM2-135M did, for 27k tokens of a novel at G=7): such a part is summarized in
+        two halves instead, each at a smaller G, down to a single passage."""
+        summary = self._summarize_part("\n\n".join(p.text for p in group), name, request, where, sampling, on_progress)
+        if summary or len(group) < 2:
+            return summary
+        first, second = halves(group)
+        self.notice(f"no summary of {where}: summarizing it in two halves")
+        pieces = [
+            self._summarize_group(half, name, request, f"{where}, {label} half", sampling, on_progress)
+            for half, label in ((first, "first"), (second, "second"))
+        ]
+        return "\n".join(piece for piece in pieces if piece)
+
+    def _summarize_part(self, text, name, request, where, sampling, on_progress) -> str:
         info = self.info
         key = SummaryMemo.key(info.model_id, info.revision, self.system, request, text, sampling, self.options.window)
         kept = self.memo.get(key)
-        where = f"level {level}, part {index} of {count}" if level > 1 else f"part {index} of {count}"
         if kept is not None:
             self.notice(f"summarizing {where}: kept from an earlier run")
             return kept
@@ -411,5 +434,6 @@ class LongDocument:
         answer = session.ask(request, sampling, on_progress=on_progress)
         self.notice(f"summarized {where} in {time.perf_counter() - started:.0f}s")
         summary = answer.text.strip()
-        self.memo.put(key, summary)
+        if summary:  # an empty one is worth another try (in halves, or another day)
+            self.memo.put(key, summary)
         return summary
