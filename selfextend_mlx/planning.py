@@ -3,7 +3,8 @@
 - reach: N_max = (L - W) * G + W                                         max_length()
 - the G/W choice: plain attention while input + answer fit the model's own context; past
   it the smallest G that covers them, W from the registry or the window rule   choose_settings()
-- what to do with a document past the largest reach                          choose_strategy()
+- what to do with a document past the largest reach (a summary: past the
+  summary reach)                                            choose_strategy(), summary_reach()
 - the KV cache's size, SelfExtend's or plain                                 kv_cache_bytes()
 - the memory a run needs, and the check against the machine       estimate_memory(), check_memory()
 - attention's query chunk, so its score block stays within a budget     attention_chunk_size()
@@ -188,12 +189,24 @@ def largest_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
 
 
 def fill_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
-    """Prompt + answer tokens that a retrieval prompt or a map-reduce part fills: the most the
-    largest G takes with its grouped positions inside the model's context (so every part is
-    read as well as any input that fits)."""
+    """Prompt + answer tokens that a retrieval prompt fills: the most the largest G takes with
+    its grouped positions inside the model's context (so it is read as well as any input that
+    fits)."""
     W = window or limits.default_window()
     context = limits.context if W < limits.context else limits.trained_context
     return max_length(context, limits.max_group_size, W)
+
+
+def summary_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
+    """The most prompt + answer a summary reads at once (a whole document, or one map-reduce
+    part): the reach of the model's usual G (the registry's, else DEFAULT_GROUP_SIZE), not of
+    its largest. Writing a summary asks more of a model than finding a fact: SmolLM2-135M
+    answered nothing at all for 27k-token parts of a novel at G=7, and wrote one for 13.6k
+    tokens at G=4 (docs/results.md)."""
+    W = window or limits.default_window()
+    context = limits.context if W < limits.context else limits.trained_context
+    group_size = min(limits.group_size or DEFAULT_GROUP_SIZE, limits.max_group_size)
+    return max(max_length(context, group_size, W), limits.context)
 
 
 FULL = "full"  # the whole document in the prompt
@@ -204,9 +217,10 @@ STRATEGY_FOR_TASK = {"ask": RETRIEVAL, "summarize": MAP_REDUCE}
 
 
 def choose_strategy(task: str, limits: ModelLimits, tokens: int, window: Optional[int] = None) -> str:
-    """FULL when `tokens` (document + question + answer) fit the largest reach; else what
-    `task` does with a longer document. A chat cannot hold such a document: one error line."""
-    if tokens <= largest_reach(limits, window):
+    """FULL when `tokens` (document + question + answer) fit the largest reach (a summary: the
+    summary reach); else what `task` does with a longer document. A chat cannot hold such a
+    document: one error line."""
+    if tokens <= (summary_reach(limits, window) if task == "summarize" else largest_reach(limits, window)):
         return FULL
     if task in STRATEGY_FOR_TASK:
         return STRATEGY_FOR_TASK[task]

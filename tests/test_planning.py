@@ -11,6 +11,7 @@ from selfextend_mlx.errors import InputTooLongError, SelfExtendError, SettingsEr
 from selfextend_mlx.loading.load import model_shape
 from selfextend_mlx.loading.registry import registry_entry
 from selfextend_mlx.planning import (
+    DEFAULT_GROUP_SIZE,
     EXTENDS,
     FITS,
     FULL,
@@ -23,12 +24,14 @@ from selfextend_mlx.planning import (
     Settings,
     choose_settings,
     choose_strategy,
+    fill_reach,
     kv_cache_bytes,
     kv_group_size,
     largest_reach,
     max_length,
     parse_size,
     smallest_group_size,
+    summary_reach,
 )
 
 UNKNOWN_4K = ModelLimits(4096)  # a model the registry does not know: W = 1024, G at most 16
@@ -127,15 +130,30 @@ def test_too_long_names_the_numbers():
     "task, tokens, expected",
     [
         ("ask", 58_368, FULL),
-        ("summarize", 58_368, FULL),
         ("chat", 58_368, FULL),
         ("ask", 58_369, RETRIEVAL),
+        ("summarize", 17_408, FULL),  # a summary reads at most the reach of the registry's G = 4
+        ("summarize", 17_409, MAP_REDUCE),
         ("summarize", 250_000, MAP_REDUCE),
     ],
 )
 def test_strategy_past_the_largest_reach(task, tokens, expected):
     assert largest_reach(SMOLLM2) == 58_368
     assert choose_strategy(task, SMOLLM2, tokens) == expected
+
+
+@pytest.mark.parametrize(
+    "limits, expected",
+    [
+        (SMOLLM2, (5120 - 1024) * 4 + 1024),  # the registry's G, within the effective context
+        (ModelLimits(512), (512 - 128) * DEFAULT_GROUP_SIZE + 128),  # unknown model: W = L/4
+        (ModelLimits(4096, group_size=8, max_group_size=4), (4096 - 1024) * 4 + 1024),  # never past the largest G
+        (ModelLimits(4096, group_size=1), 4096),  # a model that is not extended: its own context
+    ],
+)
+def test_a_summary_reads_at_most_the_reach_of_the_usual_group_size(limits, expected):
+    assert summary_reach(limits) == expected
+    assert summary_reach(limits) <= fill_reach(limits) <= largest_reach(limits)
 
 
 def test_a_chat_past_the_largest_reach_points_to_ask_and_summarize():

@@ -27,7 +27,7 @@ from typing import Optional
 
 from ..errors import SelfExtendError
 from ..loading.load import model_info
-from ..planning import FULL, MAP_REDUCE, RETRIEVAL, STRATEGY_FOR_TASK, choose_strategy, fill_reach
+from ..planning import FULL, MAP_REDUCE, RETRIEVAL, STRATEGY_FOR_TASK, choose_strategy, fill_reach, summary_reach
 from .documents import Document, format_documents
 from .generation import Answer, Sampling
 from .session import Session, SessionOptions
@@ -263,7 +263,8 @@ class LongDocument:
         self.session = self._session(self.documents, question, doc_cache) if self.strategy == FULL else None
         if self.session is not None and self.session.prefix_tokens:
             self.document_tokens = len(self.session.prefix_tokens)  # as the document cache counts them
-        self.budget = fill_reach(self.info.limits, options.window)
+        reach = summary_reach if task == "summarize" else fill_reach
+        self.budget = reach(self.info.limits, options.window)
 
     def _count(self, text: str) -> int:
         """Tokens of `text`, tokenized a slice at a time so a long book never needs the memory of
@@ -314,7 +315,7 @@ class LongDocument:
             )
         if self.strategy == MAP_REDUCE:
             return (
-                f"document {self.document_tokens:,} tokens is past the model's largest reach: summarizing it in "
+                f"document {self.document_tokens:,} tokens is more than one summary reads: summarizing it in "
                 f"parts of up to {self.budget:,} tokens, then the summaries"
             )
         return ""
