@@ -66,6 +66,11 @@ class ModelLimits:
         """W for extended inputs: the registry's, else the window rule."""
         return self.window or max(1, self.context // WINDOW_DIVISOR)
 
+    def grouping_context(self, window: int) -> int:
+        """The context that grouped positions stay within for `window`: the plain model's, unless
+        a user's window is as wide as that (then only the trained context bounds them)."""
+        return self.context if window < self.context else self.trained_context
+
 
 # -- reach and the G/W choice --------------------------------------------------------------
 
@@ -159,7 +164,7 @@ def choose_settings(
     if tokens is None:
         G = limits.group_size or DEFAULT_GROUP_SIZE
         return Settings(G, W, UNKNOWN_LENGTH, max_length(L, G, W))
-    context = limits.context if W < limits.context else L  # a user's wide window: only L bounds it
+    context = limits.grouping_context(W)
     if tokens <= context:
         return Settings(1, W, FITS, context)
     G = smallest_group_size(context, W, tokens)
@@ -193,7 +198,7 @@ def fill_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
     its grouped positions inside the model's context (so it is read as well as any input that
     fits)."""
     W = window or limits.default_window()
-    context = limits.context if W < limits.context else limits.trained_context
+    context = limits.grouping_context(W)
     return max_length(context, limits.max_group_size, W)
 
 
@@ -204,7 +209,7 @@ def summary_reach(limits: ModelLimits, window: Optional[int] = None) -> int:
     answered nothing at all for 27k-token parts of a novel at G=7, and wrote one for 13.6k
     tokens at G=4 (docs/results.md)."""
     W = window or limits.default_window()
-    context = limits.context if W < limits.context else limits.trained_context
+    context = limits.grouping_context(W)
     group_size = min(limits.group_size or DEFAULT_GROUP_SIZE, limits.max_group_size)
     return max(max_length(context, group_size, W), limits.context)
 
