@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_support import load_each_model_once  # noqa: F401 (autouse: one load of each model here too)
 from typer.main import get_command
 from typer.testing import CliRunner
 
-import selfextend_mlx.loading.load as loading
 from selfextend_cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,17 +108,8 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def share_loaded_models(monkeypatch, tmp_path_factory):
-    """One load of the default model for all examples (each session sets its own G and W)."""
-    real, loaded = loading.load, {}
-
-    def load(model_ref=None, **kwargs):
-        key = (model_ref, tuple(sorted(kwargs.items())))
-        if key not in loaded:
-            loaded[key] = real(model_ref, **kwargs)
-        return loaded[key]
-
-    monkeypatch.setattr(loading, "load", load)
+def examples_cache(monkeypatch, tmp_path_factory):
+    """One document cache the examples share (`cache rm` needs an entry that an earlier one made)."""
     monkeypatch.setenv("SELFEXTEND_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "examples-cache"))
 
 
