@@ -1,4 +1,4 @@
-"""Markdown tables of the planning grid: plain vs the automatic settings, per cell, from the
+"""A markdown table of the planning grid: plain vs the automatic settings, a row per piece, from the
 pieces scripts/eval_planning_grid.sh writes (PIECE_plain.json and PIECE_auto.json).
 
 Usage: python scripts/planning_grid_table.py [FOLDER]   (default docs/results/planning)
@@ -43,21 +43,31 @@ def pieces(folder: Path) -> dict:
 
 
 def table(folder: Path) -> str:
+    """One row a piece: each mode's correct/trials summed over depths, then per depth in order."""
     lines = [
-        "| piece | length (prompt tokens) | depth | plain | auto | auto ran |",
+        "| piece | length (prompt tokens) | depths | plain | auto | auto ran |",
         "|---|---|---|---|---|---|",
     ]
     for piece, (plain, auto) in sorted(pieces(folder).items(), key=lambda item: _order(item[0])):
-        for key, row in auto.items():
-            theirs = plain.get(key)
-            plain_cell = f"{theirs['correct']}/{theirs['trials']}" if theirs else "not run"
-            auto_cell = f"{row['correct']}/{row['trials']}"
-            mark = "**" if theirs and row["correct"] != theirs["correct"] else ""
-            lines.append(
-                f"| {piece} | {key[0]:,} ({row['tokens']:,}) | {key[1]} | {mark}{plain_cell}{mark} "
-                f"| {mark}{auto_cell}{mark} | {settings(row)} |"
-            )
+        keys = list(auto)
+        plain_cell = _score(plain, keys) if all(key in plain for key in keys) else "not run"
+        auto_cell = _score(auto, keys)
+        mark = "**" if plain_cell not in ("not run", auto_cell) else ""
+        tokens = sorted({auto[key]["tokens"] for key in keys})
+        span = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
+        ran = sorted({settings(auto[key]) for key in keys})
+        lines.append(
+            f"| {piece} | {keys[0][0]:,} ({span}) "
+            f"| {', '.join(str(key[1]) for key in keys)} | {mark}{plain_cell}{mark} | {mark}{auto_cell}{mark} "
+            f"| {', '.join(ran)} |"
+        )
     return "\n".join(lines)
+
+
+def _score(cells_of_mode: dict, keys: list) -> str:
+    correct = [cells_of_mode[key]["correct"] for key in keys]
+    trials = [cells_of_mode[key]["trials"] for key in keys]
+    return f"{sum(correct)}/{sum(trials)} ({' '.join(map(str, correct))})"
 
 
 def _order(piece: str):
