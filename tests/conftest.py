@@ -13,8 +13,8 @@ def pytest_configure(config):
     # Real-model tests are 25x faster on OpenBLAS than on the wheel's reference BLAS.
     reexec_with_openblas()
     # A test run started in the background (`cmd &` in a script) ignores SIGINT, and an ignored
-    # signal stays ignored in every command a test starts: the Ctrl-C tests would then time the
-    # command out instead of stopping it. A handler (unlike SIG_IGN) is reset to the default by exec.
+    # signal stays ignored in every command a test starts: the Ctrl-C tests' command would then
+    # run to its end instead of stopping. A handler (unlike SIG_IGN) is reset to the default by exec.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
