@@ -1,5 +1,7 @@
-"""A markdown table of the planning grid: plain vs the automatic settings, a row per piece, from the
-pieces scripts/eval_planning_grid.sh writes (PIECE_plain.json and PIECE_auto.json).
+"""A markdown table of the planning grid: plain vs the automatic settings, a row per task and
+length, from the pieces scripts/eval_planning_grid.sh writes (PIECE_plain.json and PIECE_auto.json,
+or PIECE_compare.json; a length run as several pieces of depths, passkey_16k_1-0.75-0.5 and
+passkey_16k_0.25-0, makes one row).
 
 Usage: python scripts/planning_grid_table.py [FOLDER]   (default docs/results/planning)
 """
@@ -31,31 +33,45 @@ def settings(row: dict) -> str:
 
 
 def pieces(folder: Path) -> dict:
-    """piece name -> (plain cells, auto cells), from a _plain/_auto pair or one _compare run."""
+    """row name -> (plain cells, auto cells), from _plain/_auto pairs or _compare runs."""
     found = {}
+
+    def add(path: Path, plain: dict, auto: dict) -> None:
+        row = _row_name(path.name.rsplit("_", 1)[0])
+        old_plain, old_auto = found.get(row, ({}, {}))
+        found[row] = ({**old_plain, **plain}, {**old_auto, **auto})
+
     for path in folder.glob("*_auto.json"):
-        piece = path.name.removesuffix("_auto.json")
-        plain = path.with_name(f"{piece}_plain.json")
-        found[piece] = (cells(plain) if plain.exists() else {}, cells(path))
+        add(path, {}, cells(path))
+    for path in folder.glob("*_plain.json"):
+        add(path, cells(path), {})
     for path in folder.glob("*_compare.json"):
-        found[path.name.removesuffix("_compare.json")] = (cells(path, "plain"), cells(path, "selfextend"))
+        add(path, cells(path, "plain"), cells(path, "selfextend"))
     return found
 
 
+def _row_name(piece: str) -> str:
+    """The piece's name up to its length: passkey_16k_0.25-0 -> passkey_16k."""
+    parts = piece.split("_")
+    length_at = next(i for i, part in enumerate(parts) if part[:-1].isdigit() and part.endswith("k"))
+    return "_".join(parts[: length_at + 1])
+
+
 def table(folder: Path) -> str:
-    """One row a piece: each mode's correct/trials summed over depths, then per depth in order."""
+    """One row a task and length: each mode's correct/trials summed over the depths it ran, then
+    per depth in order ("-" where a mode has not run that depth yet)."""
     lines = [
         "| piece | length (prompt tokens) | depths | plain | auto | auto ran |",
         "|---|---|---|---|---|---|",
     ]
     for piece, (plain, auto) in sorted(pieces(folder).items(), key=lambda item: _order(item[0])):
-        keys = list(auto)
-        plain_cell = _score(plain, keys) if all(key in plain for key in keys) else "not run"
-        auto_cell = _score(auto, keys)
-        mark = "**" if plain_cell not in ("not run", auto_cell) else ""
-        tokens = sorted({auto[key]["tokens"] for key in keys})
+        keys = sorted({**plain, **auto}, key=lambda key: -key[1])  # deepest first, as the pieces run
+        plain_cell, auto_cell = _score(plain, keys), _score(auto, keys)
+        complete = all(key in plain and key in auto for key in keys)
+        mark = "**" if complete and plain_cell != auto_cell else ""
+        tokens = sorted({{**plain, **auto}[key]["tokens"] for key in keys})
         span = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
-        ran = sorted({settings(auto[key]) for key in keys})
+        ran = sorted({settings(auto[key]) for key in keys if key in auto}) or ["-"]
         lines.append(
             f"| {piece} | {keys[0][0]:,} ({span}) "
             f"| {', '.join(str(key[1]) for key in keys)} | {mark}{plain_cell}{mark} | {mark}{auto_cell}{mark} "
@@ -65,9 +81,12 @@ def table(folder: Path) -> str:
 
 
 def _score(cells_of_mode: dict, keys: list) -> str:
-    correct = [cells_of_mode[key]["correct"] for key in keys]
-    trials = [cells_of_mode[key]["trials"] for key in keys]
-    return f"{sum(correct)}/{sum(trials)} ({' '.join(map(str, correct))})"
+    if not cells_of_mode:
+        return "not run"
+    ran = [cells_of_mode[key] for key in keys if key in cells_of_mode]
+    per_depth = [str(cells_of_mode[key]["correct"]) if key in cells_of_mode else "-" for key in keys]
+    correct, trials = sum(cell["correct"] for cell in ran), sum(cell["trials"] for cell in ran)
+    return f"{correct}/{trials} ({' '.join(per_depth)})"
 
 
 def _order(piece: str):
