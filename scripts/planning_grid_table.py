@@ -65,11 +65,12 @@ def table(folder: Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     for piece, (plain, auto) in sorted(pieces(folder).items(), key=lambda item: _order(item[0])):
-        keys = sorted({**plain, **auto}, key=lambda key: -key[1])  # deepest first, as the pieces run
+        either = {**plain, **auto}
+        keys = sorted(either, key=lambda key: -key[1])  # deepest first, as the pieces run
         plain_cell, auto_cell = _score(plain, keys), _score(auto, keys)
         complete = all(key in plain and key in auto for key in keys)
         mark = "**" if complete and plain_cell != auto_cell else ""
-        tokens = sorted({{**plain, **auto}[key]["tokens"] for key in keys})
+        tokens = sorted({either[key]["tokens"] for key in keys})
         span = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,}-{tokens[-1]:,}"
         ran = sorted({settings(auto[key]) for key in keys if key in auto}) or ["-"]
         lines.append(
