@@ -11,10 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from selfextend_mlx.defaults import PREFILL_STEP
+
 from .common import (
     Command,
     GroupSizeOpt,
     ModelOpt,
+    PrefillStepOpt,
     QuietOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
@@ -53,9 +56,7 @@ def bench(
     decode_steps: Annotated[
         int, typer.Option(min=1, max=MAX_DECODE_STEPS, metavar="N", help="Decode steps timed at each length.")
     ] = 16,
-    prefill_step_size: Annotated[
-        int, typer.Option(parser=token_count, metavar="N", help="Tokens per prefill step.")
-    ] = 512,
+    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     repeats: Annotated[
         int,
         typer.Option(
@@ -89,7 +90,7 @@ def bench(
     from selfextend_mlx.evaluation.bench import MODES, run_bench
     from selfextend_mlx.loading.device import describe_runtime
     from selfextend_mlx.loading.load import load
-    from selfextend_mlx.planning import format_bytes
+    from selfextend_mlx.planning import bench_settings, check_memory, format_bytes, modes_memory, plain_settings
 
     sizes = _lengths(lengths)
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
@@ -102,8 +103,11 @@ def bench(
         prefill_step_size = max(sizes)
     loaded, tokenizer = load(model, selfextend=False, dtype=dtype, trust_remote_code=trust_remote_code)
     info = loaded.model_info
-    config = _selfextend_config(info, sizes, group_size, window) if set(chosen) - {"plain"} else None
-    _check_memory(info, max(sizes), chosen, config, prefill_step_size)
+    settings = bench_settings(info.limits, sizes, group_size, window) if set(chosen) - {"plain"} else None
+    config = settings.config() if settings else None
+    per_mode = [settings if mode == "selfextend" else plain_settings(max(sizes)) for mode in chosen]
+    # every mode's cache stays alive through the interleaved decode: their KV caches add up
+    check_memory(modes_memory(info, max(sizes), per_mode, None, prefill_step_size, together=True))
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 256
     tokens = mx.random.randint(0, vocab, (max(sizes),), key=mx.random.key(0))
     if not quiet:
@@ -153,49 +157,6 @@ def bench(
                 line += f"  | reference decode {s.decode_tps / r.decode_tps:5.2f}x slower than SelfExtend"
             print(line)
     sys.stdout.flush()
-
-
-def _selfextend_config(info, sizes: list, group_size, window):
-    """The SelfExtend settings to measure: planning's for the longest length, or the registry's G
-    when the lengths fit the model (plain attention there would measure nothing new)."""
-    from selfextend_mlx.errors import SettingsError
-    from selfextend_mlx.planning import choose_settings
-
-    settings = choose_settings(info.limits, max(sizes), group_size=group_size, window=window)
-    if settings.plain:
-        settings = choose_settings(info.limits, None, group_size=group_size, window=window)
-    config = settings.config()
-    if config is None:
-        raise SettingsError("group size G=1 is the plain model; give -G 2 or more (or --modes plain)")
-    if config.window >= min(sizes):
-        raise SettingsError(
-            f"window W={config.window} is not below the shortest length {min(sizes)}: SelfExtend would be the "
-            "plain model there; give a smaller -W or longer --lengths"
-        )
-    return config
-
-
-def _check_memory(info, tokens: int, modes: list, config, prefill_step: int) -> None:
-    """Every mode's cache stays alive through the interleaved decode: their KV caches add up,
-    next to the weights and the largest prefill step (each from planning's estimate)."""
-    from selfextend_mlx.planning import GIVEN, MemoryEstimate, Settings, check_memory, estimate_memory
-
-    plain = Settings(1, 1, GIVEN, tokens)
-    extended = plain if config is None else Settings(config.group_size, config.window, GIVEN, tokens)
-    per_mode = [
-        estimate_memory(
-            info.shape, info.weights_bytes, tokens, extended if mode == "selfextend" else plain, None, prefill_step
-        )
-        for mode in modes
-    ]
-    check_memory(
-        MemoryEstimate(
-            weights=info.weights_bytes,
-            kv_cache=sum(estimate.kv_cache for estimate in per_mode),
-            prefill=max(estimate.prefill for estimate in per_mode),
-            machine=per_mode[0].machine,
-        )
-    )
 
 
 def selftest(

@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from selfextend_mlx.defaults import MAX_TOKENS, PREFILL_STEP
+
 from .common import (
     AllowRepeatsOpt,
     CacheDirOpt,
@@ -52,9 +54,6 @@ from .common import (
     text_argument,
     write_out,
 )
-
-DEFAULT_MAX_TOKENS = 512
-DEFAULT_PREFILL_STEP = 512
 
 ChatFilesArg = Annotated[
     list[str], typer.Argument(metavar="FILE", help="Text, Markdown, HTML or PDF files.", show_default=False)
@@ -143,14 +142,14 @@ def chat(
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    max_tokens: MaxTokensOpt = MAX_TOKENS,
     temp: TempOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     kv_bits: KvBitsOpt = None,
-    prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
+    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     max_input: MaxInputOpt = None,
@@ -200,9 +199,7 @@ def chat(
     questions = Questions.for_this_terminal()
     if questions.interactive:
         status("ask a question (/help for commands, /bye to leave)")
-    sampling = make_sampling(
-        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, allow_repeats=allow_repeats
-    )
+    sampling = make_sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, allow_repeats=allow_repeats)
     for question in questions:
         if question.startswith("/") or question.lower() in EXIT_WORDS:
             if not _chat_command(session, question):
@@ -383,14 +380,14 @@ def ask(
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    max_tokens: MaxTokensOpt = MAX_TOKENS,
     temp: TempOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     kv_bits: KvBitsOpt = None,
-    prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
+    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     max_input: MaxInputOpt = None,
@@ -438,7 +435,7 @@ SUMMARY_REQUESTS = {
 def summarize(
     files: FilesArg = None,
     style: Annotated[Style, typer.Option("--style", help="bullets or paragraph.")] = Style.bullets,
-    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    max_tokens: MaxTokensOpt = MAX_TOKENS,
     json_output: JsonOpt = False,
     model: ModelOpt = None,
     group_size: GroupSizeOpt = None,
@@ -450,7 +447,7 @@ def summarize(
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     kv_bits: KvBitsOpt = None,
-    prefill_step_size: PrefillStepOpt = DEFAULT_PREFILL_STEP,
+    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     max_input: MaxInputOpt = None,
@@ -473,7 +470,7 @@ def summarize(
     _run_document_task("summarize", files_or_stdin(files, "summarize"), SUMMARY_REQUESTS[style], locals())
 
 
-SAMPLING_PARAMETERS = ("max_tokens", "temp", "top_p", "top_k", "min_p", "seed", "allow_repeats")
+SAMPLING_PARAMETERS = ("temp", "top_p", "top_k", "min_p", "seed", "allow_repeats")
 RUN_PARAMETERS = (
     "json_output",
     "progress",

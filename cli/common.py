@@ -233,12 +233,20 @@ KvBitsOpt = Annotated[
         show_default=False,
     ),
 ]
-PrefillStepOpt = Annotated[
-    int,
-    typer.Option(
-        "--prefill-step-size", parser=_positive_count, metavar="N", help="Tokens fed to the model per prefill step."
-    ),
-]
+
+
+def prefill_step_option(*aliases: str):
+    """The one prefill-step option (eval also spells it --chunk-size)."""
+    return typer.Option(
+        "--prefill-step-size",
+        *aliases,
+        parser=_positive_count,
+        metavar="N",
+        help="Tokens fed to the model per prefill step (bounds memory).",
+    )
+
+
+PrefillStepOpt = Annotated[int, prefill_step_option()]
 SystemOpt = Annotated[
     Optional[str],
     typer.Option("--system", "-s", parser=text_argument, metavar="TEXT", help="System prompt.", show_default=False),
@@ -312,11 +320,11 @@ def write_out(text: str) -> None:
     sys.stdout.flush()
 
 
-def make_sampling(*, max_tokens, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, allow_repeats=False, **extra):
+def make_sampling(*, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, allow_repeats=False, **extra):
+    """The sampling options of a run (the answer's length is its plan's: --max-tokens)."""
     from selfextend_mlx.app.generation import Sampling
 
     return Sampling(
-        max_tokens=max_tokens,
         temp=temp,
         top_p=top_p,
         top_k=top_k,

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from selfextend_mlx.defaults import PREFILL_STEP
 from selfextend_mlx.errors import EvaluationError
 
 from .common import (
@@ -25,6 +26,7 @@ from .common import (
     QuietOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
+    prefill_step_option,
     print_json,
     required_text,
     status,
@@ -56,12 +58,7 @@ DtypeOpt = Annotated[
         show_default=False,
     ),
 ]
-ChunkOpt = Annotated[
-    int,
-    typer.Option(
-        "--chunk-size", min=1, max=65536, metavar="N", help="Tokens fed to the model at once (bounds memory)."
-    ),
-]
+ChunkOpt = Annotated[int, prefill_step_option("--chunk-size")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 PlotOpt = Annotated[
     Optional[Path],
@@ -116,14 +113,23 @@ def _progress(label: str, total: int, progress: bool, quiet: bool):
 
 
 def _load(
-    model_ref, group_size, window, plain, compare, dtype, longest: int, kv_bits=None, chunk_size=512, trust=False
+    model_ref,
+    group_size,
+    window,
+    plain,
+    compare,
+    dtype,
+    longest: int,
+    kv_bits=None,
+    chunk_size=PREFILL_STEP,
+    trust=False,
 ):
     """Load once; the modes to run. Without -G/-W, SelfExtend's settings are planned for each
     length as the product plans them (plain attention where the input fits the model). The
     longest input's memory is checked against the machine before anything is scored."""
     from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode
     from selfextend_mlx.loading.load import load, model_info
-    from selfextend_mlx.planning import choose_settings
+    from selfextend_mlx.planning import check_memory, choose_settings, modes_memory, plain_settings
 
     if plain and compare:
         raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
@@ -132,7 +138,7 @@ def _load(
     model, tokenizer = load(model_ref, selfextend=False, dtype=dtype, trust_remote_code=trust)
     info = model_info(model)
     if plain:
-        modes, settings = [Mode(PLAIN)], [_plain_settings(longest)]
+        modes, settings = [Mode(PLAIN)], [plain_settings(longest)]
     else:
         if group_size is None and window is None:
             planned = choose_settings(info.limits, longest)  # within reach, or one error line
@@ -142,25 +148,9 @@ def _load(
             selfextend = Mode(SELFEXTEND, planned.config())
             _warn_beyond_reach(planned, longest)
         modes = [Mode(PLAIN), selfextend] if compare else [selfextend]
-        settings = ([_plain_settings(longest)] if compare else []) + [planned]
-    _check_memory(info, longest, settings, kv_bits, chunk_size)
+        settings = ([plain_settings(longest)] if compare else []) + [planned]
+    check_memory(modes_memory(info, longest, settings, kv_bits, chunk_size))  # the hungriest mode
     return model, tokenizer, info, modes
-
-
-def _plain_settings(tokens: int):
-    from selfextend_mlx.planning import GIVEN, Settings
-
-    return Settings(1, 1, GIVEN, tokens)  # plain attention over every token, however far
-
-
-def _check_memory(info, tokens: int, settings: list, kv_bits, chunk_size: int) -> None:
-    """planning's estimate for the longest input, in the hungriest mode (one runs at a time)."""
-    from selfextend_mlx.planning import check_memory, estimate_memory
-
-    estimates = [
-        estimate_memory(info.shape, info.weights_bytes, tokens, s, kv_bits, chunk_size, chunk_size) for s in settings
-    ]
-    check_memory(max(estimates, key=lambda estimate: estimate.total))
 
 
 def _warn_beyond_reach(settings, longest: int) -> None:
@@ -249,7 +239,7 @@ def ppl(
     plain: PlainOpt = False,
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
-    chunk_size: ChunkOpt = 512,
+    chunk_size: ChunkOpt = PREFILL_STEP,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -391,7 +381,7 @@ def passkey(
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,
     max_tokens: AnswerOpt = 10,
-    chunk_size: ChunkOpt = 512,
+    chunk_size: ChunkOpt = PREFILL_STEP,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -453,7 +443,7 @@ def needle(
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,
     max_tokens: AnswerOpt = 32,
-    chunk_size: ChunkOpt = 512,
+    chunk_size: ChunkOpt = PREFILL_STEP,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,

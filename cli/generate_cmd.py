@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from selfextend_mlx.defaults import PREFILL_STEP
+
 from .common import (
     AllowRepeatsOpt,
     Command,
@@ -99,7 +101,7 @@ def generate(
         ),
     ] = 0.1,
     seed: SeedOpt = None,
-    prefill_step_size: PrefillStepOpt = 512,
+    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     kv_bits: KvBitsOpt = None,
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
@@ -196,7 +198,6 @@ def generate(
     if not quiet:
         status(header(session))
     sampling = make_sampling(
-        max_tokens=max_tokens,
         temp=temp,
         top_p=top_p,
         top_k=top_k,

@@ -4,6 +4,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from selfextend_mlx.defaults import MAX_TOKENS, PREFILL_STEP
+
 from .common import (
     CacheDirOpt,
     GroupSizeOpt,
@@ -76,7 +78,7 @@ def serve(
         typer.Option(
             "--max-tokens", "-n", min=1, metavar="N", help="Answer budget of requests that give no max_tokens."
         ),
-    ] = 512,
+    ] = MAX_TOKENS,
     temp: Annotated[
         float,
         typer.Option(
@@ -96,7 +98,7 @@ def serve(
         ),
     ] = 1.0,
     kv_bits: KvBitsOpt = None,
-    prefill_step_size: PrefillStepOpt = 512,
+    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     cache_size: Annotated[
         int,
         typer.Option(

@@ -8,6 +8,9 @@
 - the KV cache's size, SelfExtend's or plain                                 kv_cache_bytes()
 - the memory a run needs, and the check against the machine       estimate_memory(), check_memory()
 - attention's query chunk, so its score block stays within a budget     attention_chunk_size()
+- a run's whole plan: settings, memory, KV quantization group, answer budget     plan_run()
+- the plans of measurement runs: eval's modes, bench's modes side by side
+                                    plain_settings(), modes_memory(), bench_settings()
 
 Everything here is arithmetic on a model's limits and shape and on token counts: nothing is
 loaded or patched, so load, the session, `info`, `eval`, `bench` and the server all get the
@@ -20,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from .defaults import ATTENTION_CHUNK, PREFILL_STEP
 from .errors import InputTooLongError, InsufficientMemoryError, SelfExtendError, SettingsError
 
 DEFAULT_MAX_GROUP_SIZE = 16  # for models the registry does not know
@@ -314,9 +318,7 @@ def attention_chunk_size(heads: int, keys: int, *, budget: int = SCORE_BUDGET, l
     """Queries per attention chunk: the most (up to `largest`, default the config's chunk size)
     whose score block against `keys` keys stays within `budget` bytes, and at least one. A plain
     512-query chunk of a 32-head model at 32k keys would hold 2 GB per score matrix per layer."""
-    from .core.config import DEFAULT_CHUNK_SIZE
-
-    largest = largest or DEFAULT_CHUNK_SIZE
+    largest = largest or ATTENTION_CHUNK
     return max(1, min(largest, budget // score_block_bytes(heads, 1, max(1, keys))))
 
 
@@ -326,8 +328,8 @@ def estimate_memory(
     tokens: int,
     settings: Settings,
     kv_bits: Optional[int] = None,
-    prefill_step: int = 512,
-    chunk_size: int = 512,
+    prefill_step: int = PREFILL_STEP,
+    chunk_size: int = ATTENTION_CHUNK,
 ) -> MemoryEstimate:
     """What a run over `tokens` tokens needs at its peak: the weights, the KV cache, and one
     prefill step's score block (score_block_bytes, for the chunk attention_chunk_size allows)
@@ -413,7 +415,9 @@ def format_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one run uses a model: its settings, the tokens planned for, the memory it needs."""
+    """Everything one run needs to use a model: its settings, the tokens planned for, the
+    answer budget (a run never generates more), the KV cache's quantization and group, the
+    prefill step and attention chunk, and the memory all of that needs."""
 
     model_id: str
     limits: ModelLimits
@@ -423,6 +427,9 @@ class Plan:
     memory: MemoryEstimate
     requested_group_size: Optional[int] = None  # the user's -G, if any
     chunk_size: Optional[int] = None  # attention's query chunk for the planned length (None: the default)
+    kv_bits: Optional[int] = None  # quantized KV cache (4 or 8), None for the model's dtype
+    kv_group_size: int = 64  # the quantization group of a quantized KV cache
+    prefill_step: int = PREFILL_STEP
 
     @property
     def max_length(self) -> int:
@@ -437,6 +444,16 @@ class Plan:
         """The SelfExtendConfig to run with, or None for plain attention."""
         return self.settings.config(**({"chunk_size": self.chunk_size} if self.chunk_size else {}))
 
+    @property
+    def cache_settings(self) -> tuple:
+        """What makes two KV caches interchangeable besides their tokens (G=1 is plain
+        attention, whatever W)."""
+        return cache_settings(self.settings, self.kv_bits)
+
+
+def cache_settings(settings: Settings, kv_bits: Optional[int]) -> tuple:
+    return (settings.group_size, 0 if settings.plain else settings.window, kv_bits)
+
 
 def plan_run(
     model,
@@ -447,10 +464,11 @@ def plan_run(
     group_size: Optional[int] = None,
     window: Optional[int] = None,
     kv_bits: Optional[int] = None,
-    prefill_step: int = 512,
+    prefill_step: int = PREFILL_STEP,
 ) -> Plan:
     """The plan for `tokens` tokens (prompt + answer budget) on a model described by `model`
     (a loaded model's ModelInfo: model_id, limits, shape, weights_bytes)."""
+    _check_run(max_tokens, prefill_step)
     settings = choose_settings(model.limits, tokens, group_size=group_size, window=window, answer_tokens=max_tokens)
     if tokens > settings.reach:  # only given settings can fall short
         needed = choose_settings(model.limits, tokens, window=window, answer_tokens=max_tokens)
@@ -458,6 +476,104 @@ def plan_run(
             f"input too long for -G {group_size}: {prompt_tokens} prompt tokens + {max_tokens} answer tokens "
             f"= {tokens} > N_max {settings.reach}; it needs {needed.describe()}: leave -G out to have it chosen"
         )
+    return plan_with(
+        model,
+        settings,
+        tokens,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        kv_bits=kv_bits,
+        prefill_step=prefill_step,
+        requested_group_size=group_size,
+    )
+
+
+def _check_run(max_tokens: int, prefill_step: int) -> None:
+    if max_tokens < 1:
+        raise SettingsError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if prefill_step < 1:
+        raise SettingsError(f"--prefill-step-size must be at least 1, got {prefill_step}")
+
+
+def plan_with(
+    model,
+    settings: Settings,
+    tokens: int,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    kv_bits: Optional[int] = None,
+    prefill_step: int = PREFILL_STEP,
+    requested_group_size: Optional[int] = None,
+) -> Plan:
+    """The plan for `tokens` tokens under settings already chosen (a measurement's mode)."""
+    _check_run(max_tokens, prefill_step)
+    group = kv_group_size(model.shape.head_dim, kv_bits)
     memory = estimate_memory(model.shape, model.weights_bytes, tokens, settings, kv_bits, prefill_step)
     chunk = attention_chunk_size(model.shape.heads, tokens)
-    return Plan(model.model_id, model.limits, settings, prompt_tokens, max_tokens, memory, group_size, chunk)
+    return Plan(
+        model.model_id,
+        model.limits,
+        settings,
+        prompt_tokens,
+        max_tokens,
+        memory,
+        requested_group_size,
+        chunk,
+        kv_bits,
+        group,
+        prefill_step,
+    )
+
+
+# -- measurement runs (eval, bench) ------------------------------------------------------------
+
+
+def plain_settings(tokens: int) -> Settings:
+    """Plain attention over every token, however far (a measurement's `plain` mode)."""
+    return Settings(1, 1, GIVEN, tokens)
+
+
+def given_settings(group_size: int, window: int, tokens: int) -> Settings:
+    """A measurement's fixed G and W, as given."""
+    return Settings(group_size, window, GIVEN, tokens)
+
+
+def modes_memory(
+    model,
+    tokens: int,
+    modes: list,
+    kv_bits: Optional[int] = None,
+    prefill_step: int = PREFILL_STEP,
+    *,
+    together: bool = False,
+) -> MemoryEstimate:
+    """The memory of measuring `modes` (Settings) over `tokens` tokens: the hungriest one when
+    they run one after another (eval), their KV caches added up when they are all kept alive
+    at once (bench's interleaved decode), next to the weights and the largest prefill step."""
+    per_mode = [estimate_memory(model.shape, model.weights_bytes, tokens, s, kv_bits, prefill_step) for s in modes]
+    if not together:
+        return max(per_mode, key=lambda estimate: estimate.total)
+    return MemoryEstimate(
+        weights=model.weights_bytes,
+        kv_cache=sum(estimate.kv_cache for estimate in per_mode),
+        prefill=max(estimate.prefill for estimate in per_mode),
+        machine=per_mode[0].machine,
+    )
+
+
+def bench_settings(limits: ModelLimits, lengths: list, group_size=None, window=None) -> Settings:
+    """The SelfExtend settings a benchmark measures: planning's for the longest length, or the
+    registry's G when the lengths fit the model (plain attention there would measure nothing
+    new). Refused when they would be the plain model at every length."""
+    settings = choose_settings(limits, max(lengths), group_size=group_size, window=window)
+    if settings.plain:
+        settings = choose_settings(limits, None, group_size=group_size, window=window)
+    if settings.plain:
+        raise SettingsError("group size G=1 is the plain model; give -G 2 or more (or --modes plain)")
+    if settings.window >= min(lengths):
+        raise SettingsError(
+            f"window W={settings.window} is not below the shortest length {min(lengths)}: SelfExtend would be the "
+            "plain model there; give a smaller -W or longer --lengths"
+        )
+    return settings

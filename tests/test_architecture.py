@@ -10,13 +10,14 @@ PACKAGE = ROOT / "selfextend_mlx"
 
 # What each part may import from the package (besides itself). The CLI may import anything.
 ALLOWED = {
+    "defaults": set(),
     "errors": set(),
-    "core": {"errors"},
-    "planning": {"errors", "core"},
-    "loading": {"errors", "core", "planning"},
-    "app": {"errors", "core", "planning", "loading"},
-    "evaluation": {"errors", "core", "planning", "loading", "app"},
-    "server": {"errors", "core", "planning", "loading", "app"},
+    "core": {"defaults", "errors"},
+    "planning": {"defaults", "errors", "core"},
+    "loading": {"defaults", "errors", "core", "planning"},
+    "app": {"defaults", "errors", "core", "planning", "loading"},
+    "evaluation": {"defaults", "errors", "core", "planning", "loading", "app"},
+    "server": {"defaults", "errors", "core", "planning", "loading", "app"},
 }
 
 
@@ -138,3 +139,61 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {module_name(init) for init in PACKAGE.rglob("__init__.py")} | {"selfextend_cli"}
     assert listed == found
+
+
+# -- one turn runner, one home for each default -------------------------------------------------
+
+TURN_RUNNER = "selfextend_mlx.app.turns"
+# Who may call the prefill loop and the generator directly: the runner, and the measurements
+# that score logits themselves (perplexity, the benchmark, the selftest).
+PREFILL_CALLERS = {
+    TURN_RUNNER,
+    "selfextend_mlx.evaluation.perplexity",
+    "selfextend_mlx.evaluation.bench",
+    "selfextend_mlx.evaluation.common",
+    "selfextend_mlx.evaluation.selftest",
+}
+GENERATION_CALLERS = {TURN_RUNNER}
+
+
+def callers_of(function: str, module: str) -> set:
+    """Modules of the package and the CLI that import `function` from `module`."""
+    found = set()
+    for path in list(PACKAGE.rglob("*.py")) + list((ROOT / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith(module.rsplit(".", 1)[-1]):
+                if any(alias.name == function for alias in node.names):
+                    found.add(module_name(path) if PACKAGE in path.parents else f"cli.{path.stem}")
+    return found
+
+
+def test_the_server_and_the_cli_prefill_and_generate_only_through_the_turn_runner():
+    assert callers_of("prefill", "selfextend_mlx.core.prefill") <= PREFILL_CALLERS
+    assert callers_of("stream_answer", "selfextend_mlx.app.generation") <= GENERATION_CALLERS
+    for face in ("selfextend_mlx.app.session", "selfextend_mlx.server.engine", "selfextend_mlx.evaluation.retrieval"):
+        assert TURN_RUNNER in graph()[face], face
+
+
+def test_the_shared_defaults_are_written_once():
+    """The prefill step, the answer budget and attention's chunk are 512 in defaults.py and
+    nowhere else as a default (a parameter default names the constant)."""
+    offenders = []
+    for path in list(PACKAGE.rglob("*.py")) + list((ROOT / "cli").glob("*.py")):
+        if path.name == "defaults.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            defaults = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defaults = node.args.defaults + [d for d in node.args.kw_defaults if d is not None]
+                names = [a.arg for a in node.args.args[len(node.args.args) - len(node.args.defaults) :]]
+                names += [a.arg for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
+                pairs = zip(names, defaults)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+                pairs = [(node.target.id, node.value)]
+            else:
+                continue
+            for name, value in pairs:
+                watched = any(word in name for word in ("prefill_step", "max_tokens", "chunk_size", "step"))
+                if watched and isinstance(value, ast.Constant) and value.value == 512:
+                    offenders.append(f"{path.relative_to(ROOT)}:{value.lineno} {name}")
+    assert not offenders, offenders

@@ -271,7 +271,7 @@ def test_prefix_reuse_between_prompts_answers_like_fresh_caches(stories):
     use_mode(model, mode)
 
     class Counting:  # the patched model, counting the tokens it is fed
-        layers, seen = model.layers, 0
+        layers, model_info, seen = model.layers, model.model_info, 0
 
         def __call__(self, x, cache):
             Counting.seen += x.shape[1]
@@ -306,7 +306,7 @@ def test_a_planned_mode_that_plans_plain_attention_takes_the_plain_answers(stori
             seen.append(x.shape[1])
             return model(x, cache=cache)
 
-        counting.layers = model.layers
+        counting.layers, counting.model_info = model.layers, model.model_info
         run_cells(counting, tokenizer, cells, modes, 6, chunk_size=128, on_tokens=fed.append)
         assert sum(fed) == len(modes) * sum(len(cell.prompts[0].tokens) for cell in cells)  # progress counts all
         return cells, sum(seen)

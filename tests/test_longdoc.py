@@ -5,7 +5,6 @@ import pytest
 from conftest import shared_path
 
 from selfextend_mlx.app.documents import Document
-from selfextend_mlx.app.generation import Sampling
 from selfextend_mlx.app.longdoc import (
     SKIPPED,
     LongDocument,
@@ -78,7 +77,7 @@ def test_short_documents_take_the_full_strategy(stories):
         options=SessionOptions(max_tokens=8),
     )
     assert long.strategy == FULL and long.session is not None
-    result = long.answer(Sampling(max_tokens=8))
+    result = long.answer()
     assert result.strategy == FULL and result.answer.generation_tokens > 0
 
 
@@ -95,7 +94,7 @@ def test_ask_past_the_largest_reach_answers_from_retrieved_passages(stories, lon
     )
     limits = model.model_info.limits
     assert long.document_tokens > largest_reach(limits) and long.strategy == RETRIEVAL
-    result = long.answer(Sampling(max_tokens=16))
+    result = long.answer()
     assert result.strategy == RETRIEVAL and result.total_passages > result.selected_passages > 0
     assert result.selected_tokens < long.document_tokens
     prompt = result.answer.prompt_tokens
@@ -122,7 +121,7 @@ def test_summarize_past_the_largest_reach_maps_and_reduces(stories, long_text, t
             notice=notices.append,
         )
         assert long.strategy == MAP_REDUCE
-        return long.answer(Sampling(max_tokens=24))
+        return long.answer()
 
     first = summarize()
     assert first.strategy == MAP_REDUCE and first.parts >= 2 and first.levels >= 2
@@ -165,7 +164,7 @@ def test_a_part_the_model_gives_no_summary_of_is_summarized_in_halves(stories, l
         memo=memo,
         notice=notices.append,
     )
-    result = long.answer(Sampling(max_tokens=24))
+    result = long.answer()
     assert result.strategy == MAP_REDUCE and all(result.part_summaries[0])
     silent = [n for n in notices if n.startswith("no summary of part ")]
     assert silent and all(n.endswith(": summarizing it in two halves") for n in silent)

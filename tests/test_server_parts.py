@@ -8,11 +8,11 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
+from selfextend_mlx.app.stopping import StopSequences
 from selfextend_mlx.planning import Settings
 from selfextend_mlx.server.prompt_cache import PromptCacheStore, settings_key
 from selfextend_mlx.server.prompting import chat_prompt, completion_prompt
 from selfextend_mlx.server.protocol import APIError
-from selfextend_mlx.server.stopping import StopSequences
 
 # -- stop sequences -------------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ from mlx_lm.utils import load_tokenizer
 
 from selfextend_mlx.app.doccache import DocumentCache
 from selfextend_mlx.app.documents import Document
-from selfextend_mlx.app.generation import Sampling
 from selfextend_mlx.app.prompts import PromptFormat, common_prefix_length
 from selfextend_mlx.app.session import Session, SessionOptions
 from selfextend_mlx.core.cache import cache_nbytes
@@ -94,7 +93,7 @@ def test_template_without_stable_prefix_disables_document_reuse(stories):
     assert notices == [
         "the chat template puts the question before the documents end: the document prefill is not reused"
     ]
-    answer = session.ask("What does Tom have?", Sampling(max_tokens=4))
+    answer = session.ask("What does Tom have?", max_tokens=4)
     assert answer.prefilled_tokens == answer.prompt_tokens and session.document_source == "none"
 
 
@@ -124,7 +123,7 @@ def test_long_documents_get_the_smallest_group_size_that_reaches(stories, story_
     settings = session.plan.settings
     assert settings.reason == "extends" and settings.window == 128  # no registry entry: W = 512 // 4
     assert max_length(512, settings.group_size, 128) >= needed > max_length(512, settings.group_size - 1, 128)
-    session.ask("Who is Lily?", Sampling(max_tokens=2))
+    session.ask("Who is Lily?", max_tokens=2)
     assert selfextend_config(model) == session.plan.config
 
 
@@ -179,7 +178,7 @@ def fresh_answer(model, tokenizer, documents, history, question, max_tokens):
         model, tokenizer, documents, options=SessionOptions(max_tokens=max_tokens, prefill_step_size=4096)
     )
     session.history = list(history)
-    return session.ask(question, Sampling(max_tokens=max_tokens)).text
+    return session.ask(question, max_tokens=max_tokens).text
 
 
 def test_second_turn_prefills_only_its_own_tokens_and_answers_as_a_fresh_session(stories, story_text):
@@ -187,7 +186,7 @@ def test_second_turn_prefills_only_its_own_tokens_and_answers_as_a_fresh_session
     documents = [doc(story_text[:3000])]  # ~1k tokens: beyond the trained 512
     session = Session(model, tokenizer, documents, options=SessionOptions(max_tokens=16, prefill_step_size=256))
     assert session.plan.prompt_tokens > 512 and session.plan.config.group_size > 1
-    first = session.ask("Who went to the park?", Sampling(max_tokens=16))
+    first = session.ask("Who went to the park?", max_tokens=16)
     assert first.prefilled_tokens == first.prompt_tokens  # document and question
     assert (
         session.cache[0].offset
@@ -196,7 +195,7 @@ def test_second_turn_prefills_only_its_own_tokens_and_answers_as_a_fresh_session
     )
 
     second_tokens = session.prompt_tokens("What did they eat?")
-    second = session.ask("What did they eat?", Sampling(max_tokens=16))
+    second = session.ask("What did they eat?", max_tokens=16)
     reused = second.prompt_tokens - second.prefilled_tokens
     # The document and the whole first question came from the cache; what was computed is at
     # most the first answer (where its re-encoding differs from the tokens generated) and the
@@ -235,7 +234,7 @@ def test_interrupted_answer_keeps_cache_and_conversation_consistent(stories, sto
     assert session.history == [("Who is Lily?", "".join(pieces))]
     assert {c.offset for c in session.cache} == {len(session.cache_tokens)}
     # The next turn works, and answers like a fresh session over the same conversation.
-    answer = session.ask("Who is Tom?", Sampling(max_tokens=12))
+    answer = session.ask("Who is Tom?", max_tokens=12)
     assert answer.text == fresh_answer(model, tokenizer, session.documents, session.history[:1], "Who is Tom?", 12)
 
 
@@ -258,7 +257,7 @@ def test_a_chat_that_outgrows_its_plan_replans_and_answers_every_turn(stories, s
     questions = ["What happened next in the story? Tell me about the park and the dog. " * 4] * 6
     group_sizes = []
     for question in questions:
-        answer = session.ask(question, Sampling(max_tokens=24))
+        answer = session.ask(question, max_tokens=24)
         assert answer.generation_tokens > 0
         group_sizes.append(session.plan.settings.group_size)
         assert answer.prompt_tokens + 24 <= session.plan.max_length
@@ -267,7 +266,7 @@ def test_a_chat_that_outgrows_its_plan_replans_and_answers_every_turn(stories, s
     assert any("re-planned to G=" in n for n in notices)
     # After re-planning, the answer is what a fresh session with those settings gives.
     last_q = "Who was in the park?"
-    answer = session.ask(last_q, Sampling(max_tokens=12))
+    answer = session.ask(last_q, max_tokens=12)
     fresh = Session(
         model,
         tokenizer,
@@ -277,7 +276,7 @@ def test_a_chat_that_outgrows_its_plan_replans_and_answers_every_turn(stories, s
         ),
     )
     fresh.history = session.history[:-1]
-    assert answer.text == fresh.ask(last_q, Sampling(max_tokens=12)).text
+    assert answer.text == fresh.ask(last_q, max_tokens=12).text
 
 
 def test_at_the_largest_reach_the_oldest_turns_are_dropped(stories, story_text):
@@ -286,7 +285,7 @@ def test_at_the_largest_reach_the_oldest_turns_are_dropped(stories, story_text):
     options = SessionOptions(max_tokens=16, group_size=2, window=128)  # given: never re-planned, reach 896
     session = Session(model, tokenizer, [doc(story_text[:600])], options=options, notice=notices.append)
     for i in range(8):
-        session.ask(f"Question {i}: what happened next in the story? " * 6, Sampling(max_tokens=16))
+        session.ask(f"Question {i}: what happened next in the story? " * 6, max_tokens=16)
     assert any(n.startswith("dropped the ") and "the documents stay" in n for n in notices)
     assert len(session.history) < 8 and session.history[-1][0].startswith("Question 7")
     assert session.conversation_tokens <= session.plan.max_length

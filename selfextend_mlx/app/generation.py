@@ -1,8 +1,8 @@
-"""Generating an answer after a prefilled prompt: sampling settings, the answer record, and
-streaming through mlx-lm's generator with the caller's cache.
+"""Generating an answer after a prefilled prompt: sampling settings and streaming through
+mlx-lm's generator with the caller's cache (the turn runner, app.turns, is the caller).
 
-An answer stops at an end-of-sequence token ("stop"), at max_tokens ("length"), or, unless
-the sampling says otherwise, once it is plainly stuck in a loop ("repetition"): small models
+An answer stops at an end-of-sequence token ("stop"), at the plan's answer budget ("length"),
+or, unless the sampling says otherwise, once it is plainly stuck in a loop ("repetition"): small models
 answering over a long document may repeat one phrase until the budget runs out.
 """
 
@@ -12,7 +12,6 @@ from typing import Optional
 
 import mlx.core as mx
 
-DEFAULT_MAX_TOKENS = 512
 REPETITION = "repetition"
 
 # A loop: the answer ends in one block of tokens said three times over, the repeats covering
@@ -23,9 +22,9 @@ LOOP_SPAN = 32
 
 @dataclass(frozen=True)
 class Sampling:
-    """How tokens are picked (mlx-lm's sampler settings) and when an answer stops."""
+    """How tokens are picked (mlx-lm's sampler settings) and whether a loop ends an answer.
+    How long an answer may be is the plan's (planning.Plan.max_tokens), not the sampling's."""
 
-    max_tokens: int = DEFAULT_MAX_TOKENS
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -56,26 +55,6 @@ class Sampling:
         )
 
 
-@dataclass
-class Answer:
-    text: str = ""
-    prompt_tokens: int = 0  # the whole prompt this answer followed
-    prefilled_tokens: int = 0  # how many of them this call computed (the rest were cached)
-    prompt_seconds: float = 0.0
-    generation_tokens: int = 0
-    generation_seconds: float = 0.0
-    finish_reason: str = "length"  # "stop", "length", "repetition" or "interrupted"
-    peak_memory_bytes: int = 0
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prefilled_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def generation_tps(self) -> float:
-        return self.generation_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-
 def repeating_tail(tokens: Sequence[int], repeats: int = LOOP_REPEATS, span: int = LOOP_SPAN) -> bool:
     """Whether `tokens` end in one block said `repeats` times in a row (more for short blocks,
     so that the repeats cover at least `span` tokens)."""
@@ -92,8 +71,8 @@ def repeating_tail(tokens: Sequence[int], repeats: int = LOOP_REPEATS, span: int
     return False
 
 
-def stream_answer(model, tokenizer, cache, last_token: int, sampling: Sampling, on_token) -> None:
-    """Generate after `last_token` (the prompt's final token, not yet in the cache); calls
+def stream_answer(model, tokenizer, cache, last_token: int, max_tokens: int, sampling: Sampling, on_token) -> None:
+    """Generate up to `max_tokens` after `last_token` (the prompt's final token, not yet in the cache); calls
     on_token(token_id, text_segment, finish_reason) for every token that enters the cache."""
     from mlx_lm.generate import stream_generate
 
@@ -102,7 +81,7 @@ def stream_answer(model, tokenizer, cache, last_token: int, sampling: Sampling, 
         model,
         tokenizer,
         mx.array([last_token]),
-        max_tokens=sampling.max_tokens,
+        max_tokens=max_tokens,
         sampler=sampling.sampler(tokenizer),
         prompt_cache=cache,
     ):

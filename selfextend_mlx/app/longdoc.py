@@ -29,8 +29,9 @@ from ..errors import SelfExtendError
 from ..loading.load import model_info
 from ..planning import FULL, MAP_REDUCE, RETRIEVAL, STRATEGY_FOR_TASK, choose_strategy, fill_reach, summary_reach
 from .documents import Document, format_documents
-from .generation import Answer, Sampling
+from .generation import Sampling
 from .session import Session, SessionOptions
+from .turns import Answer
 
 PASSAGE_TOKENS = 256  # retrieval unit: a few paragraphs
 PART_ANSWER_TOKENS = 256  # the longest summary of one part
@@ -325,7 +326,7 @@ class LongDocument:
     ) -> DocumentAnswer:
         """Run the strategy. `on_session(session)` hears of the final step's session just before
         it runs (for a header); `on_progress` hears of every prefill."""
-        sampling = sampling or Sampling(max_tokens=self.options.max_tokens)
+        sampling = sampling or Sampling()
         announce = on_session or (lambda session: None)
         started = time.perf_counter()
         if self.strategy == FULL:
@@ -367,8 +368,7 @@ class LongDocument:
 
     def _map_reduce(self, sampling, on_text, on_progress, announce) -> DocumentAnswer:
         name = ", ".join(doc.name for doc in self.documents)
-        part_tokens = min(PART_ANSWER_TOKENS, self.options.max_tokens)
-        part_sampling = Sampling(max_tokens=part_tokens, temp=sampling.temp, top_p=sampling.top_p, seed=sampling.seed)
+        part_tokens = min(PART_ANSWER_TOKENS, self.options.max_tokens)  # parts keep the user's sampling
         part_budget = self._content_budget(PART_REQUEST.format(index=99, count=99), part_tokens)
         final_budget = self._content_budget(self.question, self.options.max_tokens)
         items = [p for doc in self.documents for p in passages(doc.text, self._count)]
@@ -383,7 +383,8 @@ class LongDocument:
                     name,
                     PART_REQUEST.format(index=index, count=count),
                     f"level {level}, part {index} of {count}" if level > 1 else f"part {index} of {count}",
-                    part_sampling,
+                    sampling,
+                    part_tokens,
                     on_progress,
                 )
                 for index, group in enumerate(groups, 1)
@@ -407,30 +408,33 @@ class LongDocument:
             part_summaries=levels,
         )
 
-    def _summarize_group(self, group, name, request, where, sampling, on_progress) -> str:
+    def _summarize_group(self, group, name, request, where, sampling, max_tokens, on_progress) -> str:
         """The summary of consecutive passages. A small model can give nothing at all for a long
         part (SmolLM2-135M did, for 27k tokens of a novel at G=7): such a part is summarized in
         two halves instead, each at a smaller G, down to a single passage."""
-        summary = self._summarize_part("\n\n".join(p.text for p in group), name, request, where, sampling, on_progress)
+        text = "\n\n".join(p.text for p in group)
+        summary = self._summarize_part(text, name, request, where, sampling, max_tokens, on_progress)
         if summary or len(group) < 2:
             return summary
         first, second = halves(group)
         self.notice(f"no summary of {where}: summarizing it in two halves")
         pieces = [
-            self._summarize_group(half, name, request, f"{where}, {label} half", sampling, on_progress)
+            self._summarize_group(half, name, request, f"{where}, {label} half", sampling, max_tokens, on_progress)
             for half, label in ((first, "first"), (second, "second"))
         ]
         return "\n".join(piece for piece in pieces if piece)
 
-    def _summarize_part(self, text, name, request, where, sampling, on_progress) -> str:
+    def _summarize_part(self, text, name, request, where, sampling, max_tokens, on_progress) -> str:
         info = self.info
-        key = SummaryMemo.key(info.model_id, info.revision, self.system, request, text, sampling, self.options.window)
+        key = SummaryMemo.key(
+            info.model_id, info.revision, self.system, request, text, sampling, max_tokens, self.options.window
+        )
         kept = self.memo.get(key)
         if kept is not None:
             self.notice(f"summarizing {where}: kept from an earlier run")
             return kept
         started = time.perf_counter()
-        session = self._session([Document(f"{name} ({where})", text, "text")], request, max_tokens=sampling.max_tokens)
+        session = self._session([Document(f"{name} ({where})", text, "text")], request, max_tokens=max_tokens)
         self.notice(f"summarizing {where}: {session.plan.prompt_tokens:,} tokens, {session.plan.settings.describe()}")
         answer = session.ask(request, sampling, on_progress=on_progress)
         self.notice(f"summarized {where} in {time.perf_counter() - started:.0f}s")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-DEFAULT_CHUNK_SIZE = 512
+from ..defaults import ATTENTION_CHUNK as DEFAULT_CHUNK_SIZE
+
 BACKENDS = ("auto", "explicit", "fused", "metal")
 
 

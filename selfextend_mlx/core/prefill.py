@@ -1,13 +1,20 @@
 """Feeding tokens through a model into its KV cache, a step at a time: the one prefill loop
-the session, the evaluations and the benchmark share."""
+the turn runner, the evaluations and the benchmark share.
 
+It runs as mlx-lm's own generation does: inside `wired_limit(model)` (on a Mac the weights
+stay wired in memory through a long prefill instead of being paged out) and on mlx-lm's
+generation stream, the one its decoding uses next.
+"""
+
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 import mlx.core as mx
 
-DEFAULT_STEP = 512
+from ..defaults import PREFILL_STEP as DEFAULT_STEP
+
 Progress = Callable[[int, int, float], None]  # (tokens done, tokens total, seconds so far)
 
 
@@ -29,6 +36,12 @@ def prefill(
     of a small model's prefill work) is never computed. Each step is evaluated on its own:
     one lazy graph over a whole document would hold every activation.
     """
+    generation = importlib.import_module("mlx_lm.generate")  # the module (its package re-exports a function)
+    with generation.wired_limit(model, [generation.generation_stream]), mx.stream(generation.generation_stream):
+        return _prefill(model, cache, tokens, step, on_logits, on_progress, keep_last)
+
+
+def _prefill(model, cache, tokens, step, on_logits, on_progress, keep_last) -> Optional[mx.array]:
     ids = tokens if isinstance(tokens, mx.array) else mx.array(list(tokens), dtype=mx.int32)
     total = ids.size
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from ..core.patch import (
     use_selfextend,
 )
 from ..core.prefill import prefill
+from ..defaults import PREFILL_STEP
 
 MODES = ("plain", "selfextend", "reference")
 
@@ -112,7 +113,7 @@ def run_bench(
     config: SelfExtendConfig,
     modes=MODES,
     decode_steps=16,
-    prefill_step=512,
+    prefill_step=PREFILL_STEP,
     repeats=1,
     on_row=None,
 ):

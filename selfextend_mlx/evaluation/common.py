@@ -12,7 +12,7 @@ from ..core.patch import make_cache, use_selfextend
 from ..core.prefill import prefill
 from ..errors import EvaluationError
 from ..loading.load import model_shape
-from ..planning import ModelLimits, choose_settings, kv_group_size
+from ..planning import ModelLimits, Settings, choose_settings, given_settings, kv_group_size, plain_settings
 
 PLAIN = "plain"
 SELFEXTEND = "selfextend"
@@ -41,11 +41,19 @@ class Mode:
     def planned(self) -> bool:
         return self.limits is not None
 
+    def settings_for(self, tokens: int) -> Settings:
+        """planning's Settings for a pass over `tokens` tokens."""
+        if self.limits is not None:
+            return choose_settings(self.limits, tokens)
+        if self.config is None:
+            return plain_settings(tokens)
+        return given_settings(self.config.group_size, self.config.window, tokens)
+
     def config_for(self, tokens: int) -> Optional[SelfExtendConfig]:
         """The configuration for a pass over `tokens` tokens (None: plain attention)."""
         if self.limits is None:
             return self.config
-        return choose_settings(self.limits, tokens).config()
+        return self.settings_for(tokens).config()
 
 
 def use_mode(model, mode: Mode, tokens: int = 0) -> Optional[SelfExtendConfig]:

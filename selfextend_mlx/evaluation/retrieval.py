@@ -5,11 +5,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-from ..app.prompts import common_prefix_length
-from .common import Mode, greedy_generate, new_cache, use_mode
+from ..app.generation import Sampling
+from ..app.turns import TurnRunner
+from ..defaults import PREFILL_STEP
+from ..loading.load import model_info
+from ..planning import plan_with
+from .common import Mode, chunk_progress
 from .prompts import RetrievalPrompt, answer_found
+
+GREEDY = Sampling(stop_loops=False)  # the paper's passkey protocol: argmax, no loop detection
 
 
 @dataclass
@@ -63,25 +67,26 @@ def run_cells(
     modes: Sequence[Mode],
     max_tokens: int,
     kv_bits: Optional[int] = None,
-    chunk_size: int = 512,
+    chunk_size: int = PREFILL_STEP,
     on_tokens: Optional[Callable[[int], None]] = None,
 ) -> None:
     """Fill each cell's `correct`, `outputs` and `settings` for every mode.
 
     A planned mode is set up for each cell's length (plain attention where it fits, as the
-    product runs it). Prompts of one length share their filler up to the needle, so the cache
-    is trimmed back to the common prefix with the previous prompt instead of being rebuilt:
-    at five depths (deepest first) that saves about a third of the prefill. A cell that a mode
-    runs with the same attention as a mode before it (a planned mode inside the context is
-    plain attention) takes that mode's answers: the computation would be the same one.
-    `on_tokens(n)` hears of prompt tokens done, chunk by chunk.
+    product runs it). Prompts of one length share their filler up to the needle, so the turn
+    runner cuts its cache back to the common prefix with the previous prompt instead of
+    rebuilding it: at five depths (deepest first) that saves about a third of the prefill. A
+    cell that a mode runs with the same attention as a mode before it (a planned mode inside
+    the context is plain attention) takes that mode's answers: the computation would be the
+    same one. `on_tokens(n)` hears of prompt tokens done, chunk by chunk.
     """
-    stop_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
+    info = model_info(model)
     for mode in modes:
-        reuse, current = None, object()
+        runner = TurnRunner(model, tokenizer, model_info=info)
         for cell in cells:
-            config = use_mode(model, mode, cell.tokens + max_tokens)
-            cell.settings[mode.name] = (1, 0) if config is None else (config.group_size, config.window)
+            tokens = cell.tokens + max_tokens
+            settings = mode.settings_for(tokens)
+            cell.settings[mode.name] = (1, 0) if settings.plain else (settings.group_size, settings.window)
             same = [
                 name for name, ran in cell.settings.items() if name != mode.name and ran == cell.settings[mode.name]
             ]
@@ -90,45 +95,32 @@ def run_cells(
                 if on_tokens is not None:
                     on_tokens(sum(len(p.tokens) for p in cell.prompts))
                 continue
-            if reuse is None or config != current:
-                reuse, current = _PrefixCache(model, kv_bits), config
-            outputs = []
-            for prompt in cell.prompts:
-                cache, held = reuse.rewind(prompt.tokens)
-                if on_tokens is not None:
-                    on_tokens(held)
-                answer_tokens = greedy_generate(
-                    model, prompt.tokens[held:], cache, max_tokens, chunk_size, stop_ids, on_progress=on_tokens
-                )
-                reuse.holds(prompt.tokens + answer_tokens)
-                outputs.append(tokenizer.decode(answer_tokens))
-            cell.outputs[mode.name] = outputs
-            cell.correct[mode.name] = sum(answer_found(p.answer, o) for p, o in zip(cell.prompts, outputs))
+            plan = plan_with(
+                info,
+                settings,
+                tokens,
+                prompt_tokens=cell.tokens,
+                max_tokens=max_tokens,
+                kv_bits=kv_bits,
+                prefill_step=chunk_size,
+            )
+            runner.use(plan)
+            cell.outputs[mode.name] = [_greedy_answer(runner, prompt.tokens, on_tokens) for prompt in cell.prompts]
+            cell.correct[mode.name] = sum(
+                answer_found(p.answer, o) for p, o in zip(cell.prompts, cell.outputs[mode.name])
+            )
 
 
-class _PrefixCache:
-    """One cache reused across prompts, cut back to what the next prompt has in common with it."""
-
-    def __init__(self, model, kv_bits):
-        self.model, self.kv_bits = model, kv_bits
-        self.cache, self.tokens = new_cache(model, kv_bits), []
-
-    def rewind(self, prompt: Sequence[int]) -> tuple:
-        """(cache, tokens of `prompt` it already holds); at least one prompt token is left to feed."""
-        keep = min(common_prefix_length(self.tokens, prompt), len(prompt) - 1)
-        held = self.cache[0].offset if self.cache else 0
-        if keep == held:
-            return self.cache, keep
-        if keep > 0 and can_trim_prompt_cache(self.cache):
-            trim_prompt_cache(self.cache, held - keep)
-            return self.cache, keep
-        self.cache = new_cache(self.model, self.kv_bits)
-        return self.cache, 0
-
-    def holds(self, tokens: Sequence[int]) -> None:
-        # Everything generated was fed back except a final stop token: the offset says how much.
-        held = self.cache[0].offset if self.cache else 0
-        self.tokens = list(tokens[:held])
+def _greedy_answer(runner: TurnRunner, prompt: Sequence[int], on_tokens) -> str:
+    """The greedy answer after `prompt`; on_tokens hears of every prompt token, reused or fed."""
+    progress = None
+    if on_tokens is not None:
+        on_tokens(runner.rewind(prompt[:-1]))
+        progress = chunk_progress(on_tokens)
+    answer = runner.answer(prompt, GREEDY, on_progress=progress)
+    if on_tokens is not None:
+        on_tokens(1)  # the prompt's last token, read with the first answer token
+    return runner.tokenizer.decode(answer.token_ids)
 
 
 def accuracy(cells: Sequence[Cell], mode_name: str) -> float:

@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, Failed, Finished, Job, Outcome, Progress, Text, Work
+from ..app.turns import Answer
+from .engine import Engine, Failed, Finished, Job, Progress, Text, Work
 from .prompting import chat_prompt, completion_prompt
 from .protocol import (
     SERVER_ERROR,
@@ -202,7 +203,9 @@ class API:
             return self._error(request, event.error)
         outcome = event.outcome
         self._log_line(request, 200, started, _summary(work, outcome))
-        body = reply.response(echo + outcome.text, outcome.finish_reason, _usage(outcome), _extension(work, outcome))
+        body = reply.response(
+            echo + outcome.text, outcome.api_finish_reason, _usage(outcome), _extension(work, outcome)
+        )
         return JSONResponse(body)
 
     def _echo(self, chat: bool, parsed, work: Work) -> str:
@@ -247,7 +250,7 @@ class API:
                 elif isinstance(event, Finished):
                     outcome = event.outcome
                     yield _sse(
-                        reply.chunk(finish_reason=outcome.finish_reason, selfextend=_extension(job.work, outcome))
+                        reply.chunk(finish_reason=outcome.api_finish_reason, selfextend=_extension(job.work, outcome))
                     )
                     if include_usage:
                         yield _sse(reply.usage_chunk(_usage(outcome)))
@@ -287,11 +290,11 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _usage(outcome: Outcome) -> dict:
-    return usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
+def _usage(outcome: Answer) -> dict:
+    return usage(outcome.prompt_tokens, outcome.generation_tokens, outcome.cached_tokens)
 
 
-def _extension(work: Work, outcome: Outcome) -> dict:
+def _extension(work: Work, outcome: Answer) -> dict:
     """What the response adds to OpenAI's shape: how SelfExtend ran this request."""
     plan, settings = work.plan, work.plan.settings
     return {
@@ -310,11 +313,11 @@ def _extension(work: Work, outcome: Outcome) -> dict:
     }
 
 
-def _summary(work: Work, outcome: Outcome) -> str:
+def _summary(work: Work, outcome: Answer) -> str:
     cached = f", {outcome.cached_tokens:,} cached ({outcome.cache_source})" if outcome.cached_tokens else ""
     return (
         f"prompt {outcome.prompt_tokens:,} tokens{cached} | {work.plan.settings.describe()} | "
-        f"answer {outcome.completion_tokens:,} tokens ({outcome.stop_reason})"
+        f"answer {outcome.generation_tokens:,} tokens ({outcome.stop_reason})"
     )
 
 

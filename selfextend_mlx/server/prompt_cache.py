@@ -13,15 +13,14 @@ from typing import Optional
 
 from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
 
-from ..planning import Settings
+from ..planning import Settings, cache_settings
 
 MAX_ENTRIES = 64  # many short chats: the trie's size stays small
 
 
 def settings_key(settings: Settings, kv_bits: Optional[int]) -> tuple:
-    """What makes two caches interchangeable, besides their tokens. G=1 is plain attention,
-    whatever W."""
-    return (settings.group_size, 0 if settings.plain else settings.window, kv_bits)
+    """What makes two caches interchangeable, besides their tokens (planning's rule)."""
+    return cache_settings(settings, kv_bits)
 
 
 class PromptCacheStore:
