@@ -13,18 +13,18 @@ import typer
 
 from selfextend_mlx.defaults import PREFILL_STEP
 
-from .common import (
-    Command,
+from .common import Command
+from .options import (
     GroupSizeOpt,
     ModelOpt,
     PrefillStepOpt,
     QuietOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
-    status,
     token_count,
     token_counts,
 )
+from .output import status
 
 MAX_DECODE_STEPS = 10_000
 MAX_REPEATS = 100

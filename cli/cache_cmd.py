@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .common import CacheDirOpt, JsonOpt, print_json
+from .options import CacheDirOpt, JsonOpt
+from .output import print_json
 
 cache_app = typer.Typer(
     help="List or remove the document cache: documents already read into a model's KV cache, "

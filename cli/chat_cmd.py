@@ -1,13 +1,12 @@
-"""`selfextend chat`, `ask` and `summarize`: talk with whole documents.
+"""`selfextend chat`: talk with whole documents.
 
 A chat reads its questions from a terminal (line editing and history, several-line questions
-between triple quotes or pasted at once) or one per line from a pipe. `ask` and `summarize`
-read the text piped into them when no file is given.
+between triple quotes or pasted at once) or one per line from a pipe. One question about a
+document of any length is `ask` (cli/ask_cmd.py).
 """
 
 import sys
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,11 +15,17 @@ import typer
 from selfextend_mlx.defaults import MAX_TOKENS, PREFILL_STEP
 
 from .common import (
+    Command,
+    UsageProblem,
+    document_cache,
+    open_documents,
+    session_options,
+    stdin_is_piped,
+)
+from .options import (
     AllowRepeatsOpt,
     CacheDirOpt,
-    Command,
     GroupSizeOpt,
-    JsonOpt,
     KvBitsOpt,
     MaxInputOpt,
     MaxTokensOpt,
@@ -29,7 +34,6 @@ from .common import (
     NoCacheOpt,
     PrefillStepOpt,
     ProgressOpt,
-    QuestionOpt,
     QuietOpt,
     SeedOpt,
     SystemOpt,
@@ -37,23 +41,13 @@ from .common import (
     TopKOpt,
     TopPOpt,
     TrustRemoteCodeOpt,
-    UsageProblem,
     WindowOpt,
-    answer_record,
     decode_line,
-    document_cache,
-    files_or_stdin,
-    header,
-    load_model,
     make_sampling,
-    print_json,
-    progress_bar,
-    stats_line,
-    status,
-    stdin_is_piped,
     text_argument,
-    write_out,
 )
+from .output import header, status, write_out
+from .progress import progress_bar
 
 ChatFilesArg = Annotated[
     list[str], typer.Argument(metavar="FILE", help="Text, Markdown, HTML or PDF files.", show_default=False)
@@ -66,27 +60,6 @@ FilesArg = Annotated[
         show_default=False,
     ),
 ]
-
-
-def open_documents(files, *, model, max_input=None, trust_remote_code=False):
-    """Read the documents (bad files fail before the model loads), then load the model."""
-    from selfextend_mlx.app.documents import read_documents
-
-    documents = read_documents(files, max_bytes=max_input)
-    loaded_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
-    return documents, loaded_model, tokenizer
-
-
-def session_options(*, group_size, window, max_tokens, kv_bits, prefill_step_size):
-    from selfextend_mlx.app.session import SessionOptions
-
-    return SessionOptions(
-        group_size=group_size,
-        window=window,
-        max_tokens=max_tokens,
-        kv_bits=kv_bits,
-        prefill_step_size=prefill_step_size,
-    )
 
 
 def open_session(
@@ -369,206 +342,5 @@ def _info(session) -> str:
     return "\n".join(lines)
 
 
-# -- ask and summarize -------------------------------------------------------------------------
-
-
-def ask(
-    files: FilesArg = None,
-    question: QuestionOpt = None,
-    json_output: JsonOpt = False,
-    model: ModelOpt = None,
-    group_size: GroupSizeOpt = None,
-    window: WindowOpt = None,
-    system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = MAX_TOKENS,
-    temp: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    min_p: MinPOpt = 0.0,
-    seed: SeedOpt = None,
-    kv_bits: KvBitsOpt = None,
-    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    max_input: MaxInputOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    allow_repeats: AllowRepeatsOpt = False,
-    progress: ProgressOpt = True,
-    quiet: QuietOpt = False,
-):
-    """Ask one question about documents; the answer streams to stdout.
-
-    With no file, the text piped in is the document. stderr gets a header line (model,
-    tokens, settings, memory), reading progress and a stats line; --quiet leaves it to errors.
-
-    Examples:
-
-    \b
-        selfextend ask docs/examples/bakery.md -q "What is the secret ingredient in the apple cake?"
-        cat docs/examples/bakery.md | selfextend ask -q "When did the bakery open?" --json
-        selfextend ask docs/examples/bakery.md docs/examples/bakery-minutes.md -q "What was decided about the oven?"
-    """
-    files = files_or_stdin(files, "ask")
-    if question is None:
-        if stdin_is_piped() or "-" in files:
-            raise UsageProblem(
-                'give the question with -q, for example: selfextend ask FILE -q "What is it about?" '
-                "(see selfextend ask --help)"
-            )
-        question = text_argument(typer.prompt("Question"))
-    _run_document_task("ask", files, question, locals())
-
-
-class Style(StrEnum):
-    bullets = "bullets"
-    paragraph = "paragraph"
-
-
-SUMMARY_REQUESTS = {
-    Style.bullets: "Summarize the text above as a list of short bullet points, one line per main point, "
-    "each starting with '- '. Cover the whole text, not just its beginning.",
-    Style.paragraph: "Summarize the text above in one concise paragraph that covers the whole text, "
-    "not just its beginning.",
-}
-
-
-def summarize(
-    files: FilesArg = None,
-    style: Annotated[Style, typer.Option("--style", help="bullets or paragraph.")] = Style.bullets,
-    max_tokens: MaxTokensOpt = MAX_TOKENS,
-    json_output: JsonOpt = False,
-    model: ModelOpt = None,
-    group_size: GroupSizeOpt = None,
-    window: WindowOpt = None,
-    system: SystemOpt = None,
-    temp: TempOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    min_p: MinPOpt = 0.0,
-    seed: SeedOpt = None,
-    kv_bits: KvBitsOpt = None,
-    prefill_step_size: PrefillStepOpt = PREFILL_STEP,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
-    max_input: MaxInputOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    allow_repeats: AllowRepeatsOpt = False,
-    progress: ProgressOpt = True,
-    quiet: QuietOpt = False,
-):
-    """Summarize documents as bullet points or one paragraph.
-
-    With no file, the text piped in is summarized.
-
-    Examples:
-
-    \b
-        selfextend summarize docs/examples/bakery-minutes.md
-        selfextend summarize docs/examples/bakery.md --style paragraph --max-tokens 120
-        cat docs/examples/bakery.md | selfextend summarize --json
-    """
-    _run_document_task("summarize", files_or_stdin(files, "summarize"), SUMMARY_REQUESTS[style], locals())
-
-
-SAMPLING_PARAMETERS = ("temp", "top_p", "top_k", "min_p", "seed", "allow_repeats")
-RUN_PARAMETERS = (
-    "json_output",
-    "progress",
-    "quiet",
-    "model",
-    "system",
-    "group_size",
-    "window",
-    "max_tokens",
-    "kv_bits",
-    "prefill_step_size",
-    "cache_dir",
-    "no_cache",
-    "max_input",
-    "trust_remote_code",
-)
-
-
-def _run_document_task(task: str, files: list, question: str, parameters: dict) -> None:
-    """ask and summarize share every option: each passes its own parameters (`locals()`), so a new
-    option is added to both commands' signatures and to the tuples above, nowhere else."""
-    sampling = make_sampling(**{name: parameters[name] for name in SAMPLING_PARAMETERS})
-    _answer_once(files, question, task=task, sampling=sampling, **{name: parameters[name] for name in RUN_PARAMETERS})
-
-
-def _answer_once(
-    files,
-    question,
-    *,
-    json_output,
-    progress,
-    task,
-    quiet=False,
-    sampling,
-    model,
-    system,
-    cache_dir,
-    no_cache,
-    max_input=None,
-    trust_remote_code=False,
-    **options,
-) -> None:
-    """One answer about documents of any length: read whole when they fit the model's reach,
-    else by the task's strategy (ask: the most relevant passages; summarize: map-reduce)."""
-    documents, loaded_model, tokenizer = open_documents(
-        files, model=model, max_input=max_input, trust_remote_code=trust_remote_code
-    )
-    from selfextend_mlx.app.longdoc import LongDocument, SummaryMemo  # after the documents, as above
-
-    doc_cache = document_cache(cache_dir, no_cache)
-    memo = SummaryMemo(doc_cache.directory / "summaries" if doc_cache is not None else None, status)
-    notice = (lambda message: None) if quiet else status
-    long = LongDocument(
-        loaded_model,
-        tokenizer,
-        documents,
-        question,
-        task=task,
-        options=session_options(**options),
-        system=system,
-        doc_cache=doc_cache,
-        memo=memo,
-        notice=notice,
-    )
-    if not quiet and long.describe():
-        status(long.describe())
-    result = long.answer(
-        sampling,
-        on_text=(lambda text: None) if json_output else write_out,
-        on_progress=progress_bar("reading", quiet, progress),
-        on_session=None if quiet else (lambda session: status(header(session))),
-    )
-    if json_output:
-        print_json(document_answer_record(task, result))
-    else:
-        write_out("\n")
-    if not quiet:
-        status(stats_line(result.answer))
-
-
-def document_answer_record(task: str, result) -> dict:
-    """--json of ask and summarize: the answer's record, how it was reached, the whole document's size."""
-    record = answer_record(result.session, result.answer)
-    record.update(strategy=result.strategy, document_tokens=result.document_tokens)
-    if result.parts is not None:
-        record.update(parts=result.parts, levels=result.levels)
-    if result.selected_tokens is not None:
-        record.update(
-            selected_tokens=result.selected_tokens,
-            selected_passages=result.selected_passages,
-            total_passages=result.total_passages,
-        )
-    if task == "summarize":
-        record = {"summary": record.pop("answer"), **record}
-    return record
-
-
 def register(app: typer.Typer) -> None:
     app.command(cls=Command)(chat)
-    app.command(cls=Command)(ask)
-    app.command(cls=Command)(summarize)

@@ -16,22 +16,21 @@ import typer
 from selfextend_mlx.defaults import PREFILL_STEP
 from selfextend_mlx.errors import EvaluationError
 
-from .common import (
-    Command,
+from .common import Command
+from .options import (
     GroupSizeOpt,
     KvBitsOpt,
     ModelOpt,
-    ProgressBar,
     ProgressOpt,
     QuietOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
     prefill_step_option,
-    print_json,
     required_text,
-    status,
     token_count,
 )
+from .output import print_json, status
+from .progress import ProgressBar
 
 eval_app = typer.Typer(
     help="Measure a model on long inputs: perplexity by position, passkey and needle retrieval, "

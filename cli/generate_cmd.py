@@ -15,9 +15,9 @@ import typer
 
 from selfextend_mlx.defaults import PREFILL_STEP
 
-from .common import (
+from .common import Command, UsageProblem, load_model, read_stdin_text, stdin_is_piped
+from .options import (
     AllowRepeatsOpt,
-    Command,
     GroupSizeOpt,
     JsonOpt,
     KvBitsOpt,
@@ -33,22 +33,13 @@ from .common import (
     TopKOpt,
     TopPOpt,
     TrustRemoteCodeOpt,
-    UsageProblem,
     WindowOpt,
-    answer_record,
     finite_number,
-    header,
-    load_model,
     make_sampling,
-    print_json,
-    progress_bar,
-    read_stdin_text,
-    stats_line,
-    status,
-    stdin_is_piped,
     text_argument,
-    write_out,
 )
+from .output import answer_record, header, print_json, stats_line, status, write_out
+from .progress import progress_bar
 
 TRUE, FALSE = ("true", "t", "yes", "y", "1"), ("false", "f", "no", "n", "0")
 

@@ -53,6 +53,7 @@ import typer  # noqa: E402
 from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
 from . import (  # noqa: E402
+    ask_cmd,
     bench_cmd,
     cache_cmd,
     chat_cmd,
@@ -284,6 +285,7 @@ def _global_options(
 
 
 chat_cmd.register(app)
+ask_cmd.register(app)
 generate_cmd.register(app)
 cache_cmd.register(app)
 models_cmd.register(app)

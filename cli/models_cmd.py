@@ -8,7 +8,8 @@ import typer
 
 from selfextend_mlx.errors import SelfExtendError
 
-from .common import Command, token_count
+from .common import Command
+from .options import token_count
 
 
 def register(app: typer.Typer) -> None:

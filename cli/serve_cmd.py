@@ -6,7 +6,8 @@ import typer
 
 from selfextend_mlx.defaults import MAX_TOKENS, PREFILL_STEP
 
-from .common import (
+from .common import document_cache, load_model
+from .options import (
     CacheDirOpt,
     GroupSizeOpt,
     KvBitsOpt,
@@ -15,10 +16,8 @@ from .common import (
     PrefillStepOpt,
     TrustRemoteCodeOpt,
     WindowOpt,
-    document_cache,
-    load_model,
-    status,
 )
+from .output import status
 
 ENV_API_KEY = "SELFEXTEND_API_KEY"
 

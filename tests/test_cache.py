@@ -145,7 +145,7 @@ def test_format_1_files_with_grouped_keys_for_every_position_still_load(tmp_path
         rest = rotate_further(layer.self_attn.rope, window, positions // CONFIG.group_size - positions)
         entry.keys = mx.concatenate([entry.keys[..., :start, :], rest], axis=2)
         entry.grouped_length = entry.offset
-    monkeypatch.setattr("selfextend_mlx.core.cache.CACHE_FORMAT_VERSION", "1")
+    monkeypatch.setattr("selfextend_mlx.core.cache_file.CACHE_FORMAT_VERSION", "1")
     path = tmp_path / "old.safetensors"
     save_cache(path, cache, model_id="tiny", config=CONFIG)
     loaded, _ = load_cache(path, model_id="tiny", config=CONFIG)
@@ -184,7 +184,7 @@ def test_interrupted_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("selfextend_mlx.core.cache._write_safetensors", interrupted)
+    monkeypatch.setattr("selfextend_mlx.core.cache_file._write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_cache(path, cache, model_id="m", config=CONFIG)
     assert path.read_bytes() == before

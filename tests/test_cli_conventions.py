@@ -26,7 +26,7 @@ from conftest import shared_path
 from typer.testing import CliRunner
 
 import selfextend_mlx.loading.load as loading
-from selfextend_cli import chat_cmd, common
+from selfextend_cli import chat_cmd, options, progress
 from selfextend_cli import main as main_module
 from selfextend_cli.chat_cmd import Questions, _line_editor
 from selfextend_cli.main import app
@@ -193,7 +193,7 @@ def test_ask_and_generate_print_one_stats_format(tmp_path, stories, story_text):
 
 
 def test_progress_in_a_log_is_a_line_every_tenth(monkeypatch, capsys):
-    bar = common.ProgressBar("reading")
+    bar = progress.ProgressBar("reading")
     bar.interactive = False
     for done in range(0, 10_001, 500):
         bar(done, 10_000, 0.01 * done + 0.5)
@@ -217,7 +217,7 @@ def quadratic_run(total=8192, step=512, per_token=1e-3, per_position=2e-6, start
 
 def test_time_left_follows_the_cost_that_grows_with_the_position():
     total, steps = 8192, quadratic_run()
-    bar = common.ProgressBar("reading")
+    bar = progress.ProgressBar("reading")
     bar.interactive = True
     bar(0, total, 0.0)
     for done, seconds in steps[:4]:  # a quarter read
@@ -229,12 +229,12 @@ def test_time_left_follows_the_cost_that_grows_with_the_position():
 
 
 def test_fit_step_costs_recovers_the_costs_and_stays_sane_on_noise():
-    a, b = common.fit_step_costs(quadratic_run(startup=0.0))
+    a, b = progress.fit_step_costs(quadratic_run(startup=0.0))
     assert a == pytest.approx(1e-3, rel=1e-6) and b == pytest.approx(2e-6, rel=1e-6)
     flat = [(512 * i, 1.0 * i + (0.3 if i % 2 else 0.0)) for i in range(1, 9)]  # no growth, jitter
-    a, b = common.fit_step_costs(flat)
+    a, b = progress.fit_step_costs(flat)
     assert a > 0 and b >= 0 and math.isfinite(a)
-    assert common.fit_step_costs([(512, 1.0)]) == (pytest.approx(1 / 512), 0.0)
+    assert progress.fit_step_costs([(512, 1.0)]) == (pytest.approx(1 / 512), 0.0)
 
 
 # -- chat input ---------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def piped(text: bytes):
 
     def read(prompt):
         line = next(lines, None)
-        return None if line is None else common.decode_line(line)
+        return None if line is None else options.decode_line(line)
 
     return Questions(read, interactive=False)
 
@@ -340,7 +340,7 @@ def test_command_line_text_that_is_not_utf8_is_decoded(tmp_path, stories):
     # how Python hands over the bytes caf\xe9? from a Latin-1 terminal
     result = invoke("ask", document, "-q", "caf\udce9?", "-m", stories, "-n", "4", "--json", "--quiet")
     assert result.exit_code == 0, result.stderr
-    assert common.text_argument("caf\udce9?") == "café?" and common.text_argument("naïve") == "naïve"
+    assert options.text_argument("caf\udce9?") == "café?" and options.text_argument("naïve") == "naïve"
 
 
 def test_eval_buckets_past_the_input_are_refused(stories, story_text):

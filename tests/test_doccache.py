@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from conftest import shared_path
 
-import selfextend_mlx.core.cache as core_cache
+import selfextend_mlx.core.cache_file as core_cache
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache
 from selfextend_mlx.app.doccache import (
     ENV_CACHE_DIR,

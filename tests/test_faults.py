@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pdf_fixture import make_pdf
 
-import selfextend_mlx.core.cache as core_cache
+import selfextend_mlx.core.cache_file as core_cache
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache
 from selfextend_mlx.app.doccache import MARKER, DocumentCache
 from selfextend_mlx.app.documents import decode_text, html_to_text, parse_document
@@ -265,7 +265,7 @@ SAVE_THEN_WAIT = """
 import signal, sys, time
 sys.path.insert(0, {tests!r})
 import mlx.core as mx
-import selfextend_mlx.core.cache as core_cache
+import selfextend_mlx.core.cache_file as core_cache
 from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache
 from selfextend_mlx.app.doccache import DocumentCache
 from tiny_models import random_tokens, tiny_model

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,9 +29,10 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..core.cache import load_cache, save_cache
-from ..core.cache import read_metadata as read_cache_metadata
+from ..core.cache_file import load_cache, save_cache
+from ..core.cache_file import read_metadata as read_cache_metadata
 from ..core.config import SelfExtendConfig
+from ..core.files import atomic_write
 from ..errors import CacheMismatchError, SelfExtendError
 
 STORE_FORMAT_VERSION = "2"  # 2: weights fingerprint in the key, float16 arrays, checksums
@@ -158,14 +158,8 @@ class DocumentCache:
         if marker.is_file():
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as file:
-                file.write(MARKER_TEXT)
-            os.replace(tmp, marker)
-        except BaseException:
-            _remove(Path(tmp))
-            raise
+        with atomic_write(marker) as tmp:
+            Path(tmp).write_text(MARKER_TEXT)
 
     def _sweep_stale_temp_files(self) -> None:
         """Remove temp files that writes killed beyond any cleanup (SIGKILL, a power cut) left."""

@@ -16,15 +16,14 @@ and `answer()` runs it; the final step is always an ordinary Session.
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from ..core.files import atomic_write
 from ..errors import SelfExtendError
 from ..loading.load import model_info
 from ..planning import FULL, MAP_REDUCE, RETRIEVAL, STRATEGY_FOR_TASK, choose_strategy, fill_reach, summary_reach
@@ -208,21 +207,13 @@ class SummaryMemo:
     def put(self, key: str, summary: str) -> None:
         if self.folder is None:
             return
-        tmp = None
+        record = {"key": key, "summary": summary, "saved": time.time()}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".json", dir=self.folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"key": key, "summary": summary, "saved": time.time()}, f)
-            os.replace(tmp, self.folder / f"{key}.json")
+            with atomic_write(self.folder / f"{key}.json") as tmp:
+                Path(tmp).write_text(json.dumps(record), encoding="utf-8")
         except OSError as error:
             self.notice(f"could not keep a part summary: {error.strerror or error}")
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-        except BaseException:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 # -- the strategies -------------------------------------------------------------------------------
