@@ -6,6 +6,9 @@ import pytest
 
 from selfextend_mlx.loading.blas import reexec_with_openblas
 
+# What the tests need ships with them (tests/data, its README gives sources and licences);
+# ../shared only extends it.
+DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(os.environ.get("SELFEXTEND_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
 
 
@@ -20,11 +23,12 @@ def pytest_configure(config):
 
 
 def shared_path(*parts) -> Path:
-    """A file under ../shared, or a skip that says it is missing."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is not there (../shared is absent); this test needs it")
-    return path
+    """A test data file: shipped in tests/data, else under ../shared, else a skip that says so."""
+    for root in (DATA, SHARED):
+        path = root.joinpath(*parts)
+        if path.exists():
+            return path
+    pytest.skip(f"{'/'.join(parts)} is neither in tests/data nor in {SHARED}; this test needs it")
 
 
 @pytest.fixture
