@@ -46,11 +46,16 @@ from .options import (
     make_sampling,
     text_argument,
 )
-from .output import header, status, write_out
+from .output import header, stats_line, status, write_out
 from .progress import progress_bar
 
 ChatFilesArg = Annotated[
-    list[str], typer.Argument(metavar="FILE", help="Text, Markdown, HTML or PDF files.", show_default=False)
+    Optional[list[str]],
+    typer.Argument(
+        metavar="FILE",
+        help="Text, Markdown, HTML or PDF files (none: a chat with the model alone).",
+        show_default=False,
+    ),
 ]
 FilesArg = Annotated[
     Optional[list[str]],
@@ -100,6 +105,7 @@ def open_session(
 
 EXIT_WORDS = ("/bye", "/exit", "/quit", "/q", "exit", "quit")  # ollama's, llm's and the obvious ones
 MULTILINE = '"""'
+CONTINUED = "... "  # the prompt of a question's further lines
 CHAT_HELP = '''\
 /reset   forget the conversation, keep the documents
 /info    model, settings, tokens used and KV cache size
@@ -110,7 +116,7 @@ Ctrl-C stops an answer; the up and down arrows bring back earlier questions.'''
 
 
 def chat(
-    files: ChatFilesArg,
+    files: ChatFilesArg = None,
     model: ModelOpt = None,
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
@@ -131,7 +137,7 @@ def chat(
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
 ):
-    """Chat about documents: read them once, then ask as many questions as you like.
+    """Chat about documents (or with the model alone): read them once, then ask away.
 
     The documents are read into the model once (and saved in the document cache, so the next
     chat about them starts at once); each question then costs only its own tokens. At a
@@ -145,7 +151,9 @@ def chat(
         selfextend chat docs/examples/bakery.md
         selfextend chat docs/examples/bakery.md docs/examples/bakery-minutes.md -s "Answer in one sentence."
         printf 'Who founded the bakery?\\nWhat is in the apple cake?\\n' | selfextend chat docs/examples/bakery.md
+        printf 'Write a haiku about bread.\\n' | selfextend chat -n 40
     """
+    files = files or []
     if "-" in files:
         raise UsageProblem(
             "chat reads its questions from standard input: give the documents as files (or use ask -) "
@@ -229,14 +237,17 @@ class Questions:
             return body.rstrip()[: -len(MULTILINE)].strip()
         lines = [body]
         while True:
-            more = self._next("... ")
+            more = self._next(CONTINUED)
             if more is None:
                 break
             if more.rstrip().endswith(MULTILINE):
                 lines.append(more.rstrip()[: -len(MULTILINE)])
                 break
             lines.append(more)
-        return "\n".join(lines).strip()
+        question = "\n".join(lines).strip()
+        if question and hasattr(self.read_line, "remember"):
+            self.read_line.remember(question)  # one history entry for the whole question
+        return question
 
 
 def _read_piped_line() -> Optional[str]:
@@ -256,19 +267,33 @@ def history_path() -> Path:
 
 def _line_editor(input=None, output=None, history_file: Optional[Path] = None):
     """prompt_toolkit's line reader: arrows, Ctrl-R search and history saved in history_path()
-    (kept in memory only when that folder cannot be written)."""
+    (kept in memory only when that folder cannot be written). A question's first line is read
+    with the history; the lines of a triple-quoted question after it are not kept, and the
+    whole question becomes one history entry instead (remember()), so the up arrow brings it
+    back whole."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    class QuestionHistory(FileHistory):
+        def append_string(self, string: str) -> None:
+            if not string.lstrip().startswith(MULTILINE):  # the opening of a longer question
+                super().append_string(string)
 
     path = history_file or history_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
-        history = FileHistory(str(path))
+        history = QuestionHistory(str(path))
     except OSError:
         history = InMemoryHistory()
-    session = PromptSession(history=history, input=input, output=output)
-    return lambda prompt: session.prompt(prompt)
+    first = PromptSession(history=history, input=input, output=output)
+    more = PromptSession(history=InMemoryHistory(), input=input, output=output)
+
+    def read(prompt: str) -> str:
+        return (more if prompt == CONTINUED else first).prompt(prompt)
+
+    read.remember = history.append_string
+    return read
 
 
 def _answer(session, question, sampling, interactive, quiet) -> None:
@@ -289,8 +314,8 @@ def _answer(session, question, sampling, interactive, quiet) -> None:
         status(f"error: {error}")
         return
     write_out("\n\n" if not interactive else "\n")
-    if answer.finish_reason == "repetition" and not quiet:
-        status("(the answer was repeating itself: stopped)")
+    if not quiet:
+        status(stats_line(answer))  # as after ask and generate: what it cost and why it ended
 
 
 def _chat_command(session, command: str) -> bool:
@@ -328,7 +353,7 @@ def _info(session) -> str:
     )
     lines = [
         header(session),
-        f"documents: {names} ({source})",
+        f"documents: {names} ({source})" if names else "documents: none (a chat with the model alone)",
         f"conversation: {len(session.history)} turn{'' if len(session.history) == 1 else 's'}, "
         f"{held:,} tokens in the KV cache ({cache}), {plan.max_length - held:,} left before N_max",
     ]

@@ -122,10 +122,11 @@ def document_cache(cache_dir: Optional[Path], no_cache: bool):
 
 
 def open_documents(files, *, model, max_input=None, trust_remote_code=False):
-    """Read the documents (bad files fail before the model loads), then load the model."""
+    """Read the documents (bad files fail before the model loads; none: a chat without one),
+    then load the model."""
     from selfextend_mlx.app.documents import read_documents
 
-    documents = read_documents(files, max_bytes=max_input)
+    documents = read_documents(files, max_bytes=max_input) if files else []
     loaded_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     return documents, loaded_model, tokenizer
 

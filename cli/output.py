@@ -44,17 +44,17 @@ def header(session) -> str:
 
 FINISHED = {
     "stop": "",
-    "length": ", stopped at --max-tokens",
+    "length": ", stopped at the answer limit (-n {tokens})",
     "repetition": ", stopped: it was repeating itself",
     "interrupted": ", interrupted",
 }
 
 
 def stats_line(answer) -> str:
-    """The one stats line every command prints after an answer."""
+    """The one stats line every command prints after an answer (a chat: after each turn)."""
     from selfextend_mlx.planning import format_bytes
 
-    finished = FINISHED.get(answer.finish_reason, f", {answer.finish_reason}")
+    finished = FINISHED.get(answer.finish_reason, f", {answer.finish_reason}").format(tokens=answer.generation_tokens)
     return (
         f"prompt {answer.prompt_tokens:,} tokens ({answer.prefilled_tokens:,} computed, "
         f"{answer.prompt_tps:,.1f} tok/s) | answer {answer.generation_tokens:,} tokens "

@@ -231,6 +231,23 @@ def test_chat_two_turns_reuses_the_cache(tmp_path, stories, story_text):
     assert reused > 500 and computed < 40
 
 
+def test_each_chat_turn_ends_with_the_stats_line_and_why_it_stopped(tmp_path, stories):
+    document = write(tmp_path, "note.txt", "Tom has a red ball. Lily has a blue kite. " * 5)
+    result = invoke("chat", document, "-m", stories, "-n", "5", "--allow-repeats", input="Who has a ball?\nAnd Lily?\n")
+    assert result.exit_code == 0, result.stderr
+    stats = [line for line in result.stderr.splitlines() if line.startswith("prompt ") and "| answer " in line]
+    assert len(stats) == 2
+    assert any("answer 5 tokens" in line and "stopped at the answer limit (-n 5)" in line for line in stats)
+    quiet = invoke("chat", document, "-m", stories, "-n", "5", "--quiet", input="Who has a ball?\n")
+    assert quiet.exit_code == 0 and "| answer " not in quiet.stderr
+
+
+def test_chat_without_a_document_talks_to_the_model(stories):
+    result = invoke("chat", "-m", stories, "-n", "8", input="Once upon a time\n/info\n")
+    assert result.exit_code == 0, result.stderr
+    assert "1 turn," in result.stdout and "| answer " in result.stderr
+
+
 def test_chat_commands(tmp_path, stories):
     document = write(tmp_path, "note.txt", "Tom has a red ball. Lily has a blue kite.")
     result = invoke("chat", document, "-m", stories, "-n", "6", input="Who has a ball?\n/reset\n/bogus\n/help\n/info\n")

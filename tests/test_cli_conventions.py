@@ -274,6 +274,26 @@ def test_the_line_editor_recalls_history_and_reads_a_paste_as_one_question(tmp_p
     assert "+first question" in history.read_text()  # kept for the next chat
 
 
+def test_a_question_of_several_lines_is_one_history_entry(tmp_path):
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    history = tmp_path / "history"
+    with create_pipe_input() as keys:
+        read = _line_editor(input=keys, output=DummyOutput(), history_file=history)
+
+        def type_slowly():
+            for text in ['"""\r', "line one\r", 'line two"""\r', "\x1b[A\r", "\x04"]:
+                time.sleep(0.3)
+                keys.send_text(text)
+
+        threading.Thread(target=type_slowly, daemon=True).start()
+        asked = list(Questions(read, interactive=True))
+    assert asked == ["line one\nline two", "line one\nline two"]  # the up arrow brought it back whole
+    kept = history.read_text()
+    assert '"""' not in kept and "+line one\n+line two" in kept
+
+
 def test_chat_exit_words_and_help(tmp_path, stories):
     document = write(tmp_path, "note.txt", "Tom has a red ball.")
     for word in ("/bye", "/exit", "/quit", "exit", "quit"):
