@@ -53,6 +53,15 @@ def _flag_value(value) -> bool:
 
 
 def generate(
+    text: Annotated[
+        Optional[str],
+        typer.Argument(
+            metavar="PROMPT",
+            parser=text_argument,
+            help="The prompt (or give it with -p, as mlx_lm.generate takes it).",
+            show_default=False,
+        ),
+    ] = None,
     prompt: Annotated[
         Optional[str],
         typer.Option(
@@ -154,24 +163,26 @@ def generate(
     Examples:
 
     \b
-        selfextend generate -p "Write a haiku about bread."
+        selfextend generate "Write a haiku about bread."
         selfextend generate -p "Write a haiku about bread." --temp 0.7 --top-k 40 --seed 1 -n 60
         cat docs/examples/bakery.md | selfextend generate --max-tokens 40 --verbose False
     """
     from selfextend_mlx.app.session import Session, SessionOptions
-    from selfextend_mlx.errors import SelfExtendError
 
     quiet = quiet or (verbose is not None and not _flag_value(verbose))
+    if text is not None and prompt is not None:
+        raise UsageProblem("give the prompt once: as the argument or with -p (see selfextend generate --help)")
+    prompt = text if text is not None else prompt
     if prompt is None:
         if not stdin_is_piped():
             raise UsageProblem(
-                'give a prompt: selfextend generate -p "..." (or pipe it in) (see selfextend generate --help)'
+                'give a prompt: selfextend generate "..." (or -p "...", or pipe it in) (see selfextend generate --help)'
             )
         prompt = "-"
     if prompt == "-":
         prompt = read_stdin_text(max_input)
     if not prompt.strip():
-        raise SelfExtendError("the prompt is empty")
+        raise UsageProblem("the prompt is empty (see selfextend generate --help)")
     loaded_model, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     if adapter_path:
         _load_adapters(loaded_model, adapter_path)

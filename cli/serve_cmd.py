@@ -52,7 +52,7 @@ def serve(
         ),
     ] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option("--port", "-p", min=0, max=65535, metavar="PORT", help="Port (0: any free one).")
+        int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port (0: any free one).")
     ] = 8080,
     api_key: Annotated[
         Optional[str],

@@ -294,6 +294,20 @@ def test_a_question_of_several_lines_is_one_history_entry(tmp_path):
     assert '"""' not in kept and "+line one\n+line two" in kept
 
 
+def test_generate_takes_the_prompt_as_its_argument_like_llm(stories):
+    by_argument = invoke("generate", "Once upon a time", "-m", stories, "-n", "6", "--json", "--quiet")
+    by_flag = invoke("generate", "-p", "Once upon a time", "-m", stories, "-n", "6", "--json", "--quiet")
+    assert by_argument.exit_code == 0, by_argument.stderr
+    assert json.loads(by_argument.stdout)["text"] == json.loads(by_flag.stdout)["text"]
+    one_line_error(invoke("generate", "a", "-p", "b", "-m", stories), 2, "give the prompt once")
+    one_line_error(invoke("generate", "  ", "-m", stories), 2, "the prompt is empty")
+
+
+def test_serve_has_no_short_p_so_it_means_the_prompt_only(stories):
+    result = invoke("serve", "-p", "8000", "-m", stories)
+    assert result.exit_code == 2 and "No such option: -p" in result.stderr
+
+
 def test_chat_exit_words_and_help(tmp_path, stories):
     document = write(tmp_path, "note.txt", "Tom has a red ball.")
     for word in ("/bye", "/exit", "/quit", "exit", "quit"):
