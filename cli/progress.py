@@ -4,6 +4,9 @@ time left."""
 import sys
 from typing import Optional
 
+RECENT_STEPS = 3  # the fewest latest steps whose own fit is worth showing beside the whole one
+RANGE_SPREAD = 1.25  # estimates this close are shown as one figure
+
 
 def progress_bar(label: str, quiet: bool, progress: bool = True):
     """The prefill progress callback for a run, or None when stderr should stay quiet."""
@@ -17,6 +20,9 @@ class ProgressBar:
     Time left is estimated from the steps so far with a cost per token that grows with its
     position (attention over every earlier token), fitted to the measured step times: a rate
     averaged over the short first steps promises far too early an end for a long document.
+    The same fit over the latest steps alone follows a machine that got slower or faster
+    (other work starting or ending); when the two disagree the line shows both, as a range,
+    rather than one figure that swings.
     """
 
     def __init__(self, label: str = "reading", width: int = 24, min_tokens: int = 256, growing: bool = True):
@@ -47,13 +53,15 @@ class ProgressBar:
         bar = "#" * filled + "." * (self.width - filled)
         finished = done >= total
         rate = self.rate(elapsed, finished)
-        left = None if finished else self.seconds_left(total)
+        left = None if finished else self.time_left_range(total)
         if finished:
             timing = f"done in {duration(elapsed)}"
         elif left is None:
             timing = "estimating time left"
+        elif left[1] <= RANGE_SPREAD * left[0] or duration(left[0]) == duration(left[1]):
+            timing = f"about {duration(sum(left) / 2)} left"
         else:
-            timing = f"about {duration(left)} left"
+            timing = f"{duration(left[0])} to {duration(left[1])} left"
         speed = f"  {rate:,.0f} tok/s" if rate else ""
         return f"{self.label} [{bar}] {done:,}/{total:,} tokens{speed}  {timing}"
 
@@ -67,24 +75,39 @@ class ProgressBar:
         (d0, t0), (d1, t1) = self.steps[-2], self.steps[-1]
         return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def seconds_left(self, total: int) -> Optional[float]:
-        """The time the remaining tokens should take, or None before the first step is timed."""
+    def seconds_left(self, total: int, recent: int = 0) -> Optional[float]:
+        """The time the remaining tokens should take by the fit over all steps so far (or the
+        latest `recent` of them), or None before the first step is timed."""
         if not self.steps:
             return None
         done = self.steps[-1][0]
-        per_token, per_position = fit_step_costs(self.steps, self.growing)
+        if recent:
+            start, steps = self.steps[-recent - 1], self.steps[-recent:]
+            per_token, per_position = fit_step_costs(steps, self.growing, start)
+        else:
+            per_token, per_position = fit_step_costs(self.steps, self.growing)
         return per_token * (total - done) + per_position * (total * total - done * done) / 2
 
+    def time_left_range(self, total: int) -> Optional[tuple[float, float]]:
+        """(lowest, highest) of the estimates from all steps and from the latest ones alone."""
+        whole = self.seconds_left(total)
+        if whole is None:
+            return None
+        recent = max(RECENT_STEPS, len(self.steps) // 3)  # the latest third, at least a few steps
+        latest = self.seconds_left(total, recent) if len(self.steps) >= recent + 2 else whole
+        return min(whole, latest), max(whole, latest)
 
-def fit_step_costs(steps: list, growing: bool = True) -> tuple[float, float]:
+
+def fit_step_costs(steps: list, growing: bool = True, start: tuple = (0, 0.0)) -> tuple[float, float]:
     """(a, b) such that the token at position p costs about a + b * p seconds, fitted by least
-    squares to the steps' times [(tokens done, seconds so far), ...]. The first step carries
-    the start-up (lazy weights, first graphs): it is left out once there are three or more."""
-    spans, previous = [], (0, 0.0)
+    squares to the steps' times [(tokens done, seconds so far), ...] after `start`. The first
+    step of a read carries its start-up (lazy weights, first graphs): it is left out once there
+    are three or more."""
+    spans, previous = [], start
     for done, seconds in steps:
         spans.append((done - previous[0], (done * done - previous[0] ** 2) / 2, seconds - previous[1]))
         previous = (done, seconds)
-    if len(spans) >= 3:
+    if len(spans) >= 3 and start[0] == 0:
         spans = spans[1:]
     tokens = sum(n for n, _, _ in spans)
     seconds = sum(t for _, _, t in spans)

@@ -228,6 +228,26 @@ def test_time_left_follows_the_cost_that_grows_with_the_position():
     assert average_rate_guess < 0.5 * true_left  # what the old estimate said: far too early
 
 
+def test_time_left_is_a_range_that_holds_the_truth_when_the_machine_slows_down():
+    """After 4k of 8k tokens other work makes the machine three times slower: the fit over
+    every step alone promises an end far too early; the range reaches the true time left."""
+    total, steps = 8192, quadratic_run()
+    slowed = steps[:8] + [(done, steps[7][1] + 3 * (seconds - steps[7][1])) for done, seconds in steps[8:]]
+    bar = progress.ProgressBar("reading")
+    bar(0, total, 0.0)
+    for done, seconds in slowed[:11]:
+        bar(done, total, seconds)
+    true_left = slowed[-1][1] - slowed[10][1]
+    low, high = bar.time_left_range(total)
+    assert bar.seconds_left(total) < 0.8 * true_left  # the fit over every step: too early
+    assert low <= true_left <= high * 1.05
+    assert " to " in bar.line(slowed[10][0], total, slowed[10][1])  # shown as a range
+    steady = progress.ProgressBar("reading")
+    for done, seconds in steps[:11]:
+        steady(done, total, seconds)
+    assert "about " in steady.line(steps[10][0], total, steps[10][1])  # agreeing fits: one figure
+
+
 def test_fit_step_costs_recovers_the_costs_and_stays_sane_on_noise():
     a, b = progress.fit_step_costs(quadratic_run(startup=0.0))
     assert a == pytest.approx(1e-3, rel=1e-6) and b == pytest.approx(2e-6, rel=1e-6)
