@@ -181,7 +181,7 @@ def serve(
     )
 
     def ready(url: str) -> None:
-        from .common import display_name
+        from .output import display_name
 
         key = ", API key required" if api_key else ""
         print(f"serving {display_name(engine.info.model_id)} at {url} (OpenAI API{key}); Ctrl-C to stop", flush=True)

@@ -366,7 +366,7 @@ def test_not_enough_memory(tmp_path, stories, monkeypatch):
         ["ask", "DOC", "-q", "x", "-n", "12q"],
         ["summarize", "DOC", "--style", "poem"],
         ["generate", "-p", "x", "--verbose", "maybe"],
-        ["chat"],
+        ["chat", "-"],  # a chat's questions come on stdin: its documents must be files
         ["frobnicate"],
     ],
 )

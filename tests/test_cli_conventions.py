@@ -26,7 +26,7 @@ from conftest import shared_path
 from typer.testing import CliRunner
 
 import selfextend_mlx.loading.load as loading
-from selfextend_cli import chat_cmd, options, progress
+from selfextend_cli import ask_cmd, chat_cmd, options, progress
 from selfextend_cli import main as main_module
 from selfextend_cli.chat_cmd import Questions, _line_editor
 from selfextend_cli.main import app
@@ -64,7 +64,8 @@ def test_usage_lines_and_arguments_read_like_click_help():
     assert ask.startswith("Usage: selfextend ask [OPTIONS] [FILE]...")
     assert "<list[str]>" not in ask and "{FILE}" not in ask and "<int range>" not in ask
     assert "-n, --max-tokens N" in ask and "-m, --model MODEL" in ask
-    assert invoke("chat", "--help").stdout.startswith("Usage: selfextend chat [OPTIONS] FILE...")
+    # chat's documents are optional since it talks to the model alone without one
+    assert invoke("chat", "--help").stdout.startswith("Usage: selfextend chat [OPTIONS] [FILE]...")
 
 
 # -- one name per concept ---------------------------------------------------------------------------
@@ -520,7 +521,7 @@ def test_a_stop_wrapped_by_python_is_still_a_stop(tmp_path, monkeypatch, stop, c
     def interrupted_mid_import(files, command):
         raise RuntimeError("Error calling __set_name__ on 'Field' instance") from stop
 
-    monkeypatch.setattr(chat_cmd, "files_or_stdin", interrupted_mid_import)
+    monkeypatch.setattr(ask_cmd, "files_or_stdin", interrupted_mid_import)
     result = CliRunner().invoke(app, ["ask", str(write(tmp_path, "n.txt", "x")), "-q", "x"])
     assert result.exit_code == code and result.output.strip().splitlines()[-1] == line, result.output
 
