@@ -11,7 +11,7 @@ from mlx_lm.generate import generate
 from selfextend_mlx.core.patch import make_cache, use_selfextend
 from selfextend_mlx.server.app import ServerOptions, create_app
 from selfextend_mlx.server.engine import Engine, EngineOptions
-from selfextend_mlx.server.runner import bind, url_of
+from selfextend_mlx.server.runner import RequestDeadline, bind, url_of
 
 
 class LiveServer:
@@ -25,7 +25,9 @@ class LiveServer:
         self.engine = Engine(model, tokenizer, engine_options, doc_cache=doc_cache, log=self.lines.append)
         self.sock = bind("127.0.0.1", 0)
         app = create_app(self.engine, server_options, log=self.lines.append)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=1, http=RequestDeadline
+        )
         self.server = uvicorn.Server(config)
         self.http = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.worker = threading.Thread(target=self.engine.run_forever, daemon=True)

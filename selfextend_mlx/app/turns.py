@@ -35,6 +35,7 @@ from .stopping import StopSequences
 # How a turn ended: the model's end of sequence, the answer budget, a loop, a stop sequence,
 # or the caller (Ctrl-C, a cancelled request).
 EOS, LENGTH, STOP_SEQUENCE, INTERRUPTED = "stop", "length", "stop_sequence", "interrupted"
+MIN_STEP = 16  # the smallest prefill step timed steps shrink to
 
 
 class TurnCancelled(Exception):
@@ -97,8 +98,12 @@ class TurnRunner:
         doc_cache: Optional[DocumentCache] = None,
         model_info=None,
         notice: Callable[[str], None] = lambda message: None,
+        step_seconds: Optional[float] = None,
     ):
+        """`step_seconds`: a prefill step that takes longer is halved for the rest of the feed
+        (down to MIN_STEP tokens), so cancel() is heard about that often (None: the plan's step)."""
         self.model, self.tokenizer, self.doc_cache, self.notice = model, tokenizer, doc_cache, notice
+        self.step_seconds = step_seconds
         self.info = model_info
         self.plan: Optional[Plan] = None
         self.cache: Optional[list] = None
@@ -183,11 +188,26 @@ class TurnRunner:
                 on_progress(done, total, seconds)
 
         try:
-            prefill(self.model, self.cache, tokens, step=self.plan.prefill_step, on_progress=progress)
+            if self.step_seconds is None:
+                prefill(self.model, self.cache, tokens, step=self.plan.prefill_step, on_progress=progress)
+            else:
+                self._feed_in_timed_steps(list(tokens), progress)
         finally:
             self._settle(self.tokens + list(tokens))
             self._fed_tokens += max(0, len(self.tokens) - before)
             self._fed_seconds += time.perf_counter() - started
+
+    def _feed_in_timed_steps(self, tokens: list[int], progress: Progress) -> None:
+        """prefill() a step at a time, halving the step while one takes over step_seconds."""
+        step, done, started = self.plan.prefill_step, 0, time.perf_counter()
+        progress(0, len(tokens), 0.0)
+        while done < len(tokens):
+            begun = time.perf_counter()
+            prefill(self.model, self.cache, tokens[done : done + step], step=step)
+            done = min(done + step, len(tokens))
+            if time.perf_counter() - begun > self.step_seconds and step > MIN_STEP:
+                step = max(MIN_STEP, step // 2)
+            progress(done, len(tokens), time.perf_counter() - started)
 
     def _new_cache(self) -> list:
         return make_cache(self.model, self.plan.kv_bits, self.plan.kv_group_size)

@@ -42,6 +42,9 @@ from .protocol import SERVER_ERROR, APIError, bad_request
 DISK_MIN_TOKENS = 1024  # shorter document prefixes prefill in seconds: not worth a file each
 DEFAULT_CACHE_BYTES = 2_000_000_000
 DEFAULT_QUEUE_SIZE = 16
+# A cancellation (a client gone, SIGTERM) waits for the prefill step under way: the server keeps
+# steps near this long, so that it is heard within seconds.
+STEP_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class EngineOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES  # the in-memory prompt caches
     queue_size: int = DEFAULT_QUEUE_SIZE  # requests waiting behind the running one
     disk_min_tokens: int = DISK_MIN_TOKENS
+    step_seconds: float = STEP_SECONDS  # a prefill step shrinks until it takes about this long
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class Job:
         self._loop = loop
         self.cancelled = threading.Event()
         self.outcome = Answer()  # filled in as the engine answers
+        self.started: Optional[float] = None  # when the engine took it up
+        self.prompt_done = 0  # prompt tokens read so far (cached ones included)
 
     def emit(self, event) -> None:
         """Called from the engine thread."""
@@ -133,7 +139,9 @@ class Engine:
         choose_settings(info.limits, None, group_size=options.group_size, window=options.window)  # bad -G/-W: now
         self._plan_run(1, 1)  # and a KV quantization the model's heads cannot take
         self.doc_cache, self.log = doc_cache, log
-        self.runner = TurnRunner(model, tokenizer, doc_cache=doc_cache, model_info=info, notice=log)
+        self.runner = TurnRunner(
+            model, tokenizer, doc_cache=doc_cache, model_info=info, notice=log, step_seconds=options.step_seconds
+        )
         self.store = PromptCacheStore(options.cache_bytes)
         self.stopping = False
         self.running: Optional[Job] = None
@@ -223,6 +231,7 @@ class Engine:
         with self._lock:
             if self.stopping or self._closed:
                 raise shutting_down()
+            self._drop_cancelled()
             if len(self._jobs) + (self.running is not None) > self.options.queue_size:
                 seconds = self.retry_after()
                 raise APIError(
@@ -237,15 +246,29 @@ class Engine:
         self._wake.set()
         return ahead
 
+    def _drop_cancelled(self) -> None:
+        """Forget queued jobs whose clients left (under the lock): they hold no place."""
+        if any(job.cancelled.is_set() for job in self._jobs):
+            self._jobs = deque(job for job in self._jobs if not job.cancelled.is_set())
+
     def retry_after(self) -> int:
-        """Seconds until a place in the queue is likely free: a recent job's duration."""
-        if not self._seconds:
-            return 10
-        return max(1, min(600, math.ceil(sum(self._seconds) / len(self._seconds))))
+        """Seconds until a place in the queue is likely free, that is until the running job
+        ends: from its own progress (the time so far, scaled by the work left of prompt and
+        answer budget), else the mean of recent jobs."""
+        running, mean = self.running, (sum(self._seconds) / len(self._seconds) if self._seconds else 10.0)
+        seconds = mean
+        if running is not None and running.started is not None:
+            elapsed = time.perf_counter() - running.started
+            work = len(running.work.tokens) + running.work.plan.max_tokens
+            done = running.prompt_done + running.outcome.generation_tokens
+            seconds = elapsed * (work - done) / done if done > 0 else max(mean - elapsed, elapsed)
+        return max(1, min(600, math.ceil(seconds)))
 
     @property
     def waiting(self) -> int:
-        return len(self._jobs)
+        with self._lock:
+            self._drop_cancelled()
+            return len(self._jobs)
 
     # -- running (the engine thread) ------------------------------------------------------------------
     def run_forever(self, should_stop: Callable[[], bool] = lambda: False) -> None:
@@ -279,7 +302,7 @@ class Engine:
         if job.cancelled.is_set():
             self.running = None
             return  # its client left while it waited
-        started = time.perf_counter()
+        started = job.started = time.perf_counter()
         try:
             job.emit(Finished(self._answer(job)))
         except TurnCancelled:
@@ -310,9 +333,11 @@ class Engine:
         total = len(work.tokens)
 
         def progress(done: int, _total: int, _seconds: float) -> None:
-            job.emit(Progress(len(runner.tokens) + done, total))
+            job.outcome, job.prompt_done = runner.last, len(runner.tokens) + done
+            job.emit(Progress(job.prompt_done, total))
 
         def text(piece: str) -> None:
+            job.outcome = runner.last
             job.emit(Text(piece))
 
         try:

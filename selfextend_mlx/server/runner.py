@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Optional
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import SelfExtendError
 from .app import ServerOptions, create_app
@@ -22,6 +23,36 @@ from .engine import Engine
 
 GRACE_SECONDS = 3  # how long open connections may take to finish once stopping
 START_SECONDS = 30
+REQUEST_SECONDS = 10.0  # a connection must have sent a request's headers within this
+
+
+class RequestDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: a connection
+    that sends nothing, or trickles its headers, is closed after REQUEST_SECONDS instead of
+    holding a place for ever (uvicorn's keep-alive timeout only starts after a response, and
+    its concurrency limit counts such connections: 80 of them locked every client out)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()  # the next request on this connection gets its own deadline
+
+    def connection_lost(self, exc) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(REQUEST_SECONDS, self._expire)
+
+    def _expire(self) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete  # no request under way
+        if waiting and not self.transport.is_closing():
+            self.transport.close()
 
 
 def is_local(host: str) -> bool:
@@ -78,6 +109,7 @@ def serve(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=GRACE_SECONDS,
+        http=RequestDeadline,
         limit_concurrency=engine.options.queue_size + 64,  # beyond this uvicorn answers 503 itself
     )
     server = uvicorn.Server(config)

@@ -1,0 +1,110 @@
+"""The server under many clients (issue 26), loopback only, every loop bounded: clients that
+left hold no queue place, idle connections are closed, Retry-After follows the running job,
+and prefill steps stay short enough for a cancellation to be heard."""
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+from conftest import shared_path
+from test_server_support import LiveServer
+
+from selfextend_mlx.app.generation import Sampling
+from selfextend_mlx.app.turns import MIN_STEP, TurnCancelled, TurnRunner
+from selfextend_mlx.loading.load import load, model_info
+from selfextend_mlx.planning import plan_run
+from selfextend_mlx.server import runner as server_runner
+from selfextend_mlx.server.engine import Engine, EngineOptions, Job
+from selfextend_mlx.server.protocol import APIError
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return load(str(shared_path("models", "stories260K")), selfextend=False)
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_clients_that_left_hold_no_place_in_the_queue(stories, loop):
+    model, tokenizer = stories
+    engine = Engine(model, tokenizer, EngineOptions(queue_size=3))
+    work = engine.prepare(tokenizer.encode("Once upon a time"), max_tokens=4)
+    left = [Job(work, loop) for _ in range(4)]
+    for job in left:
+        engine.submit(job)
+    with pytest.raises(APIError) as busy:
+        engine.submit(Job(work, loop))
+    assert busy.value.status == 503
+    for job in left:
+        job.cancel()  # their clients timed out while the queue waited
+    assert engine.waiting == 0
+    assert engine.submit(Job(work, loop)) == 0  # a new client is taken at once
+
+
+def test_retry_after_follows_the_running_job(stories, loop):
+    model, tokenizer = stories
+    engine = Engine(model, tokenizer)
+    work = engine.prepare(tokenizer.encode("Once upon a time") * 20, max_tokens=100)
+    running = Job(work, loop)
+    engine._seconds.extend([14.0, 14.0])  # recent jobs were quick
+    running.started = time.perf_counter() - 120  # this one has run for 2 minutes
+    running.prompt_done = len(work.tokens)  # and read its prompt: 100 answer tokens are left
+    engine.running = running
+    expected = 120 * 100 / len(work.tokens)
+    assert engine.retry_after() == pytest.approx(expected, abs=1.5) and engine.retry_after() > 14
+    running.prompt_done = 0  # no progress yet: at least as long again as it has run
+    assert engine.retry_after() >= 120
+
+
+def test_idle_connections_are_closed_and_every_client_still_gets_in(stories, monkeypatch):
+    monkeypatch.setattr(server_runner, "REQUEST_SECONDS", 0.5)
+    model, tokenizer = stories
+    with LiveServer(model, tokenizer, EngineOptions(queue_size=2)) as live:
+        host, port = live.sock.getsockname()[:2]
+        idle = [socket.create_connection((host, port), timeout=5) for _ in range(20)]
+        try:
+            time.sleep(1.5)
+            for connection in idle:
+                assert connection.recv(1) == b""  # closed by the server
+        finally:
+            for connection in idle:
+                connection.close()
+        assert httpx.get(live.base + "/health", timeout=10).status_code == 200
+
+
+def test_slow_prefill_steps_shrink_so_a_cancellation_is_heard_soon(stories):
+    model, tokenizer = stories
+    info = model_info(model)
+    tokens = tokenizer.encode(shared_path("text", "tinystories_sample.txt").read_text()[:2000])[:300]
+    plan = plan_run(info, len(tokens) + 4, prompt_tokens=len(tokens), max_tokens=4, prefill_step=128)
+
+    def runner(step_seconds):
+        made = TurnRunner(model, tokenizer, model_info=info, step_seconds=step_seconds)
+        made.use(plan)
+        return made
+
+    fed, original = [], type(model).__call__
+
+    def counting(self, inputs, *args, **kwargs):
+        fed.append(inputs.shape[1])
+        return original(self, inputs, *args, **kwargs)
+
+    type(model).__call__ = counting
+    try:
+        timed = runner(1e-9)  # every step is "too slow"
+        answer = timed.answer(tokens, Sampling(stop_loops=False))
+    finally:
+        type(model).__call__ = original
+    prompt_steps = [n for n in fed if n > 1]  # decoding feeds one token at a time
+    assert prompt_steps[:4] == [128, 64, 32, MIN_STEP] and max(prompt_steps[3:]) <= MIN_STEP
+    assert answer.text == runner(None).answer(tokens, Sampling(stop_loops=False)).text
+    calls = []
+    with pytest.raises(TurnCancelled):
+        runner(1e-9).feed(tokens, cancel=lambda: calls.append(1) or len(calls) > 5)
