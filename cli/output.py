@@ -32,10 +32,14 @@ def header(session) -> str:
     memory = f"memory ~{format_bytes(plan.memory.total)}"
     if plan.memory.machine:
         memory += f" of {format_bytes(plan.memory.machine)}"
+    effective = plan.limits.effective_context
+    context = f"trained context {plan.trained_context:,}"
+    if effective and effective < plan.trained_context:
+        context += f" (effective {effective:,}, from the registry)"
     parts += [
-        f"trained context {plan.trained_context:,}",
+        context,
         plan.settings.describe(),
-        f"N_max {plan.max_length:,}",
+        f"N_max {plan.settings.formula()}",
         f"answer up to {plan.max_tokens:,}",
         memory,
     ]
@@ -91,6 +95,8 @@ def answer_record(session, answer) -> dict:
         "window": plan.settings.window,
         "settings": plan.settings.reason,
         "trained_context": plan.trained_context,
+        "effective_context": plan.limits.effective_context,
+        "reach_context": plan.settings.context,  # the context max_length is (C - W) * G + W over
         "max_length": plan.max_length,
         "prompt_tps": round(answer.prompt_tps, 2),
         "generation_tps": round(answer.generation_tps, 2),

@@ -105,6 +105,13 @@ class Settings:
     window: int
     reason: str  # FITS, EXTENDS, LARGEST, GIVEN or UNKNOWN_LENGTH
     reach: int  # the longest input + answer these settings were chosen for
+    context: Optional[int] = None  # the context the reach is over: the effective one, or L
+
+    def formula(self) -> str:
+        """The reach with its parts: "17,408 = (5,120 - 1,024) x 4 + 1,024" (plain: the context)."""
+        if self.plain or self.context is None:
+            return f"{self.reach:,}"
+        return f"{self.reach:,} = ({self.context:,} - {self.window:,}) x {self.group_size} + {self.window:,}"
 
     @property
     def plain(self) -> bool:
@@ -164,19 +171,19 @@ def choose_settings(
     if W >= L:
         raise SettingsError(f"window {W} must be smaller than the trained context {L}")
     if group_size is not None:
-        return Settings(group_size, W, GIVEN, max_length(L, group_size, W))
+        return Settings(group_size, W, GIVEN, max_length(L, group_size, W), L)
     if tokens is None:
         G = limits.group_size or DEFAULT_GROUP_SIZE
-        return Settings(G, W, UNKNOWN_LENGTH, max_length(L, G, W))
+        return Settings(G, W, UNKNOWN_LENGTH, max_length(L, G, W), L)
     context = limits.grouping_context(W)
     if tokens <= context:
-        return Settings(1, W, FITS, context)
+        return Settings(1, W, FITS, context, context)
     G = smallest_group_size(context, W, tokens)
     if G <= limits.max_group_size:
-        return Settings(G, W, EXTENDS, max_length(context, G, W))
+        return Settings(G, W, EXTENDS, max_length(context, G, W), context)
     largest = max_length(L, limits.max_group_size, W)
     if tokens <= largest:
-        return Settings(limits.max_group_size, W, LARGEST, largest)
+        return Settings(limits.max_group_size, W, LARGEST, largest, L)
     what = (
         f"{tokens - answer_tokens} prompt tokens + {answer_tokens} answer tokens = {tokens}"
         if answer_tokens

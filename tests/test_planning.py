@@ -197,3 +197,21 @@ def test_parse_size(text, value):
 def test_parse_size_refuses_what_is_not_a_size(text):
     with pytest.raises(SelfExtendError, match="is not a size"):
         parse_size(text, "SELFEXTEND_MAX_MEMORY")
+
+
+def test_every_reach_is_shown_with_the_context_it_is_over():
+    """One definition: N_max = (C - W) * G + W, C the effective context where the tool chose G
+    inside it, the trained L for a given G, no known length or the largest G (issue 27)."""
+    cases = [
+        (SMOLLM2, 10_000, None, 5120),  # chosen G: grouped positions within the effective 5,120
+        (SMOLLM2, 40_000, None, 8192),  # the largest G: only L bounds it
+        (SMOLLM2, 1000, 4, 8192),  # a given G
+        (SMOLLM2, None, None, 8192),  # no length known
+    ]
+    for limits, tokens, group, context in cases:
+        settings = choose_settings(limits, tokens, group_size=group)
+        assert settings.context == context
+        assert settings.reach == max_length(context, settings.group_size, settings.window)
+        parts = f"({context:,} - {settings.window:,}) x {settings.group_size} + {settings.window:,}"
+        assert settings.formula() == f"{settings.reach:,} = {parts}"
+    assert choose_settings(SMOLLM2, 3000).formula() == "5,120"  # plain: the context itself
