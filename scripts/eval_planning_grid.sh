@@ -7,14 +7,14 @@
 #              and 32k; DEPTHS (comma list) runs some of them, so a long length splits into pieces
 #              of an hour or so: the deep depths together (they share most of their prefill), the
 #              shallow ones apart (each re-prefills nearly all of it anyway). The table joins them.
-#   needle:BOOK:L  one of ../shared/text's books at L in 2k..16k, 3 depths
+#   needle:BOOK:L  one of the books in tests/data/text at L in 2k..16k, 3 depths
 # Depths run deepest first, so each prompt re-prefills only from its needle on.
 # Usage: scripts/eval_planning_grid.sh plain|auto|compare [PIECE...]   (default: every piece, the
 #        cells where plain and auto differ first). compare runs both in one process: cells that
 #        auto runs plain (inside the effective context) are then computed once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SELFEXTEND_SHARED:-../shared}
+SHARED=${SELFEXTEND_SHARED:-tests/data}  # the test data ships the same files as ../shared
 OUT=${SELFEXTEND_GRID_OUT:-docs/results/planning}
 mode=$1; shift
 case $mode in plain) flags=(--plain) ;; compare) flags=(--compare) ;; *) flags=() ;; esac

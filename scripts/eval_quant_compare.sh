@@ -4,7 +4,7 @@
 # e.g. a 4-bit and an 8-bit mlx-community conversion, or one model with and without --kv-bits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SELFEXTEND_SHARED:-../shared}
+SHARED=${SELFEXTEND_SHARED:-tests/data}  # the test data ships the same files as ../shared
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 for bits in 8 4; do
   python -m mlx_lm convert --hf-path "$SHARED/models/stories260K" -q --q-bits $bits --q-group-size 32 \

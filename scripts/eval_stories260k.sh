@@ -4,7 +4,7 @@
 # docs/img/stories260k_ppl.png with every curve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SELFEXTEND_SHARED:-../shared}
+SHARED=${SELFEXTEND_SHARED:-tests/data}  # the test data ships the same files as ../shared
 files=()
 for setting in ${SETTINGS:-32:128 16:128 8:256}; do
   name="g${setting%:*}w${setting#*:}"

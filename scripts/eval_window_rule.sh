@@ -7,7 +7,7 @@
 # Writes docs/results/window_rule/*.json; docs/results.md has the tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SELFEXTEND_SHARED:-../shared}
+SHARED=${SELFEXTEND_SHARED:-tests/data}  # the test data ships the same files as ../shared
 OUT=docs/results/window_rule
 ceil_g() { python3 -c "import math; L, W, N = $1, $2, $3; print(max(1, math.ceil((N - W) / (L - W))))"; }
 for N in 768 1024 1536 2048; do

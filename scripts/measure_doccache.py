@@ -21,7 +21,7 @@ from selfextend_mlx.app.documents import Document
 from selfextend_mlx.app.session import Session, SessionOptions
 from selfextend_mlx.loading.load import load
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+SHARED = Path(__file__).resolve().parents[1] / "tests" / "data"  # the same files as ../shared
 QUESTION = "What is the main thing that happens in the text? Answer in one sentence."
 
 
