@@ -14,7 +14,6 @@ import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import BinaryIO, Optional
 
@@ -298,34 +297,46 @@ _BLOCKS = {
 _SKIPPED = {"script", "style", "noscript", "template", "svg"}
 
 
-class _TextExtractor(HTMLParser):
+class _TextExtractor:
+    """The parser's target: gathers the text, a line break at each block's start and end."""
+
     def __init__(self):
-        super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self.skipping = 0
 
-    def handle_starttag(self, tag, attrs):
+    def start(self, tag, attrib):
         if tag in _SKIPPED:
             self.skipping += 1
         elif tag in _BLOCKS:
             self.parts.append("\n")
 
-    def handle_endtag(self, tag):
+    def end(self, tag):
         if tag in _SKIPPED:
             self.skipping = max(0, self.skipping - 1)
         elif tag in _BLOCKS:
             self.parts.append("\n")
 
-    def handle_data(self, data):
+    def data(self, data):
         if not self.skipping:
             self.parts.append(data)
 
+    def close(self) -> str:
+        return "".join(self.parts)
+
+
+def _parse_html(html: str) -> str:
+    """The text of an HTML page, by libxml2's HTML parser (through lxml, events only, no tree):
+    linear in its input however broken (the standard library's parser takes quadratic time on
+    unclosed tags: 54 s for 60 KB of '<a '), and as forgiving as a browser."""
+    from lxml import etree
+
+    parser = etree.HTMLParser(target=_TextExtractor(), recover=True, no_network=True, huge_tree=True)
+    parser.feed(html.encode("utf-8", "replace").decode("utf-8"))  # a lone surrogate becomes '?'
+    return parser.close()
+
 
 def html_to_text(html: str) -> str:
-    extractor = _TextExtractor()
-    extractor.feed(html)
-    extractor.close()
-    lines = (" ".join(line.split()) for line in "".join(extractor.parts).split("\n"))
+    lines = (" ".join(line.split()) for line in _parse_html(html).split("\n"))
     # Collapse runs of blank lines left by nested blocks into one paragraph break.
     text, blank = [], False
     for line in lines:
