@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ DEFAULT_MAX_INPUT = 10_000_000
 ENV_MAX_INPUT = "SELFEXTEND_MAX_INPUT"
 _CHUNK = 1 << 20  # pipes and devices are read a megabyte at a time
 _SNIFF = 1 << 16  # binary data is recognised from its first 64 KB, before the rest is read
+FIFO_WAIT_SECONDS = 10.0  # how long a named pipe may stay without a writer before it is refused
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,24 @@ def read_text(stream: BinaryIO, name: str = "stdin", max_bytes=None) -> str:
     return decode_text(name, _read_stream(stream, name, max_input_bytes(max_bytes)))
 
 
+def read_line(stream: BinaryIO, name: str, max_bytes=None) -> Optional[bytes]:
+    """One line of a stream (a chat's question), newline kept, held to the input limit like
+    every text a user sends; None at the end of the stream."""
+    limit = max_input_bytes(max_bytes)
+    raw = stream.readline(limit + 1)
+    if len(raw) > limit:
+        raise DocumentError(f"a line of {name} is {_over(limit)}")
+    return raw or None
+
+
+def check_text_size(text: str, name: str, max_bytes=None) -> str:
+    """`text` (typed or gathered from several lines), refused past the input limit."""
+    limit = max_input_bytes(max_bytes)
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise DocumentError(f"{name} is {_over(limit)}")
+    return text
+
+
 def read_documents(paths: Iterable[str], stdin: Optional[BinaryIO] = None, max_bytes=None) -> list[Document]:
     """Read each document; the input limit applies to their sum."""
     paths = list(paths)
@@ -138,6 +158,8 @@ def _read_file(path: Path, name: str, limit: int) -> bytes:
     """A file's bytes; a regular file's size is checked before anything is read, anything
     else (a pipe, /dev/zero) is read up to the limit."""
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            return _read_fifo(path, name, limit)
         with open(path, "rb") as file:
             info = os.fstat(file.fileno())
             if stat.S_ISDIR(info.st_mode):
@@ -155,6 +177,48 @@ def _read_file(path: Path, name: str, limit: int) -> bytes:
         raise DocumentError(f"cannot read {name}: permission denied") from None
     except OSError as error:
         raise DocumentError(f"cannot read {name}: {error.strerror or error}") from None
+
+
+def _read_fifo(path: Path, name: str, limit: int) -> bytes:
+    """A named pipe, opened without waiting for a writer (a plain open() waits forever when
+    none comes): up to FIFO_WAIT_SECONDS for the first bytes, then read as any pipe."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    deadline = time.monotonic() + FIFO_WAIT_SECONDS
+    try:
+        while True:
+            try:
+                first = os.read(fd, _CHUNK)
+            except BlockingIOError:  # a writer is there: its bytes are coming
+                first = b""
+                break
+            if first or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # no writer yet (or one that left without writing)
+        if not first and time.monotonic() > deadline:
+            raise DocumentError(f"nothing was written to the named pipe {name} in {FIFO_WAIT_SECONDS:.0f} s")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            return _read_stream(io.BufferedReader(_Prefixed(first, stream)), name, limit)
+    finally:
+        os.close(fd)
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream of `first`, then the rest of `stream`."""
+
+    def __init__(self, first: bytes, stream):
+        self.first, self.stream = first, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.first[: len(buffer)] if self.first else self.stream.read(len(buffer))
+        self.first = self.first[len(data) :] if self.first else b""
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _read_stream(stream: BinaryIO, name: str, limit: int) -> bytes:
