@@ -69,6 +69,18 @@ def max_input_bytes(value=None) -> int:
     return value if isinstance(value, int) and value > 0 else parse_size(str(value), what)
 
 
+# What a terminal acts on rather than shows: C0 controls but tab (escape sequences, clear
+# screen, OSC titles and clipboard writes start with ESC; a newline breaks one-line messages),
+# DEL, C1 controls (0x9b is a one-character CSI) and the bidirectional overrides.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def for_terminal(text: str) -> str:
+    """`text` from a document or a file name made safe to print: every character a terminal
+    would act on is shown as its escape (\\x1b, \\n, \\u202e). The one helper for this."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 def display_name(path: str) -> str:
     """A file name as text that any tokenizer and terminal take: bytes that are not UTF-8
     (which Python keeps as lone surrogates) become U+FFFD."""
