@@ -28,7 +28,6 @@ from .output import status
 
 MAX_DECODE_STEPS = 10_000
 MAX_REPEATS = 100
-MAX_SELFTEST_KEYS = 1 << 20  # a million keys: far past any kernel's corner cases
 SELFTEST_PREFILL = 128  # the selftest's query block (run_selftest's default)
 
 
@@ -165,7 +164,7 @@ def selftest(
         typer.Option(
             parser=token_count,
             metavar="N",
-            help=f"Context length of the check, from {2 * SELFTEST_PREFILL} to {MAX_SELFTEST_KEYS:,} (e.g. 8k).",
+            help=f"Context length of the check (e.g. 8k): {2 * SELFTEST_PREFILL} or more, as memory allows.",
         ),
     ] = 4096,
     json_output: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
@@ -188,9 +187,8 @@ def selftest(
     from selfextend_mlx.evaluation.selftest import run_selftest
     from selfextend_mlx.loading.device import describe_runtime
 
-    if not 2 * SELFTEST_PREFILL <= keys <= MAX_SELFTEST_KEYS:
-        raise SettingsError(f"--keys {keys}: give from {2 * SELFTEST_PREFILL} to {MAX_SELFTEST_KEYS:,} keys")
-    _check_selftest_memory(keys)
+    if keys < 2 * SELFTEST_PREFILL:
+        raise SettingsError(f"--keys {keys}: give at least {2 * SELFTEST_PREFILL} keys")
     checks = run_selftest(n_keys=keys)
     if json_output:
         print(json.dumps([{**asdict(c), "ok": c.ok} for c in checks]))
@@ -210,15 +208,6 @@ def selftest(
                 )
     if any(c.max_error is not None and not c.ok for c in checks):
         raise typer.Exit(1)
-
-
-def _check_selftest_memory(keys: int) -> None:
-    """The selftest's problem as planning sees a model: one attention layer of its shape (8 heads,
-    2 kv heads of 64), twice over for the keys' two rotations held next to keys and values."""
-    from selfextend_mlx.planning import GIVEN, ModelShape, Settings, check_memory, estimate_memory
-
-    shape = ModelShape(layers=2, kv_heads=2, head_dim=64, heads=8, vocab=1)
-    check_memory(estimate_memory(shape, 0, keys, Settings(4, 512, GIVEN, keys), None, SELFTEST_PREFILL))
 
 
 def register(app: typer.Typer) -> None:

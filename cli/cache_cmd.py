@@ -19,6 +19,13 @@ cache_app = typer.Typer(
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")]
 
 
+def for_terminal(text) -> str:
+    """Document names and folders as the terminal may show them (documents.for_terminal)."""
+    from selfextend_mlx.app.documents import for_terminal as escape
+
+    return escape(str(text))
+
+
 def _store(cache_dir):
     from selfextend_mlx.app.doccache import DocumentCache
 
@@ -44,10 +51,10 @@ def list_caches(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False):
         print_json({"directory": str(store.directory), "total_bytes": total, "entries": [e.record() for e in entries]})
         return
     if not entries:
-        print(f"no cached documents in {store.directory}")
+        print(f"no cached documents in {for_terminal(store.directory)}")
         return
     count = f"{len(entries)} cached document{'s' if len(entries) != 1 else ''}"
-    print(f"{count}, {format_bytes(total)}, in {store.directory}:")
+    print(f"{count}, {format_bytes(total)}, in {for_terminal(store.directory)}:")
     for entry in entries:
         print("  " + _line(entry))
     print("remove one with `selfextend cache rm ID`, all with `selfextend cache clear`")
@@ -67,7 +74,7 @@ def _line(entry) -> str:
     return (
         f"{entry.id[:12]}  {format_bytes(entry.size):>9}  {tokens:>14}  {settings:<12} "
         f"{_age(time.time() - entry.modified):>4} ago  "
-        f"{_model(meta.get('model_id'))}: {meta.get('documents', '?')}{old}"
+        f"{for_terminal(_model(meta.get('model_id')))}: {for_terminal(meta.get('documents', '?'))}{old}"
     )
 
 
@@ -88,7 +95,8 @@ def remove_cache(
     store = _store(cache_dir)
     for prefix in ids:
         entry = store.remove(prefix)
-        print(f"removed {entry.id[:12]} ({format_bytes(entry.size)}): {entry.metadata.get('documents', '?')}")
+        documents = for_terminal(entry.metadata.get("documents", "?"))
+        print(f"removed {entry.id[:12]} ({format_bytes(entry.size)}): {documents}")
 
 
 @cache_app.command("clear")
@@ -108,14 +116,15 @@ def clear_caches(cache_dir: CacheDirOpt = None, yes: YesOpt = False):
     store.refuse_if_foreign()  # before asking anything
     entries = store.entries()
     if not yes and entries:
-        what = f"{len(entries)} cached document(s), {format_bytes(sum(e.size for e in entries))}, in {store.directory}"
+        size = format_bytes(sum(e.size for e in entries))
+        what = f"{len(entries)} cached document(s), {size}, in {for_terminal(store.directory)}"
         if not _can_ask():
             raise DocumentCacheError(f"cache clear would remove {what}: confirm with --yes")
         if not typer.confirm(f"remove {what}?", default=False, err=True):
             print("nothing removed", file=sys.stderr)
             raise typer.Exit(1)
     count, size = store.clear()
-    print(f"removed {count} cached document file(s) ({format_bytes(size)}) from {store.directory}")
+    print(f"removed {count} cached document file(s) ({format_bytes(size)}) from {for_terminal(store.directory)}")
 
 
 def _can_ask() -> bool:

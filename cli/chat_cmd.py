@@ -222,6 +222,10 @@ class Questions:
                 return None if line is None else text_argument(line)
             except EOFError:
                 return None
+            except MemoryError:  # a line typed or pasted without end
+                from selfextend_mlx.errors import DocumentError
+
+                raise DocumentError("the line typed is too long for this machine's memory") from None
             except KeyboardInterrupt:
                 if not self.interactive:
                     raise
@@ -230,12 +234,14 @@ class Questions:
     def _gather(self, line: str) -> str:
         """One question: the line, or from a line that opens with triple quotes to the line that
         closes them (the end of input closes them too)."""
+        from selfextend_mlx.app.documents import check_text_size, max_input_bytes
+
         if not line.startswith(MULTILINE):
-            return line
+            return check_text_size(line, "the question")
         body = line[len(MULTILINE) :]
         if body.rstrip().endswith(MULTILINE):  # """on one line"""
             return body.rstrip()[: -len(MULTILINE)].strip()
-        lines = [body]
+        lines, size, limit = [body], len(body), max_input_bytes()
         while True:
             more = self._next(CONTINUED)
             if more is None:
@@ -244,6 +250,9 @@ class Questions:
                 lines.append(more.rstrip()[: -len(MULTILINE)])
                 break
             lines.append(more)
+            size += len(more) + 1
+            if size > limit:  # the one input cap, for questions of many lines too
+                check_text_size("\n".join(lines), "the question")
         question = "\n".join(lines).strip()
         if question and hasattr(self.read_line, "remember"):
             self.read_line.remember(question)  # one history entry for the whole question
@@ -251,7 +260,9 @@ class Questions:
 
 
 def _read_piped_line() -> Optional[str]:
-    raw = sys.stdin.buffer.readline()
+    from selfextend_mlx.app.documents import read_line
+
+    raw = read_line(sys.stdin.buffer, "the chat's input")
     return decode_line(raw).rstrip("\r\n") if raw else None
 
 

@@ -227,8 +227,10 @@ def _error(message: str, prefix: str = "error: ") -> None:
             sys.stdout.flush()  # the answer so far comes before the error
     except (OSError, ValueError):
         _silence_stdout()
-    try:
-        print(f"{prefix}{message}", file=sys.stderr, flush=True)
+    from selfextend_mlx.app.documents import for_terminal
+
+    try:  # a file name or document text in the message must not reach the terminal raw
+        print(f"{prefix}{for_terminal(str(message))}", file=sys.stderr, flush=True)
     except (OSError, ValueError, AttributeError):  # stderr closed too: the exit code says it
         pass
 

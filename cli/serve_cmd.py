@@ -126,6 +126,16 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    allow_host: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="Answer requests sent to this host name too (besides IP addresses, localhost and --host); "
+            "'*' for any. Other names are refused (DNS rebinding); repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -143,7 +153,8 @@ def serve(
     \b
         selfextend serve
         selfextend serve -m SmolLM2-135M-Instruct --port 8000 --api-key secret
-        curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+        curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+            -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
     from selfextend_mlx.errors import SelfExtendError
     from selfextend_mlx.loading.distributed import ranks
@@ -178,6 +189,7 @@ def serve(
         name=name,
         max_request_bytes=max_request_size,
         allow_origins=tuple(allow_origin or ()),
+        allow_hosts=tuple(allow_host or ()),
     )
 
     def ready(url: str) -> None:

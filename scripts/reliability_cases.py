@@ -1,4 +1,5 @@
-"""Run issue 12's hostile and unlucky inputs against the installed `selfextend` and print the
+"""Run issue 12's hostile and unlucky inputs (and round 2's, issues 28 and 29: the cases named
+"28." and "29.") against the installed `selfextend` and print the
 table docs/reliability.md keeps: each case, what happened (exit code, the last line of
 stderr, seconds), and whether that is the promised behaviour.
 
@@ -358,6 +359,100 @@ CASES = [
         timeout=300,
     ),
 ]
+
+
+TEMPLATE_FOLDER = (
+    "cp -r $T tpl && chmod -R u+w tpl && python - <<'EOF'\n"
+    "import json\n"
+    "c = json.load(open('tpl/tokenizer_config.json'))\n"
+    "c['chat_template'] = '{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}'\n"
+    "json.dump(c, open('tpl/tokenizer_config.json', 'w'))\n"
+    "EOF\n"
+)
+# A server on a free port, asked by curl from loopback; each curl prints its status code.
+SERVER = (
+    "selfextend serve -m $T --port 0 --no-cache > url.txt 2> log.txt & pid=$!; "
+    "for i in $(seq 300); do grep -q http url.txt 2>/dev/null && break; sleep 0.2; done; "
+    'url=$(grep -o \'http://[^ ]*\' url.txt); body=\'{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}\'; '
+    'ask() { curl -s -o /dev/null -w \'%{http_code} \' -m 30 "$@" --data "$body" $url/chat/completions; }; '
+)
+ROUND_2 = [
+    Case(
+        "28.1 punctuation only, past the reach",
+        "python -c \"open('p.txt','w').write('!?., ;: ' * 40000)\"; selfextend ask p.txt -q 'What is it?' -m $T -n 4",
+        lambda r: r.code == 0 and "max() arg" not in r.stderr,
+        timeout=300,
+    ),
+    Case(
+        "28.2 chat template with nested loops of 100,000",
+        DOC + "selfextend ask doc.txt -q x -m tpl -n 2",
+        lambda r: r.one_line_error() and "chat template ran for more than" in r.stderr and r.seconds < 60,
+        setup=TEMPLATE_FOLDER,
+    ),
+    Case(
+        "28.3 selftest --keys 1m with 4 GB",
+        "SELFEXTEND_MAX_MEMORY=4GB selfextend selftest --keys 1m",
+        lambda r: r.one_line_error() and "not enough memory" in r.stderr and r.seconds < 30,
+    ),
+    Case(
+        "28.6 a FIFO no one writes to",
+        "mkfifo f; selfextend ask f -q x -m $T",
+        lambda r: r.one_line_error() and "named pipe" in r.stderr and r.seconds < 40,
+    ),
+    Case(
+        "28.6 an endless chat line (12 MB, no newline)",
+        DOC + "head -c 12000000 /dev/zero | tr '\\0' a | selfextend chat doc.txt -m $T -n 2",
+        lambda r: r.one_line_error() and "MemoryError" not in r.stderr and "input limit" in r.stderr,
+        timeout=120,
+    ),
+    Case(
+        "29.1 text/plain POST, rebound Host, foreign Origin (curl on loopback)",
+        SERVER + "ask -H 'Content-Type: text/plain' -H 'Origin: http://evil.example'; "
+        "ask -H 'Content-Type: text/plain'; ask -H 'Host: evil.example' -H 'Content-Type: application/json'; "
+        "ask -H 'Content-Type: application/json' >&2; kill $pid; wait $pid",
+        lambda r: r.stdout.split() == ["403", "415", "421"] and r.stderr.strip().endswith("200"),
+        timeout=180,
+    ),
+    Case(
+        "29.2 HTML of 20,000 unclosed tags",
+        "python -c \"open('x.html','w').write('<!doctype html>' + '<a ' * 20000 + '<p>hi</p>')\"; "
+        "selfextend ask x.html -q hi -m $T -n 2; cat x.html | selfextend ask - -q hi -m $T -n 2",
+        lambda r: "Traceback" not in r.stderr and r.seconds < 60,
+    ),
+    Case(
+        "29.3 Chinese past the reach: ask",
+        "python -c \"open('z.txt','w').write('从前有一个小女孩，她的名字叫莉莉。她喜欢在阳光下玩耍。' * 800)\"; "
+        "selfextend ask z.txt -q who -m $T -n 4",
+        lambda r: r.code == 0,
+        timeout=300,
+    ),
+    Case(
+        "29.3 base64 past the reach: summarize",
+        "head -c 60000 /dev/urandom | base64 -w0 > b.txt; selfextend summarize b.txt -m $T -n 4",
+        lambda r: r.code == 0,
+        timeout=600,
+    ),
+    Case(
+        "29.5 --cache-dir on a folder of the user's files",
+        "mkdir mydocs; echo mine > mydocs/notes.txt; head -c 6000 $STORY > d.txt; "
+        "selfextend ask d.txt -q x -m $T -n 2 --cache-dir mydocs; ls -A mydocs >&2",
+        lambda r: r.code == 0 and r.last_error == "notes.txt" and "is not a selfextend document cache" in r.stderr,
+        timeout=120,
+    ),
+    Case(
+        "29.6 escapes in piped text, then cache list",
+        "{ printf '\\033]0;owned\\007\\033[2J '; head -c 6000 $STORY; } | selfextend ask - -q x -m $T -n 2 "
+        "&& selfextend cache list | od -c | grep -c '033' >&2",
+        lambda r: r.last_error == "0",
+        timeout=120,
+    ),
+    Case(
+        "29.6 an error naming a file with a newline and escapes",
+        "selfextend ask \"$(printf 'a\\n\\033[2Jb.txt')\" -q x -m $T 2>&1 | od -c | grep -c '033' >&2",
+        lambda r: r.last_error == "0",
+    ),
+]
+CASES += ROUND_2
 
 
 def main() -> int:

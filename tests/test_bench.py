@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import pytest
 from tiny_models import random_tokens, tiny_model
 from typer.testing import CliRunner
 
@@ -134,3 +135,23 @@ def test_metal_backend_is_refused_without_metal():
         pytest.skip("this machine has Metal: the refusal applies only without it")
     with pytest.raises(ValueError, match="needs an Apple GPU"):
         SelfExtendConfig(group_size=2, window=8, backend="metal")
+
+
+def test_selftest_memory_estimate_follows_the_measured_peak():
+    """The estimate that bounds --keys (issue 28.3), against the peak of a real run."""
+    from selfextend_mlx.evaluation.selftest import run_selftest, selftest_memory
+
+    mx.reset_peak_memory()
+    run_selftest(n_keys=8192, repeats=1)
+    peak, estimate = mx.get_peak_memory(), selftest_memory(8192).total
+    assert 0.8 * peak <= estimate <= 1.5 * peak, (peak, estimate)
+    assert selftest_memory(1 << 20).total > 14 * 10**9  # 1m keys: ~15 GB, what killed the run at 6 GB
+
+
+def test_selftest_refuses_what_the_machine_cannot_hold(monkeypatch):
+    from selfextend_mlx.errors import InsufficientMemoryError
+    from selfextend_mlx.evaluation.selftest import run_selftest
+
+    monkeypatch.setenv("SELFEXTEND_MAX_MEMORY", "500MB")
+    with pytest.raises(InsufficientMemoryError):
+        run_selftest(n_keys=65536, repeats=1)  # 940 MB: refused before anything is allocated

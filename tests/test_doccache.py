@@ -21,6 +21,7 @@ from selfextend_mlx.app.doccache import (
     default_cache_dir,
     read_metadata,
 )
+from selfextend_mlx.errors import SelfExtendError
 from selfextend_mlx.loading.load import load
 
 CONFIG = SelfExtendConfig(group_size=4, window=64)
@@ -339,3 +340,40 @@ def test_format_1_entries_are_listed_with_typed_fields(model, tmp_path):
     (entry,) = DocumentCache(tmp_path).entries()
     assert entry.metadata["tokens"] == 2014 and entry.metadata["kv_bits"] is None
     assert entry.metadata["store_format"] == "1" and entry.metadata["documents"] == "a.txt"
+
+
+# -- the size limit and whose folder it is (issue 29.1, 29.5) ---------------------------------
+
+
+def test_the_least_recently_used_entries_go_past_the_limit(model, tmp_path):
+    store = DocumentCache(tmp_path)
+    keys = [saved(store, model, ids=[5 + n, *TOKENS])[0] for n in range(3)]
+    size = max(e.size for e in store.entries()) + 100  # the headers differ by a few bytes
+    for age, key in enumerate(keys):  # written oldest first ...
+        os.utime(store.path_for(key), (time.time() - 100 + age, time.time() - 100 + age))
+    load_of(store, keys[0], tokens=[0, *TOKENS])  # ... but the oldest was used last
+    store.max_bytes = 3 * size  # room for three: the fourth write evicts the least recently used
+    saved(store, model, ids=[9, *TOKENS])
+    assert {e.id for e in store.entries()} == {keys[0], keys[2], store.entries()[0].id}
+    assert len(store.entries()) == 3 and store.total_bytes() <= store.max_bytes
+
+
+def test_the_limit_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFEXTEND_CACHE_MAX", "2GB")
+    assert DocumentCache(tmp_path).max_bytes == 2_000_000_000
+    monkeypatch.setenv("SELFEXTEND_CACHE_MAX", "lots")
+    with pytest.raises(SelfExtendError):
+        DocumentCache(tmp_path)
+
+
+def test_a_folder_of_other_files_is_not_made_a_cache(model, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    notices = []
+    store = DocumentCache(tmp_path, notice=notices.append)
+    key = cache_key("stories", CONFIG, None, TOKENS, weights="w1")
+    assert store.save(key, filled_cache(model), model_id="stories", config=CONFIG, metadata={}) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no tag, no entry
+    (line,) = notices
+    assert "is not a selfextend document cache" in line and "\n" not in line
+    saved(DocumentCache(tmp_path / "new"), model)  # a new folder becomes one
+    assert (tmp_path / "new" / MARKER).is_file()

@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -332,3 +334,47 @@ def test_a_piped_prompt_is_held_to_the_limit_and_decoded():
     assert read_text(io.BytesIO("Grüße".encode("cp1252"))) == "Grüße"
     with pytest.raises(DocumentError, match="stdin is over the input limit of 1.0 KB"):
         read_text(io.BufferedReader(Endless()), max_bytes="1k")
+
+
+# -- HTML in linear time (issue 29.2) ----------------------------------------------------------
+
+HOSTILE_PAGES = {
+    "unclosed tags": "<!doctype html>" + "<a " * 20000,
+    "nested divs": "<div>" * 100_000 + "deep" + "</div>" * 100_000,
+    "an open comment": "<!doctype html><p>x<!--" + "-" * 500_000,
+    "many attributes": "<p " + "a=b " * 100_000 + ">hi",
+}
+
+
+PARSE_BOUND = 60  # seconds: the child is killed past it and the test fails (the old parser: hours)
+
+
+def parse_seconds(page: str) -> float:
+    """Seconds html_to_text takes on `page`, in a child process bounded in time."""
+    script = (
+        "import sys, time\nfrom selfextend_mlx.app.documents import html_to_text\n"
+        "page = sys.stdin.read()\nstarted = time.perf_counter()\nhtml_to_text(page)\n"
+        "print(time.perf_counter() - started)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=page, capture_output=True, text=True, timeout=PARSE_BOUND
+    )
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_PAGES))
+def test_hostile_html_parses_in_linear_time(kind):
+    once, tenfold = parse_seconds(HOSTILE_PAGES[kind]), parse_seconds(HOSTILE_PAGES[kind] * 10)
+    assert tenfold < 5, f"{kind}: {tenfold:.1f}s for ten copies"
+    assert tenfold < 40 * max(once, 0.01)  # linear: ten times the input, not a hundred times the time
+
+
+def test_html_on_stdin_with_unclosed_tags_is_read_quickly():
+    page = "<!doctype html>" + "<a " * 20000 + "<p>after</p>"
+    script = (
+        "import sys\nfrom selfextend_mlx.app.documents import read_document\n"
+        "print(read_document('-', stdin=sys.stdin.buffer).format)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=page, capture_output=True, text=True, timeout=15)
+    assert done.stdout.strip() == "html", done.stderr

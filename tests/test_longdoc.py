@@ -196,3 +196,55 @@ def test_a_chat_about_a_document_past_the_largest_reach_points_to_ask_and_summar
     model, tokenizer = stories
     with pytest.raises(InputTooLongError, match=r"a chat needs it whole; use `selfextend ask`"):
         Session(model, tokenizer, [Document("stories.txt", long_text, "text")])
+
+
+# -- documents past the reach with no spaces or no searchable words (issues 28.1, 29.3) --------
+
+NO_SPACES = {
+    "chinese": "从前有一个小女孩，她的名字叫莉莉。她喜欢在阳光下玩耍。" * 400,
+    "base64": "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=" * 1200,
+    "minified json": '{"id":1,"tags":["a","b"],"ok":true},' * 1500,
+    "emoji": "😀🎉" * 8000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NO_SPACES))
+def test_text_without_spaces_is_cut_into_passages_that_fit(stories, kind):
+    _, tokenizer = stories
+    text = NO_SPACES[kind]
+
+    def count(piece):
+        return len(tokenizer.encode(piece, add_special_tokens=False))
+
+    items = passages(text, count, size=256)
+    assert len(items) > 10 and all(p.tokens <= 256 for p in items)
+    assert "".join(p.text for p in items) == text  # nothing lost, nothing added
+
+
+def test_sentence_ends_of_other_scripts_cut_first():
+    text = "一二三。四五六！七八九？" * 30
+    items = passages(text, len, size=40)  # a character a token
+    assert all(p.text.endswith(("。", "！", "？")) for p in items)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["!?., ;: " * 50, "the of a and " * 50, "x y z " * 50, "😀 " * 50],
+    ids=["punctuation", "stopwords", "single letters", "emoji"],
+)
+def test_passages_without_searchable_terms_come_in_document_order(text):
+    items = [Passage(i, text, 10) for i in range(20)]
+    chosen = select_passages(items, "What is it?", budget=60)
+    assert [p.index for p in chosen] == list(range(len(chosen))) and chosen
+    items[7] = Passage(7, "The lighthouse keeper.", 10)  # one scores: it comes first, the rest in order
+    chosen = select_passages(items, "Who is the lighthouse keeper?", budget=60)
+    assert 7 in [p.index for p in chosen] and [p.index for p in chosen][0] == 0
+
+
+def test_ask_about_punctuation_past_the_reach_answers(stories):
+    model, tokenizer = stories
+    doc = Document("p.txt", "!?., ;: " * 6000, "text")
+    long = LongDocument(model, tokenizer, [doc], "What is it?", task="ask", options=SessionOptions(max_tokens=2))
+    assert long.strategy == RETRIEVAL
+    result = long.answer()
+    assert result.selected_passages > 0 and result.answer.prompt_tokens > 0

@@ -11,7 +11,14 @@ never a failed run, and leaves no partial file.
 
 The folder is marked as a store by a CACHEDIR.TAG file (the cache-directory convention, which
 also keeps backup tools out); listing, `rm` and `clear` touch only files this store wrote,
-and refuse a folder that is not one.
+and refuse a folder that is not one. A folder is made a store only when it is new or empty:
+a folder of other files (the user's documents, a model) gets no tag and no entry, and one
+notice says so (a tag there would hide the user's files from backups).
+
+The store holds at most `max_bytes` (SELFEXTEND_CACHE_MAX, default 10 GB): after each write
+the least recently used entries (a load counts as a use) go until the rest fits, the newest
+always kept. Every writer (ask, chat, summarize, the server) goes through save(), so this is
+the one size rule of the document cache.
 """
 
 import errno
@@ -37,6 +44,8 @@ from ..errors import CacheMismatchError, SelfExtendError
 
 STORE_FORMAT_VERSION = "2"  # 2: weights fingerprint in the key, float16 arrays, checksums
 ENV_CACHE_DIR = "SELFEXTEND_CACHE_DIR"
+ENV_CACHE_MAX = "SELFEXTEND_CACHE_MAX"
+DEFAULT_MAX_BYTES = 10 * 10**9
 SUFFIX = ".safetensors"
 MARKER = "CACHEDIR.TAG"
 MARKER_TEXT = (
@@ -64,6 +73,18 @@ def default_cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("selfextend-mlx")) / "documents"
+
+
+def cache_limit(value=None) -> int:
+    """The store's size limit in bytes: `value` (bytes or a size such as '2GB'), else
+    $SELFEXTEND_CACHE_MAX, else DEFAULT_MAX_BYTES."""
+    from ..planning import parse_size
+
+    if value is None:
+        value = os.environ.get(ENV_CACHE_MAX) or DEFAULT_MAX_BYTES
+    if isinstance(value, int):
+        return value
+    return parse_size(value, f"the document cache size (${ENV_CACHE_MAX})")
 
 
 def weights_fingerprint(info) -> str:
@@ -104,9 +125,12 @@ class CacheEntry:
 
 
 class DocumentCache:
-    def __init__(self, directory: Optional[Path] = None, notice: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self, directory: Optional[Path] = None, notice: Optional[Callable[[str], None]] = None, max_bytes=None
+    ):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.notice = notice or (lambda message: None)
+        self.max_bytes = cache_limit(max_bytes)
 
     def path_for(self, key: str) -> Path:
         return self.directory / f"{key}{SUFFIX}"
@@ -132,6 +156,7 @@ class DocumentCache:
         except OSError as error:
             self.notice(f"document cache not read ({error.strerror or error}); reading the document instead")
             return None
+        _touch(path)  # a use: the least recently used entries are the first to go
         return cache
 
     def save(
@@ -143,14 +168,30 @@ class DocumentCache:
         info = {"key": key, "store_format": STORE_FORMAT_VERSION, "saved": repr(time.time())}
         info["entry"] = json.dumps(metadata, default=str, ensure_ascii=False)
         try:
+            self.refuse_if_foreign()
             self._mark()
             self._sweep_stale_temp_files()
             save_cache(path, cache, model_id=model_id, config=config, metadata=info, storage_dtype=STORAGE_DTYPE)
+        except DocumentCacheError as error:
+            self.notice(f"document cache not used: {error}")
+            return None
         except OSError as error:
             reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
             self.notice(f"could not save the document cache in {self.directory}: {reason}; the answer does not need it")
             return None
+        self._evict(keep=path)
         return path
+
+    def _evict(self, keep: Path) -> None:
+        """The size rule: beyond max_bytes, the least recently used entries go, never `keep`."""
+        entries = sorted(self._entries(), key=lambda entry: entry.modified)
+        total = sum(entry.size for entry in entries)
+        for entry in entries:
+            if total <= self.max_bytes:
+                break
+            if entry.path != keep:
+                _remove(entry.path)
+                total -= entry.size
 
     def _mark(self) -> None:
         """Make the folder (if needed) and mark it as a store, atomically."""
@@ -215,7 +256,7 @@ class DocumentCache:
         if not empty and not self.is_store():
             raise DocumentCacheError(
                 f"{self.directory} is not a selfextend document cache (it has no {MARKER} from selfextend-mlx "
-                "and no entries): nothing removed"
+                "and no entries): nothing removed or written; give an empty or new folder"
             )
 
     def clear(self) -> tuple[int, int]:
@@ -286,6 +327,13 @@ def _typed(value: str):
         if math.isfinite(number):
             return number
     return value
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _remove(path: Path) -> None:

@@ -12,9 +12,9 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import BinaryIO, Optional
 
@@ -37,6 +37,7 @@ DEFAULT_MAX_INPUT = 10_000_000
 ENV_MAX_INPUT = "SELFEXTEND_MAX_INPUT"
 _CHUNK = 1 << 20  # pipes and devices are read a megabyte at a time
 _SNIFF = 1 << 16  # binary data is recognised from its first 64 KB, before the rest is read
+FIFO_WAIT_SECONDS = 10.0  # how long a named pipe may stay without a writer before it is refused
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,18 @@ def max_input_bytes(value=None) -> int:
     return value if isinstance(value, int) and value > 0 else parse_size(str(value), what)
 
 
+# What a terminal acts on rather than shows: C0 controls but tab (escape sequences, clear
+# screen, OSC titles and clipboard writes start with ESC; a newline breaks one-line messages),
+# DEL, C1 controls (0x9b is a one-character CSI) and the bidirectional overrides.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def for_terminal(text: str) -> str:
+    """`text` from a document or a file name made safe to print: every character a terminal
+    would act on is shown as its escape (\\x1b, \\n, \\u202e). The one helper for this."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 def display_name(path: str) -> str:
     """A file name as text that any tokenizer and terminal take: bytes that are not UTF-8
     (which Python keeps as lone surrogates) become U+FFFD."""
@@ -96,6 +109,24 @@ def read_text(stream: BinaryIO, name: str = "stdin", max_bytes=None) -> str:
     """Plain text from a stream (a prompt piped in), held to the input limit and decoded as
     documents are; no format detection."""
     return decode_text(name, _read_stream(stream, name, max_input_bytes(max_bytes)))
+
+
+def read_line(stream: BinaryIO, name: str, max_bytes=None) -> Optional[bytes]:
+    """One line of a stream (a chat's question), newline kept, held to the input limit like
+    every text a user sends; None at the end of the stream."""
+    limit = max_input_bytes(max_bytes)
+    raw = stream.readline(limit + 1)
+    if len(raw) > limit:
+        raise DocumentError(f"a line of {name} is {_over(limit)}")
+    return raw or None
+
+
+def check_text_size(text: str, name: str, max_bytes=None) -> str:
+    """`text` (typed or gathered from several lines), refused past the input limit."""
+    limit = max_input_bytes(max_bytes)
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise DocumentError(f"{name} is {_over(limit)}")
+    return text
 
 
 def read_documents(paths: Iterable[str], stdin: Optional[BinaryIO] = None, max_bytes=None) -> list[Document]:
@@ -139,6 +170,8 @@ def _read_file(path: Path, name: str, limit: int) -> bytes:
     """A file's bytes; a regular file's size is checked before anything is read, anything
     else (a pipe, /dev/zero) is read up to the limit."""
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            return _read_fifo(path, name, limit)
         with open(path, "rb") as file:
             info = os.fstat(file.fileno())
             if stat.S_ISDIR(info.st_mode):
@@ -156,6 +189,48 @@ def _read_file(path: Path, name: str, limit: int) -> bytes:
         raise DocumentError(f"cannot read {name}: permission denied") from None
     except OSError as error:
         raise DocumentError(f"cannot read {name}: {error.strerror or error}") from None
+
+
+def _read_fifo(path: Path, name: str, limit: int) -> bytes:
+    """A named pipe, opened without waiting for a writer (a plain open() waits forever when
+    none comes): up to FIFO_WAIT_SECONDS for the first bytes, then read as any pipe."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    deadline = time.monotonic() + FIFO_WAIT_SECONDS
+    try:
+        while True:
+            try:
+                first = os.read(fd, _CHUNK)
+            except BlockingIOError:  # a writer is there: its bytes are coming
+                first = b""
+                break
+            if first or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # no writer yet (or one that left without writing)
+        if not first and time.monotonic() > deadline:
+            raise DocumentError(f"nothing was written to the named pipe {name} in {FIFO_WAIT_SECONDS:.0f} s")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            return _read_stream(io.BufferedReader(_Prefixed(first, stream)), name, limit)
+    finally:
+        os.close(fd)
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream of `first`, then the rest of `stream`."""
+
+    def __init__(self, first: bytes, stream):
+        self.first, self.stream = first, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.first[: len(buffer)] if self.first else self.stream.read(len(buffer))
+        self.first = self.first[len(data) :] if self.first else b""
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _read_stream(stream: BinaryIO, name: str, limit: int) -> bytes:
@@ -298,34 +373,46 @@ _BLOCKS = {
 _SKIPPED = {"script", "style", "noscript", "template", "svg"}
 
 
-class _TextExtractor(HTMLParser):
+class _TextExtractor:
+    """The parser's target: gathers the text, a line break at each block's start and end."""
+
     def __init__(self):
-        super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self.skipping = 0
 
-    def handle_starttag(self, tag, attrs):
+    def start(self, tag, attrib):
         if tag in _SKIPPED:
             self.skipping += 1
         elif tag in _BLOCKS:
             self.parts.append("\n")
 
-    def handle_endtag(self, tag):
+    def end(self, tag):
         if tag in _SKIPPED:
             self.skipping = max(0, self.skipping - 1)
         elif tag in _BLOCKS:
             self.parts.append("\n")
 
-    def handle_data(self, data):
+    def data(self, data):
         if not self.skipping:
             self.parts.append(data)
 
+    def close(self) -> str:
+        return "".join(self.parts)
+
+
+def _parse_html(html: str) -> str:
+    """The text of an HTML page, by libxml2's HTML parser (through lxml, events only, no tree):
+    linear in its input however broken (the standard library's parser takes quadratic time on
+    unclosed tags: 54 s for 60 KB of '<a '), and as forgiving as a browser."""
+    from lxml import etree
+
+    parser = etree.HTMLParser(target=_TextExtractor(), recover=True, no_network=True, huge_tree=True)
+    parser.feed(html.encode("utf-8", "replace").decode("utf-8"))  # a lone surrogate becomes '?'
+    return parser.close()
+
 
 def html_to_text(html: str) -> str:
-    extractor = _TextExtractor()
-    extractor.feed(html)
-    extractor.close()
-    lines = (" ".join(line.split()) for line in "".join(extractor.parts).split("\n"))
+    lines = (" ".join(line.split()) for line in _parse_html(html).split("\n"))
     # Collapse runs of blank lines left by nested blocks into one paragraph break.
     text, blank = [], False
     for line in lines:

@@ -80,21 +80,67 @@ def paragraphs(text: str) -> list[str]:
     return parts
 
 
+# Sentence ends of any script: Latin-style ones before a space (not "3.14"), CJK, Indic,
+# Arabic, Armenian and Ethiopic ones anywhere (those scripts put no space after them).
+_SENTENCE_END = re.compile(r"(?<=[.!?;])(?=\s)|(?<=[。！？｡︒﹒﹖﹗！？；।॥؟۔։።‼⁇⁈⁉])")
+_WORD_START = re.compile(r"(?<=\s)(?=\S)")
+
+
 def _split_long(text: str, count: Callable[[str], int], limit: int) -> list[str]:
-    """A paragraph longer than `limit` tokens, cut at sentence ends (else at words)."""
-    pieces = re.split(r"(?<=[.!?])\s+", text)
-    if len(pieces) == 1:
-        pieces = text.split()
-    out, current = [], ""
-    for piece in pieces:
-        joined = f"{current} {piece}".strip()
-        if current and count(joined) > limit:
+    """A paragraph longer than `limit` tokens, cut at sentence ends (any script's), a piece
+    still too long at spaces, and one with no spaces (base64, minified JSON) at a token count:
+    every piece fits `limit`, and joined they are the paragraph."""
+    out = []
+    for sentence in _pack(_SENTENCE_END.split(text), count, limit):
+        if count(sentence) <= limit:
+            out.append(sentence)
+            continue
+        for words in _pack(_WORD_START.split(sentence), count, limit):
+            out += [words] if count(words) <= limit else _cut_at_tokens(words, count, limit)
+    return [piece.strip() for piece in out if piece.strip()]
+
+
+def _pack(pieces: list[str], count: Callable[[str], int], limit: int) -> list[str]:
+    """Consecutive pieces joined while their tokens fit `limit` (a piece past it stays alone).
+    Each run of short pieces is counted once: linear in the text, with few tokenizer calls."""
+    out, current, tokens = [], "", 0
+    for run in _runs(pieces, limit // 4):
+        n = count(run)
+        if current and tokens + n > limit:
             out.append(current)
-            current = piece
-        else:
-            current = joined
+            current, tokens = "", 0
+        current += run
+        tokens += n
     if current:
         out.append(current)
+    return out
+
+
+def _runs(pieces: list[str], max_bytes: int):
+    """Consecutive pieces joined while under `max_bytes` of UTF-8 (a tokenizer gives at most
+    about a token a byte, so a run fits wherever its bytes do); a longer piece alone."""
+    run, size = "", 0
+    for piece in pieces:
+        n = len(piece.encode("utf-8", "surrogatepass"))
+        if run and size + n > max_bytes:
+            yield run
+            run, size = "", 0
+        run += piece
+        size += n
+    if run:
+        yield run
+
+
+def _cut_at_tokens(text: str, count: Callable[[str], int], limit: int) -> list[str]:
+    """Text without any break, cut into slices of at most `limit` tokens."""
+    step = max(1, len(text) * limit // max(1, count(text)))
+    out, start = [], 0
+    while start < len(text):
+        size = step
+        while size > 1 and count(text[start : start + size]) > limit:
+            size //= 2
+        out.append(text[start : start + size])
+        start += size
     return out
 
 
@@ -147,24 +193,32 @@ def halves(items: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
 def select_passages(items: Sequence[Passage], question: str, budget: int) -> list[Passage]:
     """The passages BM25 ranks highest for `question`, as many as fit `budget` tokens, in
     document order."""
-    import bm25s
-
-    corpus = bm25s.tokenize([p.text for p in items], stopwords="en", show_progress=False)
-    retriever = bm25s.BM25()
-    retriever.index(corpus, show_progress=False)
-    query = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)
-    if not query or not query[0]:
-        ranked = list(range(len(items)))  # no word to look for: the document's beginning
-    else:
-        order, _ = retriever.retrieve(query, k=len(items), show_progress=False)
-        ranked = [int(i) for i in order[0]]
     chosen, used = [], 0
-    for i in ranked:
+    for i in rank_passages(items, question):
         cost = items[i].tokens + (len(SKIPPED) // 4 if chosen else 0)
         if used + cost <= budget:
             chosen.append(i)
             used += cost
     return [items[i] for i in sorted(chosen)]
+
+
+def rank_passages(items: Sequence[Passage], question: str) -> list[int]:
+    """Indices of `items`: those BM25 scores for `question` first, best first, then every other
+    in document order. Passages or a question with no searchable terms (punctuation, emoji,
+    stopwords, single letters) score nothing: document order."""
+    import bm25s
+
+    order = list(range(len(items)))
+    corpus = bm25s.tokenize([p.text for p in items], stopwords="en", show_progress=False)
+    query = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)
+    if not corpus.vocab or not query or not query[0] or not set(query[0]) & set(corpus.vocab):
+        return order
+    retriever = bm25s.BM25()
+    retriever.index(corpus, show_progress=False)
+    found, scores = retriever.retrieve(query, k=len(items), show_progress=False)
+    scored = [int(i) for i, score in zip(found[0], scores[0]) if score > 0]
+    seen = set(scored)
+    return scored + [i for i in order if i not in seen]
 
 
 def join_selected(selected: Sequence[Passage]) -> str:

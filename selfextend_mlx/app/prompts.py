@@ -1,12 +1,22 @@
 """Prompt layout: system text, documents, past turns and a question, in the model's chat
 template (or plain Question:/Answer: lines for models without one), laid out so the system
-text and documents form a stable token prefix that can be prefilled once and reused."""
+text and documents form a stable token prefix that can be prefilled once and reused.
 
+Chat templates come from model folders: they are untrusted code. Every render goes through
+render_chat_template(), the one place of their bound: TEMPLATE_SECONDS of time and
+TEMPLATE_MAX_CHARS of output (counted as the template yields it), past which the render is
+stopped with one TemplateBoundError line.
+"""
+
+import sys
+import time
 from collections.abc import Sequence
 from typing import Optional
 
 from ..errors import SelfExtendError
 
+TEMPLATE_SECONDS = 10.0  # a real template renders a book-long prompt in milliseconds
+TEMPLATE_MAX_CHARS = 64_000_000  # several times the largest input (10 MB) any prompt holds
 _SENTINEL = "\ue000QUESTION\ue000"  # a private-use marker no document or template contains
 
 
@@ -53,7 +63,9 @@ class PromptFormat:
         if system:  # the template refused a system role: the text leads the first user message
             messages[0]["content"] = f"{system}\n\n{messages[0]['content']}"
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_chat_template(self.tokenizer, messages, add_generation_prompt=True)
+        except TemplateBoundError:
+            raise
         except Exception as error:
             if self.system and self._system_role and "system" in str(error).lower():
                 self._system_role = False
@@ -70,6 +82,53 @@ class PromptFormat:
         if min(cuts) < 0 or probes[0][: cuts[0]] != probes[1][: cuts[1]]:
             return None
         return probes[0][: cuts[0]]
+
+
+class TemplateBoundError(SelfExtendError):
+    """A chat template that ran past its bound in time or output."""
+
+
+def render_chat_template(tokenizer, messages: list[dict], **options) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False, **options)`, stopped past
+    TEMPLATE_SECONDS or TEMPLATE_MAX_CHARS of output."""
+    bound = _Bound(time.monotonic() + TEMPLATE_SECONDS)
+    previous = sys.gettrace()
+    sys.settrace(bound.call)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    finally:
+        sys.settrace(previous)
+
+
+class _Bound:
+    """A trace function (this thread only): every Python call checks the clock; in template
+    code (Jinja compiles to '<template>') every line does too and every yielded piece of
+    output is counted. Raising from it stops the render."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.chars = deadline, 0
+
+    def call(self, frame, event, arg):
+        self._check_time()
+        return self.line if frame.f_code.co_filename.startswith("<template") else None
+
+    def line(self, frame, event, arg):
+        self._check_time()
+        if event == "return" and isinstance(arg, str):
+            self.chars += len(arg)
+            if self.chars > TEMPLATE_MAX_CHARS:
+                raise TemplateBoundError(
+                    f"the model's chat template wrote more than {TEMPLATE_MAX_CHARS:,} characters: stopped "
+                    "(the template in the model folder's tokenizer_config.json is at fault)"
+                )
+        return self.line
+
+    def _check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateBoundError(
+                f"the model's chat template ran for more than {TEMPLATE_SECONDS:.0f} s: stopped "
+                "(the template in the model folder's tokenizer_config.json is at fault)"
+            )
 
 
 def _join(text: str) -> str:

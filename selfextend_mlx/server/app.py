@@ -1,5 +1,6 @@
-"""The HTTP side (a Starlette app): OpenAI's routes, each request checked in order (API key,
-body size, JSON and fields, model name, plan), then queued to the engine and answered whole or
+"""The HTTP side (a Starlette app): OpenAI's routes, each request checked in order (the host
+name, the web page origin and the body's type: guard.py; API key, body size, JSON and fields,
+model name, plan), then queued to the engine and answered whole or
 streamed as server-sent events.
 
 Every error is OpenAI's JSON error body with a 4xx status (a 500 only for a bug, without a
@@ -28,6 +29,7 @@ from starlette.routing import Route
 
 from ..app.turns import Answer
 from .engine import Engine, Failed, Finished, Job, Progress, Text, Work
+from .guard import RequestGuard
 from .prompting import chat_prompt, completion_prompt
 from .protocol import (
     SERVER_ERROR,
@@ -52,6 +54,7 @@ class ServerOptions:
     name: Optional[str] = None  # the model id the API reports (default: the model's own name)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allow_origins: tuple[str, ...] = ()  # browsers allowed to call the API from other origins (CORS)
+    allow_hosts: tuple[str, ...] = ()  # Host names answered besides addresses, localhost and `host`
 
 
 def model_names(engine: Engine, name: Optional[str]) -> tuple[str, list[str]]:
@@ -68,6 +71,7 @@ class API:
         self.name, names = model_names(engine, options.name)
         self.names = {n.lower() for n in names}
         self.started = int(time.time())
+        self.guard = RequestGuard(options.host, options.allow_hosts, options.allow_origins)
         # Prompts are rendered and tokenized here, off the event loop, one at a time.
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
 
@@ -326,6 +330,24 @@ def _summary(work: Work, outcome: Answer) -> str:
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health"]
 
 
+class GuardMiddleware:
+    """Runs guard.py's checks before any route (and before CORS): a refused request is answered
+    with its JSON error and goes no further."""
+
+    def __init__(self, app, api: API):
+        self.app, self.api = app, api
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            request = Request(scope)
+            try:
+                self.api.guard.check(request.method, request.headers)
+            except APIError as error:
+                await self.api._error(request, error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Callable[[str], None] = print):
     api = API(engine, options, log)
 
@@ -346,7 +368,7 @@ def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Ca
             Route(f"{prefix}/models/{{model:path}}", api.model, methods=["GET"]),
         ]
     routes.append(Route("/health", api.health, methods=["GET"]))
-    middleware = []
+    middleware = [Middleware(GuardMiddleware, api=api)]
     if options.allow_origins:
         middleware.append(
             Middleware(

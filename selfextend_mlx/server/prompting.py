@@ -12,7 +12,7 @@ tokens are the same whatever question follows, and the engine keeps its KV cache
 from dataclasses import dataclass
 from typing import Optional
 
-from ..app.prompts import PromptFormat, encode
+from ..app.prompts import PromptFormat, TemplateBoundError, encode, render_chat_template
 from .protocol import bad_request
 
 _SENTINEL = "\ue000END-OF-DOCUMENT\ue000"  # private-use characters no message contains
@@ -98,7 +98,9 @@ def _apply_template(tokenizer, messages: list[dict]) -> str:
     continuing = messages[-1]["role"] == "assistant"  # the client wants that answer continued
     options = {"continue_final_message": True} if continuing else {"add_generation_prompt": True}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        return render_chat_template(tokenizer, messages, **options)
+    except TemplateBoundError as error:
+        raise bad_request(str(error), "messages", code="template_bound_exceeded") from None
     except Exception as error:
         folded = _system_folded(messages)
         if folded is not None and "system" in str(error).lower():
