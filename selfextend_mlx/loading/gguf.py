@@ -182,7 +182,12 @@ def _locations(infos: dict, data_start: int, size: int) -> dict:
 
 def read_header(path) -> GGUFHeader:
     """Metadata and tensor types of a GGUF file, without reading the tensor data."""
+    from .resolve import special_kind
+
     path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:  # never opened: a FIFO would wait for a writer forever
+        raise GGUFError(f"{path} is {kind}, not a GGUF file")
     try:
         with open(path, "rb") as file:
             if file.read(4) != GGUF_MAGIC:

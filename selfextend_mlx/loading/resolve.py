@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -63,8 +64,38 @@ def model_files(path: Path) -> list[Path]:
     return sorted([*path.glob("*.safetensors"), *path.glob("*.json")])
 
 
+def special_kind(path: Path) -> Optional[str]:
+    """What a path that is neither a regular file nor a folder is ('a FIFO', ...), else None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a dangling link" if path.is_symlink() else None
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})"
+    for test, kind in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return None
+
+
+def _dangling(files) -> None:
+    for file in files:
+        if file.is_symlink() and not file.exists():
+            raise ModelNotFoundError(f"{file} is a link to {os.readlink(file)}, which does not exist")
+
+
 def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, model_id: Optional[str] = None) -> Source:
-    path = path.expanduser().resolve()
+    path = path.expanduser()
+    kind = special_kind(path)
+    if kind is not None:
+        target = f" (it links to {path.resolve()})" if path.is_symlink() else ""
+        raise ModelNotFoundError(f"{ref} is {kind}{target}, not a model; give a .gguf file or a model folder")
+    path = path.resolve()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{ref} is a file but not a .gguf model; give a .gguf file or a model folder")
@@ -77,6 +108,7 @@ def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, mode
             f"{ref} is a folder without config.json; give an mlx-lm / Hugging Face model folder or a .gguf file"
         )
     files = tuple(model_files(path))
+    _dangling(files)
     return Source("dir", path, model_id or str(path), entry, fingerprint(files), files)
 
 
