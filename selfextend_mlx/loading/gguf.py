@@ -362,7 +362,7 @@ def _undo_conversion(arch: Architecture, config: dict, name: str, array: mx.arra
 def _mlx_loaded(path, header: GGUFHeader, arch: Architecture, config: dict, dtype) -> tuple[dict, dict]:
     """Weights of an F32/F16/Q4_0/Q4_1/Q8_0 file through mx.load (MLX's own GGUF reader)."""
     try:
-        raw = mx.load(str(path))
+        raw = mx.load(str(path), format="gguf")  # Ollama blobs have no .gguf suffix
     except (RuntimeError, ValueError) as error:
         raise GGUFError(f"{path}: MLX cannot read this GGUF file ({error}); {SUPPORTED}") from None
     weights = {}
