@@ -129,3 +129,65 @@ def test_smollm2_logits_match_the_independent_reference():
         greedy.append(int(logits[0, -1].argmax()))
         logits = model(mx.array([[greedy[-1]]]), cache=cache)
     assert greedy == reference.greedy(prompt, 8)
+
+
+def test_selfextend_on_gemma3_extends_the_global_layers_only(gemma3):
+    """The five sliding-window layers of six stay plain (their window is the metadata's 512);
+    SelfExtend on the global ones is the plain model while every distance is below W."""
+    from selfextend_mlx import SelfExtendConfig, apply_selfextend
+    from selfextend_mlx.core.patch import restore_attention, selfextend_config_of
+
+    _, _, tokenizer, model, _, _ = gemma3
+    tokens = tokenizer.encode(EMMA.read_text(encoding="utf-8")[:1500])[:200]
+    plain = hidden(model, tokens)
+    apply_selfextend(model, SelfExtendConfig(group_size=4, window=256))
+    try:
+        extended = [i for i, layer in enumerate(model.layers) if selfextend_config_of(layer.self_attn)]
+        assert extended == [5, 11, 17]  # every sixth layer is global
+        assert all(layer.self_attn.is_sliding for i, layer in enumerate(model.layers) if i not in extended)
+        np.testing.assert_allclose(hidden(model, tokens), plain, atol=1e-4 * np.abs(plain).max())
+    finally:
+        restore_attention(model)
+
+
+def sentencepiece_from_metadata(meta: dict):
+    """A SentencePiece processor (Google's own implementation) built from the GGUF vocabulary:
+    the pieces, scores and types llama.cpp's converter copied from Gemma's tokenizer.model."""
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece is the independent SPM reference")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.unk_id = meta["tokenizer.ggml.unknown_token_id"]
+    proto.trainer_spec.bos_id = meta["tokenizer.ggml.bos_token_id"]
+    proto.trainer_spec.eos_id = meta["tokenizer.ggml.eos_token_id"]
+    proto.trainer_spec.pad_id = meta["tokenizer.ggml.padding_token_id"]
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = bool(meta["tokenizer.ggml.add_space_prefix"])
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for piece, score, kind in zip(
+        meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
+    ):
+        entry = proto.pieces.add()
+        entry.piece, entry.score, entry.type = piece, score, kind
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def test_gemma3_tokenizer_equals_sentencepiece_on_a_book(gemma3):
+    """Token for token with SentencePiece on 200k characters of a novel (no runs of spaces:
+    there the vocabulary's user-defined whitespace pieces are matched in the raw text, as
+    llama.cpp matches them, where SentencePiece escapes the spaces first)."""
+    from conftest import shared_path
+
+    _, header, tokenizer, _, _, _ = gemma3
+    reference = sentencepiece_from_metadata(header.metadata)
+    text = shared_path("text", "chesterton-thursday.txt").read_text(encoding="utf-8")[:200_000]
+    ours = tokenizer.encode(text)
+    assert ours[0] == 2 and ours[1:] == reference.encode(text) and len(ours) > 40_000
+    for sample in ("数字 12345 émigré 🙂 naïve", "tabs\tand\nnew lines"):
+        assert tokenizer.encode(sample)[1:] == reference.encode(sample), sample
+    assert tokenizer.encode("<start_of_turn>user\nhi<end_of_turn>")[1:4] == [105, 2364, 107]  # specials whole
+    assert tokenizer.decode(ours[1:2001]) == reference.decode(ours[1:2001])
+    assert 106 in tokenizer.eos_token_ids and 1 in tokenizer.eos_token_ids  # <end_of_turn> ends a turn

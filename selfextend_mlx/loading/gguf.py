@@ -536,6 +536,20 @@ def _token(meta, key):
     return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
 
+# The end-of-turn tokens of the chat formats (Gemma, ChatML, Llama 3, Phi-3): a chat answer
+# ends there, even when the file names only the end-of-text token as EOS (llama.cpp's rule too).
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def _end_of_turn_ids(tokens, types, known) -> list:
+    wanted = set(END_OF_TURN)
+    return [
+        index
+        for index, piece in enumerate(tokens)
+        if piece in wanted and types[index] in (_CONTROL, _USER_DEFINED) and index not in known
+    ]
+
+
 def load_gguf_tokenizer(header: GGUFHeader, path):
     """An mlx-lm TokenizerWrapper built from the GGUF tokenizer metadata and chat template."""
     from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, TokenizerWrapper
@@ -577,6 +591,7 @@ def load_gguf_tokenizer(header: GGUFHeader, path):
     eos_ids = [meta["tokenizer.ggml.eos_token_id"]] if eos is not None else []
     if meta.get("tokenizer.ggml.eot_token_id") is not None:
         eos_ids.append(meta["tokenizer.ggml.eot_token_id"])
+    eos_ids += _end_of_turn_ids(tokens, types, eos_ids)
     return TokenizerWrapper(wrapped, detokenizer, eos_token_ids=eos_ids)
 
 
