@@ -208,6 +208,7 @@ def info(
         "tokens": at,
         "fits": at <= settings.reach,
         "kv_cache_bytes": kv_cache_bytes(shape, at, settings),
+        "weights_bytes": _gguf_weights_bytes(spec, dtype_name),
         "dtype": dtype_name,
         "runtime": describe_runtime(dtype_name),
         "local": spec.available,
@@ -234,6 +235,11 @@ def info(
             f"{shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim})",
         ),
         ("weights", spec.location if spec.available else f"{record['weights']} (downloaded on first use)"),
+        *(
+            [("weights memory", f"{format_bytes(record['weights_bytes'])} held ({dtype_name}, from the GGUF header)")]
+            if record["weights_bytes"]
+            else []
+        ),
         ("runtime", record["runtime"]),
     ]
     if spec.entry and not (spec.available and _loads_from_elsewhere(spec.entry)):
@@ -247,6 +253,18 @@ def info(
     width = max(len(key) for key, _ in lines)
     for key, value in lines:
         typer.echo(f"{key.ljust(width)}  {value}")
+
+
+def _gguf_weights_bytes(spec, dtype_name: str) -> Optional[int]:
+    """What a local GGUF file's weights take once held in `dtype_name` (None: not a GGUF file)."""
+    from pathlib import Path
+
+    from selfextend_mlx.loading.device import DTYPES
+    from selfextend_mlx.loading.gguf import memory_needed, read_header
+
+    if not spec.location or not Path(spec.location).is_file():
+        return None
+    return memory_needed(read_header(spec.location), DTYPES[dtype_name])
 
 
 def _loads_from_elsewhere(entry) -> bool:
