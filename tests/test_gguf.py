@@ -389,3 +389,16 @@ def test_sizes_that_disagree_with_the_tensors_are_refused(tmp_path, stories_dir,
     with pytest.raises(gguf.GGUFError, match=expected) as error:
         load(path, selfextend=False)
     assert "\n" not in str(error.value)
+
+
+def test_weights_past_the_machine_memory_are_refused_before_reading(tmp_path, stories_dir, monkeypatch):
+    """The header says what the weights need: past the machine (here $SELFEXTEND_MAX_MEMORY), one line."""
+    from selfextend_mlx.errors import InsufficientMemoryError
+
+    path = tmp_path / "stories.gguf"
+    write_stories_gguf(path, stories_dir, "Q8_0")
+    monkeypatch.setenv("SELFEXTEND_MAX_MEMORY", "100KB")
+    monkeypatch.setattr(mx, "load", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(InsufficientMemoryError, match=r"weights need about .* held in float32") as error:
+        gguf.load_gguf(path, dtype=mx.float32)
+    assert "\n" not in str(error.value)

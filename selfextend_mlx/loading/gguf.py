@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import UnsupportedModelError
+from .files import special_kind
 from .gguf_arch import ARCHITECTURES, FAMILY_NAMES, LLAMA_LAYER, TOP_NAMES, Architecture
 from .gguf_arch import model_config as model_config
 from .gguf_tensors import FLOAT_TYPES, block_layout, decodable, decode, held_bits, tensor_bytes, type_name
@@ -182,8 +183,6 @@ def _locations(infos: dict, data_start: int, size: int) -> dict:
 
 def read_header(path) -> GGUFHeader:
     """Metadata and tensor types of a GGUF file, without reading the tensor data."""
-    from .resolve import special_kind
-
     path = Path(path)
     kind = special_kind(path)
     if kind is not None:  # never opened: a FIFO would wait for a writer forever
@@ -595,10 +594,25 @@ def load_gguf_tokenizer(header: GGUFHeader, path):
     return TokenizerWrapper(wrapped, detokenizer, eos_token_ids=eos_ids)
 
 
+def check_memory(header: GGUFHeader, path, dtype: Optional[mx.Dtype]) -> None:
+    """Refuse, before any weight is read, weights that would not fit in this machine's memory."""
+    from ..errors import InsufficientMemoryError
+    from ..planning import MEMORY_FRACTION, format_bytes, machine_memory
+
+    need, machine = memory_needed(header, dtype), machine_memory()
+    if machine is not None and need > MEMORY_FRACTION * machine:
+        held = f"in {dtype}".replace("mlx.core.", "") if dtype is not None else "natively"
+        raise InsufficientMemoryError(
+            f"{path}: its weights need about {format_bytes(need)} held {held} and the machine has "
+            f"{format_bytes(machine)}; use a smaller model or quantization (or --dtype native on a GPU)"
+        )
+
+
 def load_gguf(path, dtype: Optional[mx.Dtype] = None):
-    """(model, tokenizer, config) from a llama-family GGUF file."""
+    """(model, tokenizer, config) from a GGUF file of a supported architecture."""
     header = read_header(path)
     check_supported(header, path)
+    check_memory(header, path, dtype)
     tokenizer = load_gguf_tokenizer(header, path)
     model, config = load_gguf_model(path, dtype=dtype, header=header)
     return model, tokenizer, config

@@ -10,13 +10,13 @@ import hashlib
 import importlib.util
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..errors import ModelNotFoundError, SelfExtendError
 from .discover import is_prefixed, resolve_prefixed
+from .files import special_kind
 from .hub import hub_snapshot
 from .registry import ModelEntry, default_model_name, registry_entry
 
@@ -64,25 +64,6 @@ def model_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted([*path.glob("*.safetensors"), *path.glob("*.json")])
-
-
-def special_kind(path: Path) -> Optional[str]:
-    """What a path that is neither a regular file nor a folder is ('a FIFO', ...), else None."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "a dangling link" if path.is_symlink() else None
-    except OSError as error:
-        return f"unreadable ({error.strerror or error})"
-    for test, kind in (
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return None
 
 
 def _has_gguf_magic(path: Path) -> bool:
