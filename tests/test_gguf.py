@@ -233,14 +233,24 @@ def test_load_accepts_a_gguf_path(tmp_path, stories_dir):
 # ------------------------------------------------------------------ errors
 
 
-def test_k_quants_get_one_clear_error(tmp_path, stories_dir):
+def test_unknown_tensor_types_get_one_clear_error(tmp_path, stories_dir):
+    """A type id llama.cpp does not write in model files is refused, naming one tensor."""
     path = tmp_path / "stories.gguf"
-    write_stories_gguf(path, stories_dir, "Q4_K")
+    write_stories_gguf(path, stories_dir, "T99")
     with pytest.raises(UnsupportedModelError) as error:
         load(path, selfextend=False)
     message = str(error.value)
-    assert "Q4_K" in message and "supported" in message and "Q4_1" in message and "\n" not in message
+    assert "type id 99" in message and "supported" in message and "Q6_K" in message and "\n" not in message
     assert re.search(r"\(tensor (token_embd|blk\.\d\.\w+)\.weight, \d+ in all\)", message)  # names one
+
+
+def test_rows_that_do_not_split_into_blocks_are_one_clear_error(tmp_path, stories_dir):
+    """stories260K's rows of 64 values cannot hold Q4_K's blocks of 256: an inconsistent file."""
+    path = tmp_path / "stories.gguf"
+    write_stories_gguf(path, stories_dir, "Q4_K")
+    with pytest.raises(UnsupportedModelError, match="truncated or corrupt.*Q4_K blocks of 256") as error:
+        load(path, selfextend=False)
+    assert "\n" not in str(error.value)
 
 
 def test_missing_tensor_is_one_clear_error(tmp_path, stories_dir):
@@ -253,7 +263,7 @@ def test_missing_tensor_is_one_clear_error(tmp_path, stories_dir):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ({"general.architecture": "qwen2"}, "architecture 'qwen2'"),
+        ({"general.architecture": "mamba"}, "architecture 'mamba'"),
         ({"llama.expert_count": 8}, "mixture-of-experts"),
         ({"tokenizer.ggml.model": "bert"}, "tokenizer 'bert'"),
         ({"llama.rope.scaling.type": "yarn"}, "rope scaling 'yarn'"),
@@ -378,4 +388,17 @@ def test_sizes_that_disagree_with_the_tensors_are_refused(tmp_path, stories_dir,
     write_stories_gguf(path, stories_dir, "F32", **override)
     with pytest.raises(gguf.GGUFError, match=expected) as error:
         load(path, selfextend=False)
+    assert "\n" not in str(error.value)
+
+
+def test_weights_past_the_machine_memory_are_refused_before_reading(tmp_path, stories_dir, monkeypatch):
+    """The header says what the weights need: past the machine (here $SELFEXTEND_MAX_MEMORY), one line."""
+    from selfextend_mlx.errors import InsufficientMemoryError
+
+    path = tmp_path / "stories.gguf"
+    write_stories_gguf(path, stories_dir, "Q8_0")
+    monkeypatch.setenv("SELFEXTEND_MAX_MEMORY", "100KB")
+    monkeypatch.setattr(mx, "load", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(InsufficientMemoryError, match=r"weights need about .* held in float32") as error:
+        gguf.load_gguf(path, dtype=mx.float32)
     assert "\n" not in str(error.value)

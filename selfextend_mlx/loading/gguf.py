@@ -1,15 +1,26 @@
-"""Load llama-family GGUF files (the files llama.cpp, Ollama and LM Studio use) as mlx-lm models.
+"""Load GGUF files (the files llama.cpp, Ollama and LM Studio use) as mlx-lm models.
 
-`mx.load` reads the tensors natively: F32/F16 as arrays, Q4_0/Q4_1/Q8_0 as MLX affine
-quantized triples (weight, scales, biases) with groups of 32. This module adds what MLX does
-not: a header check with one clear error for what it cannot read, the llama.cpp -> Hugging
-Face tensor names, undoing llama.cpp's q/k row permutation, and the tokenizer and chat
-template from the metadata.
+Architectures: see gguf_arch.py (llama incl. Mistral and SmolLM, qwen2, qwen3, gemma,
+gemma2, gemma3, phi3). Tensors: every type llama.cpp writes in model files. A file of only
+F32/F16/Q4_0/Q4_1/Q8_0 tensors is read by `mx.load`, which gives Q4_0/Q4_1/Q8_0 as MLX affine
+triples (weight, scales, biases) in groups of 32, exactly; any other file is decoded tensor by
+tensor with the `gguf` package's dequantizer (gguf_tensors.py). The weights are then held:
+
+- in a float dtype (fp32 on a CPU, planning's rule): every tensor dequantized to it;
+- natively (dtype None, a GPU): mx.load's triples as they are, decoded quantized tensors
+  re-quantized with mx.quantize to 4 bits (groups of 32) for sources of about 4.5 bits a
+  weight or less, else 8 bits (groups of 64), so a Q4_K_M file stays about its size; float
+  tensors as stored.
+
+The header is read and checked before any weight: architecture, tensor types, sizes that
+agree with the tensors, tensors that lie inside the file (a truncated file is refused here),
+and metadata arrays that are capped (issue 29.4). `memory_needed` says what the weights take.
 """
 
+import importlib
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -18,46 +29,20 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import UnsupportedModelError
+from .files import special_kind
+from .gguf_arch import ARCHITECTURES, FAMILY_NAMES, LLAMA_LAYER, TOP_NAMES, Architecture
+from .gguf_arch import model_config as model_config
+from .gguf_tensors import FLOAT_TYPES, block_layout, decodable, decode, held_bits, tensor_bytes, type_name
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-# ggml tensor type ids (ggml.h) -> names; only the first five load.
-TENSOR_TYPES = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    6: "Q5_0",
-    7: "Q5_1",
-    8: "Q8_0",
-    9: "Q8_1",
-    10: "Q2_K",
-    11: "Q3_K",
-    12: "Q4_K",
-    13: "Q5_K",
-    14: "Q6_K",
-    15: "Q8_K",
-    16: "IQ2_XXS",
-    17: "IQ2_XS",
-    18: "IQ3_XXS",
-    19: "IQ1_S",
-    20: "IQ4_NL",
-    21: "IQ3_S",
-    22: "IQ2_S",
-    23: "IQ4_XS",
-    24: "I8",
-    25: "I16",
-    26: "I32",
-    27: "I64",
-    28: "F64",
-    29: "IQ1_M",
-    30: "BF16",
-}
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+MLX_NATIVE_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")  # what mx.load reads
 SUPPORTED = (
-    f"supported: architecture {'/'.join(SUPPORTED_ARCHITECTURES)} "
-    f"(Llama, Mistral, TinyLlama, SmolLM, ...) with {', '.join(SUPPORTED_TENSOR_TYPES)} tensors"
+    f"supported: architectures {FAMILY_NAMES}, with tensors of the types llama.cpp writes "
+    "(F32, F16, BF16, Q4_0 to Q8_0, Q2_K to Q6_K, Q8_K, the IQ and TQ types, MXFP4)"
 )
 GGUF_MAGIC = b"GGUF"
+MAX_ARRAY_ITEMS = 1 << 22  # metadata arrays past this are skipped (numbers) or refused (strings)
+TOKENIZER_PREFIX = "tokenizer."
 
 
 class GGUFError(UnsupportedModelError):
@@ -72,6 +57,8 @@ class GGUFHeader:
     version: int
     metadata: dict  # key -> int/float/bool/str/list
     tensors: dict  # name -> (type name, shape in row-major order)
+    locations: dict = field(default_factory=dict)  # name -> (absolute offset, bytes); known types only
+    skipped: dict = field(default_factory=dict)  # metadata key -> item count of arrays not read
 
     @property
     def architecture(self) -> str:
@@ -88,6 +75,13 @@ _STRING, _ARRAY = 8, 9
 
 GGML_MAX_DIMS = 4
 MAX_NESTING = 8  # arrays of arrays: real files nest once at most
+
+
+class _Skipped(Exception):
+    """A numeric metadata array past MAX_ARRAY_ITEMS, skipped unread."""
+
+    def __init__(self, count: int):
+        self.count = count
 
 
 class _Reader:
@@ -118,86 +112,134 @@ class _Reader:
     def string(self) -> str:
         return self._read(self.take("<Q")).decode("utf-8", errors="replace")
 
-    def value(self, kind: int, depth: int = 0):
+    def value(self, kind: int, depth: int = 0, key: str = ""):
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
-            if depth >= MAX_NESTING:
-                raise ValueError("arrays nested too deep")
-            item_kind = self.take("<I")
-            if item_kind == _STRING:
-                return [self.string() for _ in range(self.count(8))]
-            if item_kind in _NUMPY:
-                # Token scores and types are long: read them in one go.
-                dtype = np.dtype(_NUMPY[item_kind])
-                count = self.count(dtype.itemsize)
-                return np.frombuffer(self._read(dtype.itemsize * count), dtype=dtype).tolist()
-            return [self.value(item_kind, depth + 1) for _ in range(self.count(4))]
+            return self._array(depth, key)
         if kind in _SCALARS:
             return self.take(_SCALARS[kind])
         raise ValueError(f"unknown GGUF value type {kind}")
+
+    def _array(self, depth: int, key: str):
+        if depth >= MAX_NESTING:
+            raise ValueError("arrays nested too deep")
+        item_kind = self.take("<I")
+        itemsize = np.dtype(_NUMPY[item_kind]).itemsize if item_kind in _NUMPY else (8 if item_kind == _STRING else 4)
+        count = self.count(itemsize)
+        if count > MAX_ARRAY_ITEMS:
+            if item_kind in _NUMPY and depth == 0 and not key.startswith(TOKENIZER_PREFIX):
+                self.file.seek(count * itemsize, os.SEEK_CUR)  # nothing here needs it: not read
+                raise _Skipped(count)
+            raise ValueError(f"metadata array {key[:60]} has {count:,} items, more than the {MAX_ARRAY_ITEMS:,} read")
+        if item_kind == _STRING:
+            return [self.string() for _ in range(count)]
+        if item_kind in _NUMPY:
+            # Token scores and types are long: read them in one go.
+            dtype = np.dtype(_NUMPY[item_kind])
+            return np.frombuffer(self._read(dtype.itemsize * count), dtype=dtype).tolist()
+        return [self.value(item_kind, depth + 1, key) for _ in range(count)]
+
+
+def _metadata(reader: _Reader, count: int):
+    metadata, skipped = {}, {}
+    for _ in range(count):
+        key = reader.string()
+        try:
+            metadata[key] = reader.value(reader.take("<I"), key=key)
+        except _Skipped as skip:
+            skipped[key] = skip.count
+    return metadata, skipped
+
+
+def _tensor_infos(reader: _Reader, count: int) -> dict:
+    infos = {}
+    for _ in range(count):
+        name = reader.string()
+        n_dims = reader.take("<I")
+        if n_dims > GGML_MAX_DIMS:
+            raise ValueError(f"tensor {name[:60]} has {n_dims} dimensions")
+        dims = [reader.take("<Q") for _ in range(n_dims)]
+        kind = type_name(reader.take("<I"))
+        offset = reader.take("<Q")
+        # GGUF lists the fastest-moving dimension first.
+        infos[name] = (kind, tuple(reversed(dims)), offset)
+    return infos
+
+
+def _locations(infos: dict, data_start: int, size: int) -> dict:
+    """Where each tensor of a known type lies; a tensor past the end means a truncated file."""
+    locations = {}
+    for name, (kind, shape, offset) in infos.items():
+        if block_layout(kind) is None:
+            continue
+        nbytes = tensor_bytes(kind, shape)
+        end = data_start + offset + nbytes
+        if end > size:
+            raise EOFError(f"tensor {name[:60]} ends at byte {end:,}, the file has {size:,}")
+        locations[name] = (data_start + offset, nbytes)
+    return locations
 
 
 def read_header(path) -> GGUFHeader:
     """Metadata and tensor types of a GGUF file, without reading the tensor data."""
     path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:  # never opened: a FIFO would wait for a writer forever
+        raise GGUFError(f"{path} is {kind}, not a GGUF file")
     try:
         with open(path, "rb") as file:
             if file.read(4) != GGUF_MAGIC:
                 raise GGUFError(f"{path} is not a GGUF file (no GGUF magic number)")
-            reader = _Reader(file, os.fstat(file.fileno()).st_size)
+            size = os.fstat(file.fileno()).st_size
+            reader = _Reader(file, size)
             version = reader.take("<I")
             if version not in (2, 3):
                 raise GGUFError(f"{path}: GGUF version {version} is not supported; supported: versions 2 and 3")
             # each tensor and key takes at least 24 and 12 bytes of the header
             tensor_count, kv_count = reader.count(24), reader.count(12)
-            metadata = {}
-            for _ in range(kv_count):
-                key = reader.string()
-                metadata[key] = reader.value(reader.take("<I"))
-            tensors = {}
-            for _ in range(tensor_count):
-                name = reader.string()
-                n_dims = reader.take("<I")
-                if n_dims > GGML_MAX_DIMS:
-                    raise ValueError(f"tensor {name[:60]} has {n_dims} dimensions")
-                dims = [reader.take("<Q") for _ in range(n_dims)]
-                kind = reader.take("<I")
-                reader.take("<Q")  # data offset
-                # GGUF lists the fastest-moving dimension first.
-                tensors[name] = (TENSOR_TYPES.get(kind, f"type {kind}"), tuple(reversed(dims)))
+            metadata, skipped = _metadata(reader, kv_count)
+            infos = _tensor_infos(reader, tensor_count)
+            alignment = metadata.get("general.alignment", 32)
+            if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 1 << 20:
+                raise ValueError(f"general.alignment is {alignment!r}")
+            data_start = -(-file.tell() // alignment) * alignment
+            locations = _locations(infos, data_start, size)
     except (EOFError, ValueError, UnicodeDecodeError, struct.error) as error:
         raise GGUFError(f"{path} is a truncated or corrupt GGUF file ({error or 'unexpected end'})") from None
     except OSError as error:
         raise GGUFError(f"cannot read {path}: {error.strerror or error}") from None
-    return GGUFHeader(version, metadata, tensors)
+    tensors = {name: (kind, shape) for name, (kind, shape, _) in infos.items()}
+    return GGUFHeader(version, metadata, tensors, locations, skipped)
 
 
 def check_supported(header: GGUFHeader, path) -> None:
     """Raise one clear GGUFError for anything the loader would get wrong."""
     arch = header.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise GGUFError(f"{path}: GGUF architecture '{arch}' is not supported; {SUPPORTED}")
-    unsupported = {name: kind for name, (kind, _) in header.tensors.items() if kind not in SUPPORTED_TENSOR_TYPES}
+    unsupported = {name: kind for name, (kind, _) in header.tensors.items() if not decodable(kind)}
     if unsupported:
         kinds = ", ".join(sorted(set(unsupported.values())))
         first = next(iter(unsupported))
         raise GGUFError(
             f"{path}: GGUF tensor type {kinds} is not supported (tensor {first}, {len(unsupported)} in all); "
-            f"{SUPPORTED} (llama.cpp's `llama-quantize --pure` keeps every tensor in one type)"
+            f"{SUPPORTED}"
         )
     if (header.arch_value("expert_count") or 0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts GGUF models are not supported; {SUPPORTED}")
-    if "rope_freqs.weight" in header.tensors:
-        raise GGUFError(f"{path}: GGUF rope frequency tables (Llama 3.1-style scaling) are not supported; {SUPPORTED}")
+    if "rope_freqs.weight" in header.tensors or "rope_factors_long.weight" in header.tensors:
+        raise GGUFError(
+            f"{path}: GGUF rope frequency tables (Llama 3.1 or Phi-3 128k-style scaling) are not supported; {SUPPORTED}"
+        )
     scaling = header.arch_value("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise GGUFError(f"{path}: GGUF rope scaling '{scaling}' is not supported; supported: none or linear")
     heads = header.arch_value("attention.head_count")
     width = header.arch_value("embedding_length")
     if not _positive_int(heads) or not _positive_int(width):
-        raise GGUFError(f"{path}: GGUF metadata lacks the llama head count or embedding length")
-    _check_sizes(header, path, width)
+        raise GGUFError(f"{path}: GGUF metadata lacks the {arch} head count or embedding length")
+    _check_sizes(header, path, ARCHITECTURES[arch])
     head_dim = header.arch_value("attention.key_length", width // heads)
     if header.arch_value("rope.dimension_count", head_dim) != head_dim:
         raise GGUFError(f"{path}: GGUF partial rotary embeddings are not supported; {SUPPORTED}")
@@ -213,76 +255,63 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_sizes(header: GGUFHeader, path, width: int) -> None:
+def _check_sizes(header: GGUFHeader, path, arch: Architecture) -> None:
     """The metadata's sizes must agree with the tensors the file holds: a corrupt size field
     would otherwise build a model far larger than the file (and run out of memory)."""
     layers = {name.split(".")[1] for name in header.tensors if name.startswith("blk.")}
     count = header.arch_value("block_count")
     if not _positive_int(count) or len(layers) != count or layers != {str(i) for i in range(count)}:
         raise GGUFError(f"{path}: GGUF metadata says {count!r} layers, the file holds tensors for {len(layers)}")
-    for key, tensor, axis in (
-        ("embedding_length", "token_embd.weight", 1),
-        ("feed_forward_length", "blk.0.ffn_gate.weight", 0),
+    ffn = header.arch_value("feed_forward_length")
+    gate = f"blk.0.{arch.ffn_tensor}.weight"
+    # phi3's ffn_up holds gate and up: twice the rows
+    ffn_rows = (ffn, 2 * ffn) if arch.ffn_tensor == "ffn_up" and _positive_int(ffn) else (ffn,)
+    for key, tensor, axis, allowed in (
+        ("embedding_length", "token_embd.weight", 1, (header.arch_value("embedding_length"),)),
+        ("feed_forward_length", gate, 0, ffn_rows),
+        ("attention.head_count", "blk.0.attn_output.weight", 1, (_query_width(header),)),
     ):
         value, found = header.arch_value(key), header.tensors.get(tensor)
-        if found is None or len(found[1]) != 2 or not _positive_int(value) or found[1][axis] != value:
+        if found is None or len(found[1]) != 2 or not _positive_int(value) or found[1][axis] not in allowed:
             shape = found[1] if found else "missing"
             raise GGUFError(f"{path}: GGUF metadata {key}={value!r} does not match tensor {tensor} ({shape})")
 
 
+def _query_width(header: GGUFHeader):
+    """heads x head size: the attention output's input width."""
+    heads, width = header.arch_value("attention.head_count"), header.arch_value("embedding_length")
+    head_dim = header.arch_value("attention.key_length", width // heads)
+    return heads * head_dim if _positive_int(head_dim) else None
+
+
+def memory_needed(header: GGUFHeader, dtype: Optional[mx.Dtype]) -> int:
+    """Bytes the weights take once held (the module docstring's rule), from the header alone."""
+    native = all(kind in MLX_NATIVE_TYPES for kind, _ in header.tensors.values())
+    total = 0
+    for name, (kind, shape) in header.tensors.items():
+        elements = int(np.prod(shape, dtype=np.int64))
+        if dtype is not None:
+            total += elements * dtype.size
+        elif native or kind in FLOAT_TYPES:
+            total += header.locations.get(name, (0, elements * 4))[1]
+        elif _quantizable(shape, held_bits(kind)):
+            bits = held_bits(kind)
+            total += elements * bits // 8 + elements // _GROUP[bits] * 4  # fp16 scale and bias a group
+        else:
+            total += elements * 4
+    return total
+
+
 # ---------------------------------------------------------------- model
 
-
-def model_config(header: GGUFHeader) -> dict:
-    """An mlx-lm llama config (Hugging Face names) from the GGUF metadata."""
-    heads = int(header.arch_value("attention.head_count"))
-    width = int(header.arch_value("embedding_length"))
-    vocab = header.arch_value("vocab_size") or len(header.metadata.get("tokenizer.ggml.tokens", []))
-    if not vocab:
-        vocab = header.tensors["token_embd.weight"][1][0]
-    config = {
-        "model_type": "llama",
-        "hidden_size": width,
-        "num_hidden_layers": int(header.arch_value("block_count")),
-        "intermediate_size": int(header.arch_value("feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(header.arch_value("attention.head_count_kv", heads)),
-        "head_dim": int(header.arch_value("attention.key_length", width // heads)),
-        "rms_norm_eps": float(header.arch_value("attention.layer_norm_rms_epsilon", 1e-5)),
-        "vocab_size": int(vocab),
-        "rope_theta": float(header.arch_value("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(header.arch_value("context_length", 0)) or None,
-        # No separate output matrix: the head shares the embedding.
-        "tie_word_embeddings": "output.weight" not in header.tensors,
-    }
-    if header.arch_value("rope.scaling.type", "none") == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(header.arch_value("rope.scaling.factor", 1.0))}
-    return config
+_LAYER_NAMES = LLAMA_LAYER  # llama.cpp -> Hugging Face names within a llama layer
+_TOP_NAMES = TOP_NAMES
+_GROUP = {4: 32, 8: 64}  # re-quantized group sizes
 
 
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-def hf_name(gguf_name: str) -> Optional[str]:
+def hf_name(gguf_name: str, arch: str = "llama") -> Optional[str]:
     """'blk.3.attn_q.scales' -> 'model.layers.3.self_attn.q_proj.scales' (None: not a model tensor)."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
-    if stem in _TOP_NAMES:
-        return f"{_TOP_NAMES[stem]}.{suffix}"
-    return None
+    return ARCHITECTURES[arch].hf_name(gguf_name)
 
 
 def unpermute_rows(weight: mx.array, heads: int) -> mx.array:
@@ -314,57 +343,104 @@ def _quant_params(weights: dict, name: str) -> dict:
     return {"group_size": GGML_BLOCK, "bits": weights[f"{name}.weight"].shape[-1] * 32 // in_dims}
 
 
+def _quantizable(shape: tuple, bits: int) -> bool:
+    return len(shape) == 2 and shape[-1] % _GROUP[bits] == 0
+
+
+def _undo_conversion(arch: Architecture, config: dict, name: str, array: mx.array) -> mx.array:
+    """Undo what llama.cpp's converter did to one tensor (see gguf_arch.py)."""
+    if arch.permuted_qk and ".self_attn.q_proj." in name:
+        return unpermute_rows(array, config["num_attention_heads"])
+    if arch.permuted_qk and ".self_attn.k_proj." in name:
+        return unpermute_rows(array, config["num_key_value_heads"])
+    if arch.norm_plus_one and arch.is_norm(name):
+        return array - 1.0
+    return array
+
+
+def _mlx_loaded(path, header: GGUFHeader, arch: Architecture, config: dict, dtype) -> tuple[dict, dict]:
+    """Weights of an F32/F16/Q4_0/Q4_1/Q8_0 file through mx.load (MLX's own GGUF reader)."""
+    try:
+        raw = mx.load(str(path), format="gguf")  # Ollama blobs have no .gguf suffix
+    except (RuntimeError, ValueError) as error:
+        raise GGUFError(f"{path}: MLX cannot read this GGUF file ({error}); {SUPPORTED}") from None
+    weights = {}
+    for name, array in raw.items():
+        target = arch.hf_name(name)
+        if target is not None:
+            weights[target] = _undo_conversion(arch, config, target, array)
+    quantized = {key[: -len(".scales")] for key in weights if key.endswith(".scales")}
+    if dtype is None:
+        return weights, {name: _quant_params(weights, name) for name in quantized}
+    for name in quantized:
+        params = _quant_params(weights, name)
+        # Upcast scales first so the dequantized values are not rounded to fp16.
+        weights[f"{name}.weight"] = mx.dequantize(
+            weights[f"{name}.weight"],
+            weights.pop(f"{name}.scales").astype(mx.float32),
+            weights.pop(f"{name}.biases").astype(mx.float32),
+            **params,
+        )
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}, {}
+
+
+_STORED = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+
+def _decoded(path, header: GGUFHeader, arch: Architecture, config: dict, dtype) -> tuple[dict, dict]:
+    """Weights decoded tensor by tensor with the gguf package, then held (the module's rule)."""
+    weights, specs = {}, {}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, (kind, shape) in header.tensors.items():
+        target = arch.hf_name(name)
+        if target is None:
+            continue
+        start, nbytes = header.locations[name]
+        array = _undo_conversion(arch, config, target, mx.array(decode(data[start : start + nbytes], kind, shape)))
+        stem, _, suffix = target.rpartition(".")
+        if dtype is not None:
+            weights[target] = array.astype(dtype)
+        elif kind not in FLOAT_TYPES and suffix == "weight" and _quantizable(shape, held_bits(kind)):
+            bits = held_bits(kind)
+            packed, scales, biases = mx.quantize(array.astype(mx.float16), group_size=_GROUP[bits], bits=bits)
+            weights.update({target: packed, f"{stem}.scales": scales, f"{stem}.biases": biases})
+            specs[stem] = {"group_size": _GROUP[bits], "bits": bits}
+        else:
+            weights[target] = array.astype(_STORED.get(kind, mx.float32))
+        mx.eval([v for k, v in weights.items() if k.startswith(stem)])
+    del data
+    return weights, specs
+
+
 def load_gguf_model(path, dtype: Optional[mx.Dtype] = None, header: Optional[GGUFHeader] = None):
-    """(model, config) from a llama GGUF file.
+    """(model, config) from a GGUF file of a supported architecture.
 
     dtype None keeps quantized tensors as MLX quantized layers and float tensors as stored;
     a float dtype dequantizes everything to it at load.
     """
-    from mlx_lm.models.llama import Model, ModelArgs
-
     header = header or read_header(path)
     check_supported(header, path)
+    arch = ARCHITECTURES[header.architecture]
     config = model_config(header)
-    try:
-        raw = mx.load(str(path))
-    except (RuntimeError, ValueError) as error:
-        raise GGUFError(f"{path}: MLX cannot read this GGUF file ({error}); {SUPPORTED}") from None
+    module = importlib.import_module(f"mlx_lm.models.{arch.model_type}")
+    native = all(kind in MLX_NATIVE_TYPES for kind, _ in header.tensors.values())
+    read = _mlx_loaded if native else _decoded
+    weights, specs = read(path, header, arch, config, dtype)
 
-    weights = {}
-    for name, array in raw.items():
-        target = hf_name(name)
-        if target is not None:
-            weights[target] = array
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    for layer in range(config["num_hidden_layers"]):
-        for proj, count in (("q_proj", heads), ("k_proj", kv_heads)):
-            for suffix in ("weight", "scales", "biases"):
-                key = f"model.layers.{layer}.self_attn.{proj}.{suffix}"
-                if key in weights:
-                    weights[key] = unpermute_rows(weights[key], count)
-
-    model = Model(ModelArgs.from_dict(config))
-    quantized = {key[: -len(".scales")] for key in weights if key.endswith(".scales")}
-    if dtype is not None:
-        for name in quantized:
-            params = _quant_params(weights, name)
-            # Upcast scales first so the dequantized values are not rounded to fp16.
-            weights[f"{name}.weight"] = mx.dequantize(
-                weights[f"{name}.weight"],
-                weights.pop(f"{name}.scales").astype(mx.float32),
-                weights.pop(f"{name}.biases").astype(mx.float32),
-                **params,
-            ).astype(dtype)
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    elif quantized:
-        specs = {name: _quant_params(weights, name) for name in quantized}
+    model = module.Model(module.ModelArgs.from_dict(config))
+    if specs:
         nn.quantize(model, class_predicate=lambda p, m: specs.get(p, False))
     if config["tie_word_embeddings"]:
-        weights.pop("lm_head.weight", None)
+        for suffix in ("weight", "scales", "biases"):
+            weights.pop(f"lm_head.{suffix}", None)
+        if "lm_head" in model:  # models that decide tying from the weights (gemma3_text)
+            model.sanitize(weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
-        raise GGUFError(f"{path}: the tensors do not fit a llama model ({str(error).splitlines()[0]})") from None
+        raise GGUFError(
+            f"{path}: the tensors do not fit a {header.architecture} model ({str(error).splitlines()[0]})"
+        ) from None
     mx.eval(model.parameters())
     model.eval()
     return model, config
@@ -459,6 +535,20 @@ def _token(meta, key):
     return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
 
+# The end-of-turn tokens of the chat formats (Gemma, ChatML, Llama 3, Phi-3): a chat answer
+# ends there, even when the file names only the end-of-text token as EOS (llama.cpp's rule too).
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def _end_of_turn_ids(tokens, types, known) -> list:
+    wanted = set(END_OF_TURN)
+    return [
+        index
+        for index, piece in enumerate(tokens)
+        if piece in wanted and types[index] in (_CONTROL, _USER_DEFINED) and index not in known
+    ]
+
+
 def load_gguf_tokenizer(header: GGUFHeader, path):
     """An mlx-lm TokenizerWrapper built from the GGUF tokenizer metadata and chat template."""
     from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, TokenizerWrapper
@@ -500,13 +590,29 @@ def load_gguf_tokenizer(header: GGUFHeader, path):
     eos_ids = [meta["tokenizer.ggml.eos_token_id"]] if eos is not None else []
     if meta.get("tokenizer.ggml.eot_token_id") is not None:
         eos_ids.append(meta["tokenizer.ggml.eot_token_id"])
+    eos_ids += _end_of_turn_ids(tokens, types, eos_ids)
     return TokenizerWrapper(wrapped, detokenizer, eos_token_ids=eos_ids)
 
 
+def check_memory(header: GGUFHeader, path, dtype: Optional[mx.Dtype]) -> None:
+    """Refuse, before any weight is read, weights that would not fit in this machine's memory."""
+    from ..errors import InsufficientMemoryError
+    from ..planning import MEMORY_FRACTION, format_bytes, machine_memory
+
+    need, machine = memory_needed(header, dtype), machine_memory()
+    if machine is not None and need > MEMORY_FRACTION * machine:
+        held = f"in {dtype}".replace("mlx.core.", "") if dtype is not None else "natively"
+        raise InsufficientMemoryError(
+            f"{path}: its weights need about {format_bytes(need)} held {held} and the machine has "
+            f"{format_bytes(machine)}; use a smaller model or quantization (or --dtype native on a GPU)"
+        )
+
+
 def load_gguf(path, dtype: Optional[mx.Dtype] = None):
-    """(model, tokenizer, config) from a llama-family GGUF file."""
+    """(model, tokenizer, config) from a GGUF file of a supported architecture."""
     header = read_header(path)
     check_supported(header, path)
+    check_memory(header, path, dtype)
     tokenizer = load_gguf_tokenizer(header, path)
     model, config = load_gguf_model(path, dtype=dtype, header=header)
     return model, tokenizer, config

@@ -30,12 +30,15 @@ def offline() -> bool:
 
 
 def hub_cache_dir() -> Optional[str]:
-    # huggingface-hub reads these once, at import; read them now so a late setting counts.
+    """huggingface-hub's cache folder by its own rule (HF_HUB_CACHE, HF_HOME/hub,
+    XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub). huggingface-hub reads these
+    once, at import; they are read here at each call so a late setting (or HOME) counts."""
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
     if os.environ.get("HF_HOME"):
         return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path(os.environ.get("HOME") or Path.home()) / ".cache")
+    return str(Path(cache) / "huggingface" / "hub")
 
 
 @contextmanager

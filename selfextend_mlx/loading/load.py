@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
 from ..planning import ModelLimits, ModelShape, attention_chunk_size, choose_settings
+from .config_check import read_config
 from .device import DTYPES, activation_bytes, apply_dtype, resolve_dtype
 from .hub import hub_config_path, offline
 from .registry import ModelEntry, registry_entry
@@ -82,10 +83,8 @@ def model_shape(config: dict, item_bytes: int = 4) -> ModelShape:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelNotFoundError(f"{path}: cannot read config.json ({error})") from None
+    """config.json, checked field by field (config_check.py: the one validation of configs)."""
+    return read_config(path)
 
 
 # ------------------------------------------------------------------ describing without loading
@@ -155,6 +154,7 @@ REMOTE_CODE_REFUSED = (
 def _load_folder(path: Path, dtype_name: str, trust_remote_code: bool):
     from mlx_lm.utils import load_model, load_tokenizer
 
+    _read_config(path)  # before mlx-lm reads it: a bad field is one line naming it
     try:
         # Lazy, so a bf16 or quantized model is converted without holding both copies.
         model, config = load_model(path, lazy=True, trust_remote_code=trust_remote_code)

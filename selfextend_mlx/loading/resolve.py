@@ -2,7 +2,8 @@
 package file or Hub repo), or a Hugging Face repo id. Nothing is loaded here.
 
 A reference is one of: nothing (the registry's default model), a local mlx-lm / Hugging Face
-folder, a llama-family .gguf file, a name from models.yaml, or a Hugging Face repo id.
+folder, a .gguf file, a name from models.yaml, a Hugging Face repo id, or a model another tool
+keeps (`ollama:NAME:TAG`, `lmstudio:NAME`; discover.py).
 """
 
 import hashlib
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ModelNotFoundError, SelfExtendError
+from .discover import is_prefixed, resolve_prefixed
+from .files import special_kind
 from .hub import hub_snapshot
 from .registry import ModelEntry, default_model_name, registry_entry
 
@@ -63,10 +66,29 @@ def model_files(path: Path) -> list[Path]:
     return sorted([*path.glob("*.safetensors"), *path.glob("*.json")])
 
 
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _dangling(files) -> None:
+    for file in files:
+        if file.is_symlink() and not file.exists():
+            raise ModelNotFoundError(f"{file} is a link to {os.readlink(file)}, which does not exist")
+
+
 def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, model_id: Optional[str] = None) -> Source:
-    path = path.expanduser().resolve()
+    path = path.expanduser()
+    kind = special_kind(path)
+    if kind is not None:
+        target = f" (it links to {path.resolve()})" if path.is_symlink() else ""
+        raise ModelNotFoundError(f"{ref} is {kind}{target}, not a model; give a .gguf file or a model folder")
+    path = path.resolve()
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
+        if path.suffix.lower() != ".gguf" and not _has_gguf_magic(path):  # Ollama's blobs have no suffix
             raise ModelNotFoundError(f"{ref} is a file but not a .gguf model; give a .gguf file or a model folder")
         return Source("gguf", path, model_id or str(path), entry, fingerprint([path]), (path,))
     if not (path / "config.json").is_file():
@@ -77,6 +99,7 @@ def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, mode
             f"{ref} is a folder without config.json; give an mlx-lm / Hugging Face model folder or a .gguf file"
         )
     files = tuple(model_files(path))
+    _dangling(files)
     return Source("dir", path, model_id or str(path), entry, fingerprint(files), files)
 
 
@@ -152,8 +175,10 @@ def looks_like_repo_id(ref: str) -> bool:
 def resolve(model_ref=None, *, trust_remote_code: bool = False, local_only: bool = False) -> Source:
     """Find what a reference names; downloads Hub models unless `local_only`."""
     ref = reference(model_ref)
+    if is_prefixed(ref):  # ollama:NAME:TAG, lmstudio:NAME
+        return _local_source(resolve_prefixed(ref), ref, model_id=ref)
     path = Path(ref).expanduser()
-    if path.exists():
+    if path.exists() or path.is_symlink():
         return _local_source(path, ref)
     entry = registry_entry(ref)
     if entry is not None and entry.name.lower() == ref.lower():
