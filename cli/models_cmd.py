@@ -60,7 +60,7 @@ def models(
         return
     from selfextend_mlx.loading.registry import entries
     from selfextend_mlx.loading.resolve import is_available_locally, reference
-    from selfextend_mlx.planning import max_length
+    from selfextend_mlx.planning import fill_reach, largest_reach
 
     default = reference(None).lower()
     rows = []
@@ -71,10 +71,14 @@ def models(
                 "default": default in (entry.name.lower(), entry.repo.lower()),
                 "family": entry.family,
                 "trained_context": entry.trained_context,
+                "effective_context": entry.limits.effective_context,
                 "group_size": entry.group_size,
                 "window": entry.window,
                 "max_group_size": entry.max_group_size,
-                "max_length": max_length(entry.trained_context, entry.group_size, entry.window),
+                # planning's two reaches: grouped positions inside the effective context (read
+                # as well as an input that fits), and the most any G allows (within L)
+                "reach": fill_reach(entry.limits),
+                "max_length": largest_reach(entry.limits),
                 "local": is_available_locally(entry.name),
                 "repo": entry.repo,
                 "source": _source(entry),
@@ -83,14 +87,16 @@ def models(
     if as_json:
         typer.echo(json.dumps(rows, ensure_ascii=False))
         return
-    header = ("NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "SOURCE")
+    header = ("NAME", "FAMILY", "L", "EFFECTIVE", "W", "G_MAX", "REACH", "LARGEST", "LOCAL", "SOURCE")
     table = [
         (
             row["name"] + (" *" if row["default"] else ""),
             row["family"],
             str(row["trained_context"]),
-            str(row["group_size"]),
+            str(row["effective_context"] or "-"),
             str(row["window"]),
+            str(row["max_group_size"]),
+            str(row["reach"]),
             str(row["max_length"]),
             "yes" if row["local"] else "no",
             row["source"],
@@ -100,7 +106,11 @@ def models(
     widths = [max(len(line[i]) for line in (header, *table)) for i in range(len(header))]
     for line in (header, *table):
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-    typer.echo("\n* the default model. `selfextend info NAME --tokens N` shows the settings for an input of N tokens.")
+    typer.echo(
+        "\n* the default model. REACH: the most tokens read with grouped positions inside the effective "
+        "context, (EFFECTIVE - W) x G_MAX + W;\nLARGEST: the most any G allows, (L - W) x G_MAX + W. "
+        "`selfextend info NAME --tokens N` shows the settings for an input of N tokens."
+    )
     typer.echo("")
     _local_table(False)
 
@@ -225,11 +235,9 @@ def info(
         ("model", spec.name),
         ("family", spec.family),
         ("trained context", f"{spec.trained_context} tokens (L)"),
+        ("effective", _effective(spec.limits)),
         ("SelfExtend", f"{settings.describe()} (G at most {record['max_group_size']})"),
-        (
-            "reach",
-            f"{settings.reach} tokens" if settings.plain else f"N_max = (L - W) * G + W = {settings.reach} tokens",
-        ),
+        ("reach", f"N_max {settings.formula()} tokens"),
         (
             "KV cache",
             f"{format_bytes(record['kv_cache_bytes'])} at {at} tokens ({dtype_name}, "
@@ -296,3 +304,9 @@ def pull(
         raise ModelNotFoundError(f"{repo!r} is not a Hugging Face repo id (owner/name)")
     folder = hub_snapshot(repo, trust_remote_code=trust_remote_code)
     typer.echo(f"{repo}: {folder}")
+
+
+def _effective(limits) -> str:
+    if limits.effective_context and limits.effective_context < limits.trained_context:
+        return f"{limits.effective_context} tokens (the registry: where the plain model stops working)"
+    return "the trained context (the registry gives no smaller one)"

