@@ -48,6 +48,26 @@ MAX_ANSWER = 1024  # tokens of a retrieval answer
 
 CompareOpt = Annotated[bool, typer.Option("--compare", help="Run plain and SelfExtend in one run, on the same inputs.")]
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Run only the plain model (no SelfExtend).")]
+MethodsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--methods",
+        metavar="M,M,...",
+        help="Methods to run side by side on the same inputs: plain, selfextend, linear, ntk, yarn, string, "
+        "truncate, retrieval (--compare is plain,selfextend; --plain is plain).",
+        show_default=False,
+    ),
+]
+FactorOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--factor",
+        metavar="F",
+        help="The RoPE scaling factor of linear, ntk and yarn (default: the one that covers each length; "
+        "for ntk, mlx-lm's dynamic factor, 1).",
+        show_default=False,
+    ),
+]
 DtypeOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -111,6 +131,24 @@ def _progress(label: str, total: int, progress: bool, quiet: bool):
     yield advance
 
 
+def _method_names(plain: bool, compare: bool, methods: Optional[str], factor: Optional[float], task: str) -> list:
+    """The methods a run measures: --methods, or what --plain / --compare / neither mean."""
+    from selfextend_mlx.evaluation.methods import PLAIN, PROMPT_METHODS, SELFEXTEND, check_factor, parse_methods
+
+    if plain and compare:
+        raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
+    if methods is not None and (plain or compare):
+        raise EvaluationError("--methods names every method to run: drop --plain/--compare")
+    if methods is None:
+        names = [PLAIN] if plain else [PLAIN, SELFEXTEND] if compare else [SELFEXTEND]
+    else:
+        names = parse_methods(methods)
+    check_factor(factor, names)
+    if task == "ppl" and set(names) & set(PROMPT_METHODS):
+        raise EvaluationError(f"perplexity scores one text as it is: {', '.join(PROMPT_METHODS)} change the prompt")
+    return names
+
+
 def _load(
     model_ref,
     group_size,
@@ -122,34 +160,42 @@ def _load(
     kv_bits=None,
     chunk_size=PREFILL_STEP,
     trust=False,
+    methods: Optional[str] = None,
+    factor: Optional[float] = None,
+    task: str = "",
 ):
     """Load once; the modes to run. Without -G/-W, SelfExtend's settings are planned for each
     length as the product plans them (plain attention where the input fits the model). The
     longest input's memory is checked against the machine before anything is scored."""
-    from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode
+    from selfextend_mlx.evaluation.methods import SELFEXTEND
     from selfextend_mlx.loading.load import load, model_info
-    from selfextend_mlx.planning import check_memory, choose_settings, modes_memory, plain_settings
+    from selfextend_mlx.planning import check_memory, modes_memory
 
-    if plain and compare:
-        raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
-    if plain and (group_size is not None or window is not None):
-        raise EvaluationError("-G/-W set SelfExtend, which --plain turns off: drop one of them")
+    names = _method_names(plain, compare, methods, factor, task)
+    if SELFEXTEND not in names and (group_size is not None or window is not None):
+        raise EvaluationError("-G/-W set SelfExtend, which this run does not measure: drop them or add selfextend")
     model, tokenizer = load(model_ref, selfextend=False, dtype=dtype, trust_remote_code=trust)
     info = model_info(model)
-    if plain:
-        modes, settings = [Mode(PLAIN)], [plain_settings(longest)]
-    else:
+    modes, settings = zip(*(_mode(name, info, longest, group_size, window, factor) for name in names))
+    check_memory(modes_memory(info, longest, list(settings), kv_bits, chunk_size))  # the hungriest mode
+    return model, tokenizer, info, list(modes)
+
+
+def _mode(name: str, info, longest: int, group_size, window, factor):
+    """One method's Mode and the Settings of its longest pass (for the memory check)."""
+    from selfextend_mlx.evaluation.common import Mode
+    from selfextend_mlx.evaluation.methods import PLAIN, SELFEXTEND
+    from selfextend_mlx.planning import choose_settings, plain_settings
+
+    if name == SELFEXTEND:
         if group_size is None and window is None:
-            planned = choose_settings(info.limits, longest)  # within reach, or one error line
-            selfextend = Mode(SELFEXTEND, limits=info.limits)
-        else:
-            planned = choose_settings(info.limits, longest, group_size=group_size, window=window)
-            selfextend = Mode(SELFEXTEND, planned.config())
-            _warn_beyond_reach(planned, longest)
-        modes = [Mode(PLAIN), selfextend] if compare else [selfextend]
-        settings = ([plain_settings(longest)] if compare else []) + [planned]
-    check_memory(modes_memory(info, longest, settings, kv_bits, chunk_size))  # the hungriest mode
-    return model, tokenizer, info, modes
+            return Mode(SELFEXTEND, limits=info.limits), choose_settings(info.limits, longest)  # or one error line
+        planned = choose_settings(info.limits, longest, group_size=group_size, window=window)
+        _warn_beyond_reach(planned, longest)
+        return Mode(SELFEXTEND, planned.config()), planned
+    if name == PLAIN:
+        return Mode(PLAIN), plain_settings(longest)
+    return Mode(name, method=name, bounds=info.limits, factor=factor), plain_settings(longest)
 
 
 def _warn_beyond_reach(settings, longest: int) -> None:
@@ -236,6 +282,8 @@ def ppl(
     window: WindowOpt = None,
     compare: CompareOpt = False,
     plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chunk_size: ChunkOpt = PREFILL_STEP,
@@ -253,7 +301,7 @@ def ppl(
         selfextend eval ppl -f docs/examples/emma.txt --tokens 2k --compare
         selfextend eval ppl -f docs/examples/emma.txt --tokens 8k --buckets 2k,4k,6k --json > emma_ppl.json
     """
-    from selfextend_mlx.evaluation.common import use_mode
+    from selfextend_mlx.evaluation.methods import applied
     from selfextend_mlx.evaluation.perplexity import bucket_edges, perplexity_buckets
     from selfextend_mlx.evaluation.plots import plot_perplexity
     from selfextend_mlx.evaluation.results import ppl_result, ppl_series, series_labels
@@ -266,8 +314,9 @@ def ppl(
     ranges = bucket_edges(total, edges)
     _check_plot_path(plot)
     text = _read_text(file)
+    _method_names(plain, compare, methods, factor, "ppl")  # a wrong --methods fails before the model loads
     loaded, tokenizer, info, modes = _load(
-        model, group_size, window, plain, compare, dtype, total, kv_bits, chunk_size, trust_remote_code
+        model, group_size, window, plain, compare, dtype, total, kv_bits, chunk_size, trust_remote_code, methods, factor
     )
     ids = _first_tokens(tokenizer, text, total)
     if len(ids) < total:
@@ -276,8 +325,8 @@ def ppl(
     per_mode = {}
     with _progress("perplexity", len(modes) * (total - 1), progress, quiet) as advance:
         for mode in modes:
-            use_mode(loaded, mode, total)
-            per_mode[mode.name] = perplexity_buckets(loaded, ids, ranges, kv_bits, chunk_size, on_chunk=advance)
+            with applied(loaded, mode.setup_for(total), info.trained_context):
+                per_mode[mode.name] = perplexity_buckets(loaded, ids, ranges, kv_bits, chunk_size, on_chunk=advance)
     result = ppl_result(_header("ppl", info, modes, kv_bits, total), total, per_mode)
     result["file"] = str(file)
     if plot:
@@ -346,12 +395,15 @@ def _run_retrieval(task: str, options: dict, length_list, depth_list, trials: in
         kv_bits,
         chunk_size,
         options["trust_remote_code"],
+        options["methods"],
+        options["factor"],
+        task,
     )
     encode = _encoder(tokenizer, options["chat_template"])
     cells = build_cells(length_list, depth_list, trials, prompt_maker(encode))
     work = len(modes) * sum(len(p.tokens) for c in cells for p in c.prompts)
     with _progress(task, work, progress, quiet) as advance:
-        run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_tokens=advance)
+        run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_tokens=advance, encode=encode)
     result = retrieval_result(_header(task, info, modes, kv_bits), cells, [m.name for m in modes], **settings)
     if plot:
         panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}
@@ -376,6 +428,8 @@ def passkey(
     window: WindowOpt = None,
     compare: CompareOpt = False,
     plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,
@@ -438,6 +492,8 @@ def needle(
     window: WindowOpt = None,
     compare: CompareOpt = False,
     plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,

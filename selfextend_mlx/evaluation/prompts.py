@@ -35,6 +35,8 @@ class RetrievalPrompt:
     answer: str  # what must appear in the model's output
     depth: float
     needle_char: int  # where the needle starts in `text`
+    intro: str = ""  # how `text` begins
+    question: str = ""  # how `text` ends (what a retrieval method looks passages up for)
 
 
 def fit_prompt(
@@ -81,7 +83,7 @@ def fit_prompt(
         else:
             high = middle
     text, needle_char = build(low)
-    return RetrievalPrompt(text, list(encode(text)), answer, depth, needle_char)
+    return RetrievalPrompt(text, list(encode(text)), answer, depth, needle_char, intro, question)
 
 
 def passkey_prompt(encode: Encoder, length: int, depth: float, key: str) -> RetrievalPrompt:
