@@ -32,7 +32,7 @@ from typing import Optional
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from ..app.longdoc import MARGIN, join_selected, passages, select_passages
+from ..app.longdoc import MARGIN, PASSAGE_TOKENS, join_selected, passages, select_passages
 from ..core.families import family_for
 from ..core.patch import layer_attention, use_selfextend
 from ..core.string import StringConfig, apply_string, string_defaults
@@ -248,8 +248,10 @@ def method_prompt(setup: Setup, prompt, encode, count) -> list:
 
 def retrieved_text(prompt, budget: int, count) -> str:
     """The prompt's intro, the passages BM25 ranks highest for its question as many as fill
-    `budget` tokens with the question (in document order, gaps marked), then the question."""
+    `budget` tokens with the question (in document order, gaps marked), then the question on
+    a line of its own."""
     body = prompt.text[len(prompt.intro) : len(prompt.text) - len(prompt.question)]
-    room = int((budget - count(prompt.intro) - count(prompt.question)) * (1 - MARGIN))
-    selected = select_passages(passages(body, count), prompt.question, max(room, 0))
-    return prompt.intro + join_selected(selected) + prompt.question
+    room = max(0, int((budget - count(prompt.intro) - count(prompt.question)) * (1 - MARGIN)))
+    # `ask`'s passages, smaller where the context is small, so that several fit
+    pieces = passages(body, count, size=max(1, min(PASSAGE_TOKENS, room // 4)))
+    return prompt.intro + join_selected(select_passages(pieces, prompt.question, room)) + "\n" + prompt.question
