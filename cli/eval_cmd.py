@@ -1,4 +1,6 @@
-"""`selfextend eval`: perplexity, passkey and needle-in-a-haystack, plain vs SelfExtend.
+"""`selfextend eval`: perplexity, passkey, needle-in-a-haystack and RULER-style tasks, over the
+methods of selfextend_mlx.evaluation.methods (plain, SelfExtend, RoPE scalings, STRING, truncation,
+retrieval) side by side.
 
 Every argument is checked before the model loads, and the run's memory against the machine
 before any scoring (planning's estimate), so a mistyped length or an unwritable --plot fails
@@ -33,11 +35,13 @@ from .output import print_json, status
 from .progress import ProgressBar
 
 eval_app = typer.Typer(
-    help="Measure a model on long inputs: perplexity by position, passkey and needle retrieval, "
-    "plain vs SelfExtend. Every command has --json (stdout), progress on stderr (--quiet to hide it) "
-    "and --plot FILE.png.\n\n"
+    help="Measure a model on long inputs: perplexity by position, passkey, needle and RULER-style retrieval, "
+    "SelfExtend side by side with plain, RoPE scaling (linear, ntk, yarn), STRING, truncation and retrieval "
+    "(--methods). Every command has --json (stdout), progress on stderr (--quiet to hide it) "
+    "and (but ruler) --plot FILE.png.\n\n"
     "Examples:\n\n\b\n"
     "    selfextend eval passkey --lengths 1k,2k --depths 0.5 --trials 1 --compare\n"
+    "    selfextend eval passkey --lengths 1k --depths 0.5 --trials 1 --methods plain,selfextend,yarn,string\n"
     "    selfextend eval ppl -f docs/examples/emma.txt --tokens 2k --compare --plot ppl.png",
     no_args_is_help=True,
 )
@@ -380,36 +384,57 @@ def _run_retrieval(task: str, options: dict, length_list, depth_list, trials: in
     `options` are the command's parameters (its `locals()`): both take the same ones."""
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid
     from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series, series_labels
-    from selfextend_mlx.evaluation.retrieval import build_cells, run_cells
+    from selfextend_mlx.evaluation.retrieval import build_cells
 
-    kv_bits, chunk_size, max_tokens = options["kv_bits"], options["chunk_size"], options["max_tokens"]
-    as_json, plot, progress, quiet = options["as_json"], options["plot"], options["progress"], options["quiet"]
-    loaded, tokenizer, info, modes = _load(
+    kv_bits, plot, quiet = options["kv_bits"], options["plot"], options["quiet"]
+    loaded, tokenizer, info, modes = _load_for(task, options, length_list)
+    encode = _encoder(tokenizer, options["chat_template"])
+    cells = build_cells(length_list, depth_list, trials, prompt_maker(encode))
+    _run_grid(task, options, loaded, tokenizer, cells, modes, encode)
+    result = retrieval_result(_header(task, info, modes, kv_bits), cells, [m.name for m in modes], **settings)
+    if plot:
+        panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}
+        plot_accuracy_grid(panels, plot, title=f"{task} retrieval ({Path(info.model_id).name})")
+        _wrote_plot(plot, quiet)
+    _emit(result, options["as_json"])
+
+
+def _load_for(task: str, options: dict, length_list):
+    """_load with a retrieval command's options, for its longest prompt and answer."""
+    return _load(
         options["model"],
         options["group_size"],
         options["window"],
         options["plain"],
         options["compare"],
         options["dtype"],
-        max(length_list) + max_tokens,
-        kv_bits,
-        chunk_size,
+        max(length_list) + options["max_tokens"],
+        options["kv_bits"],
+        options["chunk_size"],
         options["trust_remote_code"],
         options["methods"],
         options["factor"],
         task,
     )
-    encode = _encoder(tokenizer, options["chat_template"])
-    cells = build_cells(length_list, depth_list, trials, prompt_maker(encode))
+
+
+def _run_grid(task: str, options: dict, loaded, tokenizer, cells, modes, encode) -> None:
+    """Every mode over every cell (progress on stderr), through the turn runner."""
+    from selfextend_mlx.evaluation.retrieval import run_cells
+
     work = len(modes) * sum(len(p.tokens) for c in cells for p in c.prompts)
-    with _progress(task, work, progress, quiet) as advance:
-        run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_tokens=advance, encode=encode)
-    result = retrieval_result(_header(task, info, modes, kv_bits), cells, [m.name for m in modes], **settings)
-    if plot:
-        panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}
-        plot_accuracy_grid(panels, plot, title=f"{task} retrieval ({Path(info.model_id).name})")
-        _wrote_plot(plot, quiet)
-    _emit(result, as_json)
+    with _progress(task, work, options["progress"], options["quiet"]) as advance:
+        run_cells(
+            loaded,
+            tokenizer,
+            cells,
+            modes,
+            options["max_tokens"],
+            options["kv_bits"],
+            options["chunk_size"],
+            on_tokens=advance,
+            encode=encode,
+        )
 
 
 @eval_app.command("passkey", cls=Command)
@@ -531,6 +556,90 @@ def needle(
         answer=answer,
         chat_template=chat_template,
     )
+
+
+@eval_app.command("ruler", cls=Command)
+def ruler(
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            metavar="T,T,...",
+            help="RULER-style tasks: single, multikey, multivalue, multiquery, vartrack (default: all).",
+        ),
+    ] = "single,multikey,multivalue,multiquery,vartrack",
+    lengths: LengthsOpt = "2k,4k,8k",
+    depths: DepthsOpt = "0,0.5,1",
+    trials: Annotated[
+        int,
+        typer.Option("--trials", "-k", min=1, max=MAX_TRIALS, metavar="K", help="Questions per task, length, depth."),
+    ] = 2,
+    seed: Annotated[int, typer.Option("--seed", metavar="SEED", help="Same seed, same questions.")] = 0,
+    haystack: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--haystack",
+            metavar="FILE",
+            help="Hide the needles in this text (default: a repeated filler line).",
+            show_default=False,
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    group_size: GroupSizeOpt = None,
+    window: WindowOpt = None,
+    compare: CompareOpt = False,
+    plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
+    kv_bits: KvBitsOpt = None,
+    dtype: DtypeOpt = None,
+    chat_template: ChatTemplateOpt = False,
+    max_tokens: AnswerOpt = 48,
+    chunk_size: ChunkOpt = PREFILL_STEP,
+    as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
+):
+    """RULER-style tasks (Hsieh et al. 2024), generated here: needles among distractors, exact match per task.
+
+    Examples:
+
+    \b
+        selfextend eval ruler --tasks single,multikey --lengths 300 --depths 0.5 --trials 1 -n 8 --compare
+        selfextend eval ruler --tasks vartrack --lengths 300 --depths 0 -k 1 -n 8 --methods plain,string,yarn --json
+    """
+    from selfextend_mlx.evaluation.results import ruler_result
+    from selfextend_mlx.evaluation.retrieval import build_cells
+    from selfextend_mlx.evaluation.ruler import haystack_units, parse_tasks, ruler_prompt
+
+    task_list = parse_tasks(tasks)
+    length_list, depth_list = _retrieval_grid(lengths, depths, None)
+    units = haystack_units(_read_text(haystack) if haystack is not None else "")
+    options = locals()
+    loaded, tokenizer, info, modes = _load_for("ruler", {**options, "plot": None}, length_list)
+    encode = _encoder(tokenizer, chat_template)
+    by_task = {
+        name: build_cells(
+            length_list, depth_list, trials, lambda n, d, t, name=name: ruler_prompt(encode, name, n, d, seed, t, units)
+        )
+        for name in task_list
+    }
+    _run_grid("ruler", options, loaded, tokenizer, [c for cells in by_task.values() for c in cells], modes, encode)
+    header = _header("ruler", info, modes, kv_bits)
+    result = ruler_result(header, by_task, [m.name for m in modes], seed=seed, haystack=str(haystack or ""))
+    if as_json:
+        print_json(result)
+    else:
+        _print_ruler_tables(result)
+
+
+def _print_ruler_tables(result: dict) -> None:
+    from selfextend_mlx.evaluation.results import compare_results, comparison_table
+
+    for name, entry in result["tasks"].items():
+        typer.echo(f"{name}:")
+        typer.echo(comparison_table(compare_results([{**result, **entry, "task": "ruler"}])))
 
 
 @eval_app.command("compare", cls=Command)

@@ -10,7 +10,7 @@ from ..errors import EvaluationError
 from .common import SELFEXTEND, Mode
 from .retrieval import Cell, accuracy
 
-TASKS = ("ppl", "passkey", "needle", "ruler")  # what `eval compare` reads
+TASKS = ("ppl", "passkey", "needle")  # what `eval compare` reads
 
 
 def _number(value: float) -> Optional[float]:
@@ -77,6 +77,14 @@ def retrieval_result(header: dict, cells: Sequence[Cell], mode_names: Sequence[s
         rows.append(row)
     overall = {name: _number(accuracy(cells, name)) for name in mode_names}
     return {**header, **settings, "results": rows, "accuracy": overall if compare else overall[mode_names[0]]}
+
+
+def ruler_result(header: dict, by_task: dict, mode_names: Sequence[str], **settings) -> dict:
+    """by_task: task name -> its cells. Each task's rows and accuracy as retrieval_result's;
+    `accuracy`: task -> its accuracy."""
+    tasks = {name: retrieval_result({}, cells, mode_names) for name, cells in by_task.items()}
+    accuracy = {name: entry["accuracy"] for name, entry in tasks.items()}
+    return {**header, **settings, "tasks": tasks, "accuracy": accuracy}
 
 
 def ppl_series(result: dict) -> dict:

@@ -12,7 +12,7 @@ from ..loading.load import model_info
 from ..planning import plan_with
 from .common import Mode, chunk_progress
 from .methods import method_prompt, own_ropes
-from .prompts import RetrievalPrompt, answer_found
+from .prompts import RetrievalPrompt
 
 GREEDY = Sampling(stop_loops=False)  # the paper's passkey protocol: argmax, no loop detection
 
@@ -116,9 +116,7 @@ def run_cells(
                     _greedy_answer(runner, fed, on_tokens, len(prompt.tokens) - len(fed))
                     for prompt, fed in zip(cell.prompts, prompts)
                 ]
-                cell.correct[mode.name] = sum(
-                    answer_found(p.answer, o) for p, o in zip(cell.prompts, cell.outputs[mode.name])
-                )
+                cell.correct[mode.name] = sum(p.accepts(o) for p, o in zip(cell.prompts, cell.outputs[mode.name]))
 
 
 def _group_and_window(setup) -> tuple:
