@@ -607,7 +607,7 @@ def ruler(
 
     \b
         selfextend eval ruler --tasks single,multikey --lengths 300 --depths 0.5 --trials 1 -n 8 --compare
-        selfextend eval ruler --tasks vartrack --lengths 300 --depths 0 -k 1 -n 8 --methods plain,string,yarn --json
+        selfextend eval ruler --tasks vartrack --lengths 512 --depths 0 -k 1 -n 8 --methods plain,string,yarn --json
     """
     from selfextend_mlx.evaluation.results import ruler_result
     from selfextend_mlx.evaluation.retrieval import build_cells
