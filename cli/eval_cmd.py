@@ -333,6 +333,7 @@ def ppl(
                 per_mode[mode.name] = perplexity_buckets(loaded, ids, ranges, kv_bits, chunk_size, on_chunk=advance)
     result = ppl_result(_header("ppl", info, modes, kv_bits, total), total, per_mode)
     result["file"] = str(file)
+    result["setups"] = {mode.name: mode.setup_for(total).describe() for mode in modes}
     if plot:
         plot_perplexity(
             series_labels(result, ppl_series(result)),

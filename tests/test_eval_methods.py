@@ -172,6 +172,7 @@ def test_ppl_methods(stories):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["methods"] == ["plain", "string", "yarn"]
+    assert data["setups"]["yarn"]["factor"] == round(700 / 512, 4) and data["setups"]["string"]["offset"] == 170
     first, second = data["buckets"]
     assert set(first) == {"start", "end", "targets", "ppl_plain", "ppl_string", "ppl_yarn"}
     assert np.isfinite([second[f"ppl_{m}"] for m in ("plain", "string", "yarn")]).all()
