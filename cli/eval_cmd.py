@@ -176,6 +176,8 @@ def _load(
     from selfextend_mlx.planning import check_memory, modes_memory
 
     names = _method_names(plain, compare, methods, factor, task)
+    if kv_bits is not None and "string" in names:
+        raise EvaluationError("STRING needs a full-precision KV cache: drop --kv-bits or string")
     if SELFEXTEND not in names and (group_size is not None or window is not None):
         raise EvaluationError("-G/-W set SelfExtend, which this run does not measure: drop them or add selfextend")
     model, tokenizer = load(model_ref, selfextend=False, dtype=dtype, trust_remote_code=trust)

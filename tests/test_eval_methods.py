@@ -187,6 +187,7 @@ def test_ppl_methods(stories):
         (["--methods", "plain,yarn", "-G", "4"], "-G/-W set SelfExtend"),
         (["--methods", "plain", "--factor", "2"], "--factor scales RoPE"),
         (["--methods", "yarn", "--factor", "0.5"], "--factor must be a number >= 1"),
+        (["--methods", "plain,string", "--kv-bits", "8"], "STRING needs a full-precision KV cache"),
     ],
 )
 def test_methods_errors_are_one_line(stories, args, message):
