@@ -1,9 +1,6 @@
-"""Evaluation: perplexity by position, passkey, needle and RULER-style retrieval (ruler.py), over
-the methods of methods.py (plain, SelfExtend, linear / NTK / YaRN RoPE scaling, STRING, truncation,
-BM25 retrieval) side by side.
-
-`selfextend eval` (cli/eval_cmd.py) drives these; the functions also work on any loaded
-mlx-lm model, patched or not.
+"""Evaluation: perplexity by position, passkey, needle and RULER-style retrieval, over the methods
+of methods.py (plain, SelfExtend, RoPE scalings, STRING, truncation, retrieval) side by side.
+`selfextend eval` (cli/eval_cmd.py) drives these; they work on any loaded mlx-lm model.
 """
 
 from .common import PLAIN, SELFEXTEND, Mode, use_mode
