@@ -1,4 +1,6 @@
-"""`selfextend eval`: perplexity, passkey and needle-in-a-haystack, plain vs SelfExtend.
+"""`selfextend eval`: perplexity, passkey, needle-in-a-haystack and RULER-style tasks, over the
+methods of selfextend_mlx.evaluation.methods (plain, SelfExtend, RoPE scalings, STRING, truncation,
+retrieval) side by side.
 
 Every argument is checked before the model loads, and the run's memory against the machine
 before any scoring (planning's estimate), so a mistyped length or an unwritable --plot fails
@@ -33,11 +35,13 @@ from .output import print_json, status
 from .progress import ProgressBar
 
 eval_app = typer.Typer(
-    help="Measure a model on long inputs: perplexity by position, passkey and needle retrieval, "
-    "plain vs SelfExtend. Every command has --json (stdout), progress on stderr (--quiet to hide it) "
-    "and --plot FILE.png.\n\n"
+    help="Measure a model on long inputs: perplexity by position, passkey, needle and RULER-style retrieval, "
+    "SelfExtend side by side with plain, RoPE scaling (linear, ntk, yarn), STRING, truncation and retrieval "
+    "(--methods). Every command has --json (stdout), progress on stderr (--quiet to hide it) "
+    "and (but ruler) --plot FILE.png.\n\n"
     "Examples:\n\n\b\n"
     "    selfextend eval passkey --lengths 1k,2k --depths 0.5 --trials 1 --compare\n"
+    "    selfextend eval passkey --lengths 1k --depths 0.5 --trials 1 --methods plain,selfextend,yarn,string\n"
     "    selfextend eval ppl -f docs/examples/emma.txt --tokens 2k --compare --plot ppl.png",
     no_args_is_help=True,
 )
@@ -48,6 +52,26 @@ MAX_ANSWER = 1024  # tokens of a retrieval answer
 
 CompareOpt = Annotated[bool, typer.Option("--compare", help="Run plain and SelfExtend in one run, on the same inputs.")]
 PlainOpt = Annotated[bool, typer.Option("--plain", help="Run only the plain model (no SelfExtend).")]
+MethodsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--methods",
+        metavar="M,M,...",
+        help="Methods to run side by side on the same inputs: plain, selfextend, linear, ntk, yarn, string, "
+        "truncate, retrieval (--compare is plain,selfextend; --plain is plain).",
+        show_default=False,
+    ),
+]
+FactorOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--factor",
+        metavar="F",
+        help="The RoPE scaling factor of linear, ntk and yarn (default: the one that covers each length; "
+        "for ntk, mlx-lm's dynamic factor, 1).",
+        show_default=False,
+    ),
+]
 DtypeOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -111,6 +135,24 @@ def _progress(label: str, total: int, progress: bool, quiet: bool):
     yield advance
 
 
+def _method_names(plain: bool, compare: bool, methods: Optional[str], factor: Optional[float], task: str) -> list:
+    """The methods a run measures: --methods, or what --plain / --compare / neither mean."""
+    from selfextend_mlx.evaluation.methods import PLAIN, PROMPT_METHODS, SELFEXTEND, check_factor, parse_methods
+
+    if plain and compare:
+        raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
+    if methods is not None and (plain or compare):
+        raise EvaluationError("--methods names every method to run: drop --plain/--compare")
+    if methods is None:
+        names = [PLAIN] if plain else [PLAIN, SELFEXTEND] if compare else [SELFEXTEND]
+    else:
+        names = parse_methods(methods)
+    check_factor(factor, names)
+    if task == "ppl" and set(names) & set(PROMPT_METHODS):
+        raise EvaluationError(f"perplexity scores one text as it is: {', '.join(PROMPT_METHODS)} change the prompt")
+    return names
+
+
 def _load(
     model_ref,
     group_size,
@@ -122,34 +164,44 @@ def _load(
     kv_bits=None,
     chunk_size=PREFILL_STEP,
     trust=False,
+    methods: Optional[str] = None,
+    factor: Optional[float] = None,
+    task: str = "",
 ):
     """Load once; the modes to run. Without -G/-W, SelfExtend's settings are planned for each
     length as the product plans them (plain attention where the input fits the model). The
     longest input's memory is checked against the machine before anything is scored."""
-    from selfextend_mlx.evaluation.common import PLAIN, SELFEXTEND, Mode
+    from selfextend_mlx.evaluation.methods import SELFEXTEND
     from selfextend_mlx.loading.load import load, model_info
-    from selfextend_mlx.planning import check_memory, choose_settings, modes_memory, plain_settings
+    from selfextend_mlx.planning import check_memory, modes_memory
 
-    if plain and compare:
-        raise EvaluationError("--plain and --compare cannot be used together (--compare runs both)")
-    if plain and (group_size is not None or window is not None):
-        raise EvaluationError("-G/-W set SelfExtend, which --plain turns off: drop one of them")
+    names = _method_names(plain, compare, methods, factor, task)
+    if kv_bits is not None and "string" in names:
+        raise EvaluationError("STRING needs a full-precision KV cache: drop --kv-bits or string")
+    if SELFEXTEND not in names and (group_size is not None or window is not None):
+        raise EvaluationError("-G/-W set SelfExtend, which this run does not measure: drop them or add selfextend")
     model, tokenizer = load(model_ref, selfextend=False, dtype=dtype, trust_remote_code=trust)
     info = model_info(model)
-    if plain:
-        modes, settings = [Mode(PLAIN)], [plain_settings(longest)]
-    else:
+    modes, settings = zip(*(_mode(name, info, longest, group_size, window, factor) for name in names))
+    check_memory(modes_memory(info, longest, list(settings), kv_bits, chunk_size))  # the hungriest mode
+    return model, tokenizer, info, list(modes)
+
+
+def _mode(name: str, info, longest: int, group_size, window, factor):
+    """One method's Mode and the Settings of its longest pass (for the memory check)."""
+    from selfextend_mlx.evaluation.common import Mode
+    from selfextend_mlx.evaluation.methods import PLAIN, SELFEXTEND
+    from selfextend_mlx.planning import choose_settings, plain_settings
+
+    if name == SELFEXTEND:
         if group_size is None and window is None:
-            planned = choose_settings(info.limits, longest)  # within reach, or one error line
-            selfextend = Mode(SELFEXTEND, limits=info.limits)
-        else:
-            planned = choose_settings(info.limits, longest, group_size=group_size, window=window)
-            selfextend = Mode(SELFEXTEND, planned.config())
-            _warn_beyond_reach(planned, longest)
-        modes = [Mode(PLAIN), selfextend] if compare else [selfextend]
-        settings = ([plain_settings(longest)] if compare else []) + [planned]
-    check_memory(modes_memory(info, longest, settings, kv_bits, chunk_size))  # the hungriest mode
-    return model, tokenizer, info, modes
+            return Mode(SELFEXTEND, limits=info.limits), choose_settings(info.limits, longest)  # or one error line
+        planned = choose_settings(info.limits, longest, group_size=group_size, window=window)
+        _warn_beyond_reach(planned, longest)
+        return Mode(SELFEXTEND, planned.config()), planned
+    if name == PLAIN:
+        return Mode(PLAIN), plain_settings(longest)
+    return Mode(name, method=name, bounds=info.limits, factor=factor), plain_settings(longest)
 
 
 def _warn_beyond_reach(settings, longest: int) -> None:
@@ -236,6 +288,8 @@ def ppl(
     window: WindowOpt = None,
     compare: CompareOpt = False,
     plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chunk_size: ChunkOpt = PREFILL_STEP,
@@ -253,7 +307,7 @@ def ppl(
         selfextend eval ppl -f docs/examples/emma.txt --tokens 2k --compare
         selfextend eval ppl -f docs/examples/emma.txt --tokens 8k --buckets 2k,4k,6k --json > emma_ppl.json
     """
-    from selfextend_mlx.evaluation.common import use_mode
+    from selfextend_mlx.evaluation.methods import applied
     from selfextend_mlx.evaluation.perplexity import bucket_edges, perplexity_buckets
     from selfextend_mlx.evaluation.plots import plot_perplexity
     from selfextend_mlx.evaluation.results import ppl_result, ppl_series, series_labels
@@ -266,8 +320,9 @@ def ppl(
     ranges = bucket_edges(total, edges)
     _check_plot_path(plot)
     text = _read_text(file)
+    _method_names(plain, compare, methods, factor, "ppl")  # a wrong --methods fails before the model loads
     loaded, tokenizer, info, modes = _load(
-        model, group_size, window, plain, compare, dtype, total, kv_bits, chunk_size, trust_remote_code
+        model, group_size, window, plain, compare, dtype, total, kv_bits, chunk_size, trust_remote_code, methods, factor
     )
     ids = _first_tokens(tokenizer, text, total)
     if len(ids) < total:
@@ -276,10 +331,11 @@ def ppl(
     per_mode = {}
     with _progress("perplexity", len(modes) * (total - 1), progress, quiet) as advance:
         for mode in modes:
-            use_mode(loaded, mode, total)
-            per_mode[mode.name] = perplexity_buckets(loaded, ids, ranges, kv_bits, chunk_size, on_chunk=advance)
+            with applied(loaded, mode.setup_for(total), info.trained_context):
+                per_mode[mode.name] = perplexity_buckets(loaded, ids, ranges, kv_bits, chunk_size, on_chunk=advance)
     result = ppl_result(_header("ppl", info, modes, kv_bits, total), total, per_mode)
     result["file"] = str(file)
+    result["setups"] = {mode.name: mode.setup_for(total).describe() for mode in modes}
     if plot:
         plot_perplexity(
             series_labels(result, ppl_series(result)),
@@ -331,33 +387,57 @@ def _run_retrieval(task: str, options: dict, length_list, depth_list, trials: in
     `options` are the command's parameters (its `locals()`): both take the same ones."""
     from selfextend_mlx.evaluation.plots import plot_accuracy_grid
     from selfextend_mlx.evaluation.results import grid_panel, retrieval_result, retrieval_series, series_labels
-    from selfextend_mlx.evaluation.retrieval import build_cells, run_cells
+    from selfextend_mlx.evaluation.retrieval import build_cells
 
-    kv_bits, chunk_size, max_tokens = options["kv_bits"], options["chunk_size"], options["max_tokens"]
-    as_json, plot, progress, quiet = options["as_json"], options["plot"], options["progress"], options["quiet"]
-    loaded, tokenizer, info, modes = _load(
+    kv_bits, plot, quiet = options["kv_bits"], options["plot"], options["quiet"]
+    loaded, tokenizer, info, modes = _load_for(task, options, length_list)
+    encode = _encoder(tokenizer, options["chat_template"])
+    cells = build_cells(length_list, depth_list, trials, prompt_maker(encode))
+    _run_grid(task, options, loaded, tokenizer, cells, modes, encode)
+    result = retrieval_result(_header(task, info, modes, kv_bits), cells, [m.name for m in modes], **settings)
+    if plot:
+        panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}
+        plot_accuracy_grid(panels, plot, title=f"{task} retrieval ({Path(info.model_id).name})")
+        _wrote_plot(plot, quiet)
+    _emit(result, options["as_json"])
+
+
+def _load_for(task: str, options: dict, length_list):
+    """_load with a retrieval command's options, for its longest prompt and answer."""
+    return _load(
         options["model"],
         options["group_size"],
         options["window"],
         options["plain"],
         options["compare"],
         options["dtype"],
-        max(length_list) + max_tokens,
-        kv_bits,
-        chunk_size,
+        max(length_list) + options["max_tokens"],
+        options["kv_bits"],
+        options["chunk_size"],
         options["trust_remote_code"],
+        options["methods"],
+        options["factor"],
+        task,
     )
-    encode = _encoder(tokenizer, options["chat_template"])
-    cells = build_cells(length_list, depth_list, trials, prompt_maker(encode))
+
+
+def _run_grid(task: str, options: dict, loaded, tokenizer, cells, modes, encode) -> None:
+    """Every mode over every cell (progress on stderr), through the turn runner."""
+    from selfextend_mlx.evaluation.retrieval import run_cells
+
     work = len(modes) * sum(len(p.tokens) for c in cells for p in c.prompts)
-    with _progress(task, work, progress, quiet) as advance:
-        run_cells(loaded, tokenizer, cells, modes, max_tokens, kv_bits, chunk_size, on_tokens=advance)
-    result = retrieval_result(_header(task, info, modes, kv_bits), cells, [m.name for m in modes], **settings)
-    if plot:
-        panels = {label: grid_panel(grid) for label, grid in series_labels(result, retrieval_series(result)).items()}
-        plot_accuracy_grid(panels, plot, title=f"{task} retrieval ({Path(info.model_id).name})")
-        _wrote_plot(plot, quiet)
-    _emit(result, as_json)
+    with _progress(task, work, options["progress"], options["quiet"]) as advance:
+        run_cells(
+            loaded,
+            tokenizer,
+            cells,
+            modes,
+            options["max_tokens"],
+            options["kv_bits"],
+            options["chunk_size"],
+            on_tokens=advance,
+            encode=encode,
+        )
 
 
 @eval_app.command("passkey", cls=Command)
@@ -376,6 +456,8 @@ def passkey(
     window: WindowOpt = None,
     compare: CompareOpt = False,
     plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,
@@ -438,6 +520,8 @@ def needle(
     window: WindowOpt = None,
     compare: CompareOpt = False,
     plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
     kv_bits: KvBitsOpt = None,
     dtype: DtypeOpt = None,
     chat_template: ChatTemplateOpt = False,
@@ -475,6 +559,90 @@ def needle(
         answer=answer,
         chat_template=chat_template,
     )
+
+
+@eval_app.command("ruler", cls=Command)
+def ruler(
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            metavar="T,T,...",
+            help="RULER-style tasks: single, multikey, multivalue, multiquery, vartrack (default: all).",
+        ),
+    ] = "single,multikey,multivalue,multiquery,vartrack",
+    lengths: LengthsOpt = "2k,4k,8k",
+    depths: DepthsOpt = "0,0.5,1",
+    trials: Annotated[
+        int,
+        typer.Option("--trials", "-k", min=1, max=MAX_TRIALS, metavar="K", help="Questions per task, length, depth."),
+    ] = 2,
+    seed: Annotated[int, typer.Option("--seed", metavar="SEED", help="Same seed, same questions.")] = 0,
+    haystack: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--haystack",
+            metavar="FILE",
+            help="Hide the needles in this text (default: a repeated filler line).",
+            show_default=False,
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    group_size: GroupSizeOpt = None,
+    window: WindowOpt = None,
+    compare: CompareOpt = False,
+    plain: PlainOpt = False,
+    methods: MethodsOpt = None,
+    factor: FactorOpt = None,
+    kv_bits: KvBitsOpt = None,
+    dtype: DtypeOpt = None,
+    chat_template: ChatTemplateOpt = False,
+    max_tokens: AnswerOpt = 48,
+    chunk_size: ChunkOpt = PREFILL_STEP,
+    as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
+):
+    """RULER-style tasks (Hsieh et al. 2024), generated here: needles among distractors, exact match per task.
+
+    Examples:
+
+    \b
+        selfextend eval ruler --tasks single,multikey --lengths 300 --depths 0.5 --trials 1 -n 8 --compare
+        selfextend eval ruler --tasks vartrack --lengths 512 --depths 0 -k 1 -n 8 --methods plain,string,yarn --json
+    """
+    from selfextend_mlx.evaluation.results import ruler_result
+    from selfextend_mlx.evaluation.retrieval import build_cells
+    from selfextend_mlx.evaluation.ruler import haystack_units, parse_tasks, ruler_prompt
+
+    task_list = parse_tasks(tasks)
+    length_list, depth_list = _retrieval_grid(lengths, depths, None)
+    units = haystack_units(_read_text(haystack) if haystack is not None else "")
+    options = locals()
+    loaded, tokenizer, info, modes = _load_for("ruler", {**options, "plot": None}, length_list)
+    encode = _encoder(tokenizer, chat_template)
+    by_task = {
+        name: build_cells(
+            length_list, depth_list, trials, lambda n, d, t, name=name: ruler_prompt(encode, name, n, d, seed, t, units)
+        )
+        for name in task_list
+    }
+    _run_grid("ruler", options, loaded, tokenizer, [c for cells in by_task.values() for c in cells], modes, encode)
+    header = _header("ruler", info, modes, kv_bits)
+    result = ruler_result(header, by_task, [m.name for m in modes], seed=seed, haystack=str(haystack or ""))
+    if as_json:
+        print_json(result)
+    else:
+        _print_ruler_tables(result)
+
+
+def _print_ruler_tables(result: dict) -> None:
+    from selfextend_mlx.evaluation.results import compare_results, comparison_table
+
+    for name, entry in result["tasks"].items():
+        typer.echo(f"{name}:")
+        typer.echo(comparison_table(compare_results([{**result, **entry, "task": "ruler"}])))
 
 
 @eval_app.command("compare", cls=Command)

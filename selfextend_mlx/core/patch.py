@@ -119,7 +119,7 @@ def make_cache(model, kv_bits: Optional[int] = None, kv_group_size: int = 64) ->
     return caches
 
 
-def _check_supported(model):
+def check_supported(model):
     model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__.rsplit(".", 1)[-1])
     layers = getattr(model, "layers", None)
     if not layers:
@@ -146,7 +146,7 @@ def apply_selfextend(model, config: SelfExtendConfig):
     """
     if not isinstance(config, SelfExtendConfig):
         raise TypeError("config must be a SelfExtendConfig")
-    _check_supported(model)
+    check_supported(model)
     restore_attention(model)
     swap_attention(model, _selfextend_call, "SelfExtend", "_selfextend_config", config)
     model.make_cache = partial(make_cache, model)

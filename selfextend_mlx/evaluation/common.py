@@ -1,5 +1,5 @@
-"""Pieces every evaluation shares: argument parsing, plain / SelfExtend / planned modes,
-fresh caches and greedy decoding."""
+"""Pieces every evaluation shares: argument parsing, the modes (a method under a name: plain,
+SelfExtend given or planned, or any of evaluation.methods), fresh caches and greedy decoding."""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,9 +13,7 @@ from ..core.prefill import prefill
 from ..errors import EvaluationError
 from ..loading.load import model_shape
 from ..planning import ModelLimits, Settings, choose_settings, given_settings, kv_group_size, plain_settings
-
-PLAIN = "plain"
-SELFEXTEND = "selfextend"
+from .methods import PLAIN, SELFEXTEND, Setup, method_setup
 
 
 def parse_depths(text: str) -> list[float]:
@@ -30,12 +28,37 @@ def parse_depths(text: str) -> list[float]:
 
 @dataclass(frozen=True)
 class Mode:
-    """How the model attends during one pass: plainly, with SelfExtend(config), or (limits
-    given) with what planning chooses for each prompt's length, as the product does."""
+    """How the model runs during one pass: plainly, with SelfExtend(config), or (limits
+    given) with what planning chooses for each prompt's length, as the product does; or, with
+    `method` and the model's `bounds`, one of evaluation.methods (`factor`: a RoPE scaling's)."""
 
     name: str
     config: Optional[SelfExtendConfig] = None
     limits: Optional[ModelLimits] = None
+    method: Optional[str] = None
+    bounds: Optional[ModelLimits] = None
+    factor: Optional[float] = None
+
+    @property
+    def kind(self) -> str:
+        """The method's name (plain or selfextend for the modes without one)."""
+        if self.method is not None:
+            return self.method
+        return PLAIN if self.config is None and self.limits is None else SELFEXTEND
+
+    def setup_for(self, tokens: int, max_tokens: int = 0) -> Setup:
+        """The method's Setup for a pass over `tokens` tokens (prompt + answer)."""
+        if self.kind in (PLAIN, SELFEXTEND):
+            return Setup(self.kind, self.settings_for(tokens))
+        bounds = self.bounds
+        return method_setup(
+            self.kind,
+            tokens,
+            trained_context=bounds.trained_context,
+            context=bounds.context,
+            max_tokens=max_tokens,
+            factor=self.factor,
+        )
 
     @property
     def planned(self) -> bool:
@@ -45,7 +68,7 @@ class Mode:
         """planning's Settings for a pass over `tokens` tokens."""
         if self.limits is not None:
             return choose_settings(self.limits, tokens)
-        if self.config is None:
+        if self.method not in (None, SELFEXTEND) or self.config is None:
             return plain_settings(tokens)
         return given_settings(self.config.group_size, self.config.window, tokens)
 

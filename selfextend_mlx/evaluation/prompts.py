@@ -34,7 +34,20 @@ class RetrievalPrompt:
     tokens: list
     answer: str  # what must appear in the model's output
     depth: float
-    needle_char: int  # where the needle starts in `text`
+    needle_char: int  # where the (first) needle starts in `text`
+    intro: str = ""  # how `text` begins
+    question: str = ""  # how `text` ends (what a retrieval method looks passages up for)
+    answers: tuple = ()  # several answers (RULER's tasks): all must appear ...
+    distractors: tuple = ()  # ... and none of these (values in the text that answer something else)
+
+    def accepts(self, output: str) -> bool:
+        """Is `output` right: the answer in it, or (several answers) each of them as a whole
+        word and no distractor."""
+        if not self.answers:
+            return answer_found(self.answer, output)
+        return all(word_found(a, output) for a in self.answers) and not any(
+            word_found(d, output) for d in self.distractors
+        )
 
 
 def fit_prompt(
@@ -52,23 +65,45 @@ def fit_prompt(
     The needle goes after round(depth * n) of the n units, so depth 0 is right after the
     intro and depth 1 right before the question.
     """
+    text, needle_char = fit_needles(encode, intro, units, [(depth, needle)], question, length)
+    return RetrievalPrompt(text, list(encode(text)), answer, depth, needle_char, intro, question)
+
+
+def fit_needles(
+    encode: Encoder,
+    intro: str,
+    units: Sequence[str],
+    needles: Sequence[tuple],
+    question: str,
+    length: int,
+) -> tuple[str, int]:
+    """The longest text of whole filler units (cycled) with every (depth, needle) in it that is
+    at most `length` tokens, and where its first needle starts. A needle at depth d goes after
+    round(d * n) of the n units; needles at the same place keep their order."""
     if not units:
         raise EvaluationError("the filler text is empty")
-    if not 0.0 <= depth <= 1.0:
-        raise EvaluationError(f"depth must be between 0 and 1, got {depth}")
+    for depth, _ in needles:
+        if not 0.0 <= depth <= 1.0:
+            raise EvaluationError(f"depth must be between 0 and 1, got {depth}")
 
     def build(n: int) -> tuple[str, int]:
-        k = round(depth * n)
-        before = "".join(units[i % len(units)] for i in range(k))
-        after = "".join(units[i % len(units)] for i in range(k, n))
-        return intro + before + needle + after + question, len(intro) + len(before)
+        places = sorted(((round(depth * n), i) for i, (depth, _) in enumerate(needles)))
+        pieces, start, first = [intro], 0, None
+        for place, i in places:
+            pieces += [units[u % len(units)] for u in range(start, place)]
+            if i == 0:
+                first = sum(map(len, pieces))
+            pieces.append(needles[i][1])
+            start = place
+        pieces += [units[u % len(units)] for u in range(start, n)]
+        return "".join(pieces) + question, first
 
     def size(n: int) -> int:
         return len(encode(build(n)[0]))
 
     if size(0) > length:
         raise EvaluationError(
-            f"{length} tokens is too short for the prompt's intro, needle and question ({size(0)} tokens)"
+            f"{length} tokens is too short for the prompt's intro, needles and question ({size(0)} tokens)"
         )
     # Grow an upper bound, then binary search for the largest n that fits.
     low, high = 0, 1
@@ -80,8 +115,7 @@ def fit_prompt(
             low = middle
         else:
             high = middle
-    text, needle_char = build(low)
-    return RetrievalPrompt(text, list(encode(text)), answer, depth, needle_char)
+    return build(low)
 
 
 def passkey_prompt(encode: Encoder, length: int, depth: float, key: str) -> RetrievalPrompt:
@@ -135,3 +169,8 @@ def needle_prompt(
 def answer_found(answer: str, output: str) -> bool:
     """Case-insensitive containment, which for a digits-only key is the paper's check."""
     return answer.strip().lower() in output.lower()
+
+
+def word_found(word: str, output: str) -> bool:
+    """`word` in `output` as a whole word, any case (1234567 is not in 12345678)."""
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(word.strip())}(?![0-9A-Za-z])", output, re.IGNORECASE) is not None

@@ -10,6 +10,8 @@ from ..errors import EvaluationError
 from .common import SELFEXTEND, Mode
 from .retrieval import Cell, accuracy
 
+TASKS = ("ppl", "passkey", "needle")  # what `eval compare` reads
+
 
 def _number(value: float) -> Optional[float]:
     """JSON has no NaN/inf: an empty or overflowing bucket is null."""
@@ -39,6 +41,7 @@ def run_header(
         "window": config.window if config else None,
         "kv_bits": kv_bits,
         "trained_context": trained_context,
+        "methods": [m.name for m in modes],
     }
 
 
@@ -69,9 +72,19 @@ def retrieval_result(header: dict, cells: Sequence[Cell], mode_names: Sequence[s
             window = {name: cell.settings[name][1] for name in mode_names}
             row["group_size"] = group if compare else group[mode_names[0]]
             row["window"] = window if compare else window[mode_names[0]]
+        if cell.setups:
+            row["setups"] = {name: cell.setups[name].describe() for name in mode_names}
         rows.append(row)
     overall = {name: _number(accuracy(cells, name)) for name in mode_names}
     return {**header, **settings, "results": rows, "accuracy": overall if compare else overall[mode_names[0]]}
+
+
+def ruler_result(header: dict, by_task: dict, mode_names: Sequence[str], **settings) -> dict:
+    """by_task: task name -> its cells. Each task's rows and accuracy as retrieval_result's;
+    `accuracy`: task -> its accuracy."""
+    tasks = {name: retrieval_result({}, cells, mode_names) for name, cells in by_task.items()}
+    accuracy = {name: entry["accuracy"] for name, entry in tasks.items()}
+    return {**header, **settings, "tasks": tasks, "accuracy": accuracy}
 
 
 def ppl_series(result: dict) -> dict:
@@ -129,8 +142,8 @@ def load_result(path) -> dict:
         raise EvaluationError(f"no such result file: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise EvaluationError(f"{path} is not a JSON result of 'selfextend eval' ({error})") from None
-    if not isinstance(result, dict) or result.get("task") not in ("ppl", "passkey", "needle"):
-        raise EvaluationError(f"{path} is not a JSON result of 'selfextend eval ppl/passkey/needle --json'")
+    if not isinstance(result, dict) or result.get("task") not in TASKS:
+        raise EvaluationError(f"{path} is not a JSON result of 'selfextend eval {'/'.join(TASKS)} --json'")
     return result
 
 

@@ -11,7 +11,8 @@ from ..defaults import PREFILL_STEP
 from ..loading.load import model_info
 from ..planning import plan_with
 from .common import Mode, chunk_progress
-from .prompts import RetrievalPrompt, answer_found
+from .methods import method_prompt, own_ropes
+from .prompts import RetrievalPrompt
 
 GREEDY = Sampling(stop_loops=False)  # the paper's passkey protocol: argmax, no loop detection
 
@@ -26,6 +27,7 @@ class Cell:
     correct: dict = field(default_factory=dict)  # mode name -> count
     outputs: dict = field(default_factory=dict)  # mode name -> decoded answers
     settings: dict = field(default_factory=dict)  # mode name -> (G, W), G=1 for plain attention
+    setups: dict = field(default_factory=dict)  # mode name -> its methods.Setup
 
     @property
     def trials(self) -> int:
@@ -69,53 +71,77 @@ def run_cells(
     kv_bits: Optional[int] = None,
     chunk_size: int = PREFILL_STEP,
     on_tokens: Optional[Callable[[int], None]] = None,
+    encode: Optional[Callable[[str], list]] = None,
 ) -> None:
-    """Fill each cell's `correct`, `outputs` and `settings` for every mode.
+    """Fill each cell's `correct`, `outputs`, `settings` and `setups` for every mode.
 
-    A planned mode is set up for each cell's length (plain attention where it fits, as the
-    product runs it). Prompts of one length share their filler up to the needle, so the turn
-    runner cuts its cache back to the common prefix with the previous prompt instead of
-    rebuilding it: at five depths (deepest first) that saves about a third of the prefill. A
-    cell that a mode runs with the same attention as a mode before it (a planned mode inside
-    the context is plain attention) takes that mode's answers: the computation would be the
-    same one. `on_tokens(n)` hears of prompt tokens done, chunk by chunk.
+    A mode's method is set up for each cell's length (methods.Setup: a planned SelfExtend is
+    plain attention where it fits, as the product runs it; a RoPE scaling takes the factor
+    that covers the length). Prompts of one length share their filler up to the needle, so
+    the turn runner cuts its cache back to the common prefix with the previous prompt instead
+    of rebuilding it: at five depths (deepest first) that saves about a third of the prefill.
+    A cell that a mode runs as the same computation as a mode before it (equal Setup keys: a
+    planned mode inside the context is plain attention, as is yarn there) takes that mode's
+    answers. `on_tokens(n)` hears of prompt tokens done, chunk by chunk. `encode` makes a
+    prompt method's new prompt (default: the tokenizer's).
     """
     info = model_info(model)
+    encode = encode or tokenizer.encode
+    count = lambda text: len(tokenizer.encode(text))  # noqa: E731
     for mode in modes:
-        runner = TurnRunner(model, tokenizer, model_info=info)
-        for cell in cells:
-            tokens = cell.tokens + max_tokens
-            settings = mode.settings_for(tokens)
-            cell.settings[mode.name] = (1, 0) if settings.plain else (settings.group_size, settings.window)
-            same = [
-                name for name, ran in cell.settings.items() if name != mode.name and ran == cell.settings[mode.name]
-            ]
-            if same:
-                cell.outputs[mode.name], cell.correct[mode.name] = list(cell.outputs[same[0]]), cell.correct[same[0]]
-                if on_tokens is not None:
-                    on_tokens(sum(len(p.tokens) for p in cell.prompts))
-                continue
-            plan = plan_with(
-                info,
-                settings,
-                tokens,
-                prompt_tokens=cell.tokens,
-                max_tokens=max_tokens,
-                kv_bits=kv_bits,
-                prefill_step=chunk_size,
-            )
-            runner.use(plan)
-            cell.outputs[mode.name] = [_greedy_answer(runner, prompt.tokens, on_tokens) for prompt in cell.prompts]
-            cell.correct[mode.name] = sum(
-                answer_found(p.answer, o) for p, o in zip(cell.prompts, cell.outputs[mode.name])
-            )
+        runner, last_key = TurnRunner(model, tokenizer, model_info=info), None
+        with own_ropes(model) as patch:
+            for cell in cells:
+                setup = cell.setups[mode.name] = mode.setup_for(cell.tokens + max_tokens, max_tokens)
+                cell.settings[mode.name] = _group_and_window(setup)
+                if _take_answers(cell, mode.name, on_tokens):
+                    continue
+                prompts = [method_prompt(setup, prompt, encode, count) for prompt in cell.prompts]
+                longest = max(len(p) for p in prompts)
+                plan = plan_with(
+                    info,
+                    setup.settings,
+                    longest + max_tokens,
+                    prompt_tokens=longest,
+                    max_tokens=max_tokens,
+                    kv_bits=kv_bits,
+                    prefill_step=chunk_size,
+                )
+                runner.use(plan)
+                if setup.key != last_key:  # a cache is only ever extended by the computation that made it
+                    runner.drop()
+                    last_key = setup.key
+                patch(setup, info.trained_context)
+                cell.outputs[mode.name] = [
+                    _greedy_answer(runner, fed, on_tokens, len(prompt.tokens) - len(fed))
+                    for prompt, fed in zip(cell.prompts, prompts)
+                ]
+                cell.correct[mode.name] = sum(p.accepts(o) for p, o in zip(cell.prompts, cell.outputs[mode.name]))
 
 
-def _greedy_answer(runner: TurnRunner, prompt: Sequence[int], on_tokens) -> str:
-    """The greedy answer after `prompt`; on_tokens hears of every prompt token, reused or fed."""
+def _group_and_window(setup) -> tuple:
+    settings = setup.settings
+    return (1, 0) if settings.plain else (settings.group_size, settings.window)
+
+
+def _take_answers(cell: Cell, name: str, on_tokens) -> bool:
+    """A mode before this one in `cell` computed the same thing: take its answers."""
+    key = cell.setups[name].key
+    same = [other for other, setup in cell.setups.items() if other != name and setup.key == key]
+    if not same:
+        return False
+    cell.outputs[name], cell.correct[name] = list(cell.outputs[same[0]]), cell.correct[same[0]]
+    if on_tokens is not None:
+        on_tokens(sum(len(p.tokens) for p in cell.prompts))
+    return True
+
+
+def _greedy_answer(runner: TurnRunner, prompt: Sequence[int], on_tokens, skipped: int = 0) -> str:
+    """The greedy answer after `prompt`; on_tokens hears of every prompt token, reused or fed
+    (and of the `skipped` tokens of the original prompt a prompt method left out)."""
     progress = None
     if on_tokens is not None:
-        on_tokens(runner.rewind(prompt[:-1]))
+        on_tokens(runner.rewind(prompt[:-1]) + skipped)
         progress = chunk_progress(on_tokens)
     answer = runner.answer(prompt, GREEDY, on_progress=progress)
     if on_tokens is not None:
