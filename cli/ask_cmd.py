@@ -230,7 +230,8 @@ def _answer_once(run: DocumentTask) -> None:
     documents, loaded_model, tokenizer = open_documents(
         run.files, model=source.model, max_input=source.max_input, trust_remote_code=source.trust_remote_code
     )
-    from selfextend_mlx.app.longdoc import LongDocument, SummaryMemo  # after the documents: a bad one fails at once
+    from selfextend_mlx.app.longdoc import LongDocument  # after the documents: a bad one fails at once
+    from selfextend_mlx.app.summaries import SummaryMemo
 
     doc_cache = document_cache(source.cache_dir, source.no_cache)
     memo = SummaryMemo(doc_cache.directory / "summaries" if doc_cache is not None else None, status)

@@ -311,6 +311,7 @@ _help_as_click_prints_it(app)
 def run() -> None:
     ours = _quiet_ctrl_c() is not None  # until the command starts; before any import below
     from selfextend_mlx.loading.blas import reexec_with_openblas
+
     if ours:  # held back across the exec; the new process's first lines above let it in
         os.environ[_CTRL_C_AFTER_EXEC] = "1"
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -5,17 +5,10 @@ import pytest
 from conftest import shared_path
 
 from selfextend_mlx.app.documents import Document
-from selfextend_mlx.app.longdoc import (
-    SKIPPED,
-    LongDocument,
-    Passage,
-    SummaryMemo,
-    balanced_parts,
-    join_selected,
-    passages,
-    select_passages,
-)
+from selfextend_mlx.app.longdoc import LongDocument
+from selfextend_mlx.app.passages import SKIPPED, Passage, balanced_parts, join_selected, passages, select_passages
 from selfextend_mlx.app.session import SessionOptions
+from selfextend_mlx.app.summaries import SummaryMemo
 from selfextend_mlx.loading.load import load
 from selfextend_mlx.planning import FULL, MAP_REDUCE, RETRIEVAL, fill_reach, largest_reach
 

@@ -10,31 +10,33 @@ else the strategy planning names for the task.
   context, so a whole book takes one or two levels, not dozens of 4k-token chunks.
 
 `LongDocument` decides the strategy before anything is prefilled (so the header can say it)
-and `answer()` runs it; the final step is always an ordinary Session.
+and `answer()` runs it; the final step is always an ordinary Session. Cutting and choosing
+passages is app/passages.py; the part summaries kept on disk, app/summaries.py.
 """
 
-import hashlib
-import json
-import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Optional
 
-from ..core.files import atomic_write
 from ..errors import SelfExtendError
 from ..loading.load import model_info
 from ..planning import FULL, MAP_REDUCE, RETRIEVAL, STRATEGY_FOR_TASK, choose_strategy, fill_reach, summary_reach
 from .documents import Document, format_documents
 from .generation import Sampling
+from .passages import (
+    Passage,
+    balanced_parts,
+    halves,
+    join_selected,
+    passages,
+    select_passages,
+)
 from .session import Session, SessionOptions
+from .summaries import SummaryMemo
 from .turns import Answer
 
-PASSAGE_TOKENS = 256  # retrieval unit: a few paragraphs
 PART_ANSWER_TOKENS = 256  # the longest summary of one part
-SKIPPED = "\n\n[...]\n\n"  # marks text left out between retrieved passages
 COUNT_SLICE = 100_000  # characters tokenized at once when counting a long document
 MARGIN = 0.02  # of the reach kept free: tokens of joined pieces differ a little from their sum
 
@@ -43,13 +45,6 @@ PART_REQUEST = (
     "paragraph: the people, events, facts and conclusions it contains."
 )
 REDUCE_NAME = "summaries of the consecutive parts of {name}"
-
-
-@dataclass(frozen=True)
-class Passage:
-    index: int  # position in the document, in passages
-    text: str
-    tokens: int
 
 
 @dataclass
@@ -67,207 +62,6 @@ class DocumentAnswer:
     total_passages: Optional[int] = None
     seconds: float = 0.0  # wall time of the whole answer, parts included
     part_summaries: list = field(default_factory=list)
-
-
-# -- cutting text -----------------------------------------------------------------------------
-
-
-def paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs (a text without blank lines: its lines)."""
-    parts = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if len(parts) <= 1:
-        parts = [line.strip() for line in text.splitlines() if line.strip()]
-    return parts
-
-
-# Sentence ends of any script: Latin-style ones before a space (not "3.14"), CJK, Indic,
-# Arabic, Armenian and Ethiopic ones anywhere (those scripts put no space after them).
-_SENTENCE_END = re.compile(r"(?<=[.!?;])(?=\s)|(?<=[。！？｡︒﹒﹖﹗！？；।॥؟۔։።‼⁇⁈⁉])")
-_WORD_START = re.compile(r"(?<=\s)(?=\S)")
-
-
-def _split_long(text: str, count: Callable[[str], int], limit: int) -> list[str]:
-    """A paragraph longer than `limit` tokens, cut at sentence ends (any script's), a piece
-    still too long at spaces, and one with no spaces (base64, minified JSON) at a token count:
-    every piece fits `limit`, and joined they are the paragraph."""
-    out = []
-    for sentence in _pack(_SENTENCE_END.split(text), count, limit):
-        if count(sentence) <= limit:
-            out.append(sentence)
-            continue
-        for words in _pack(_WORD_START.split(sentence), count, limit):
-            out += [words] if count(words) <= limit else _cut_at_tokens(words, count, limit)
-    return [piece.strip() for piece in out if piece.strip()]
-
-
-def _pack(pieces: list[str], count: Callable[[str], int], limit: int) -> list[str]:
-    """Consecutive pieces joined while their tokens fit `limit` (a piece past it stays alone).
-    Each run of short pieces is counted once: linear in the text, with few tokenizer calls."""
-    out, current, tokens = [], "", 0
-    for run in _runs(pieces, limit // 4):
-        n = count(run)
-        if current and tokens + n > limit:
-            out.append(current)
-            current, tokens = "", 0
-        current += run
-        tokens += n
-    if current:
-        out.append(current)
-    return out
-
-
-def _runs(pieces: list[str], max_bytes: int):
-    """Consecutive pieces joined while under `max_bytes` of UTF-8 (a tokenizer gives at most
-    about a token a byte, so a run fits wherever its bytes do); a longer piece alone."""
-    run, size = "", 0
-    for piece in pieces:
-        n = len(piece.encode("utf-8", "surrogatepass"))
-        if run and size + n > max_bytes:
-            yield run
-            run, size = "", 0
-        run += piece
-        size += n
-    if run:
-        yield run
-
-
-def _cut_at_tokens(text: str, count: Callable[[str], int], limit: int) -> list[str]:
-    """Text without any break, cut into slices of at most `limit` tokens."""
-    step = max(1, len(text) * limit // max(1, count(text)))
-    out, start = [], 0
-    while start < len(text):
-        size = step
-        while size > 1 and count(text[start : start + size]) > limit:
-            size //= 2
-        out.append(text[start : start + size])
-        start += size
-    return out
-
-
-def passages(text: str, count: Callable[[str], int], size: int = PASSAGE_TOKENS) -> list[Passage]:
-    """Consecutive paragraphs joined into passages of about `size` tokens (never cutting a
-    paragraph that fits in one)."""
-    units = []
-    for paragraph in paragraphs(text):
-        n = count(paragraph)
-        units += [(paragraph, n)] if n <= size else [(p, count(p)) for p in _split_long(paragraph, count, size)]
-    out, texts, tokens = [], [], 0
-    for unit, n in units:
-        if texts and tokens + n > size:
-            out.append(Passage(len(out), "\n\n".join(texts), tokens))
-            texts, tokens = [], 0
-        texts.append(unit)
-        tokens += n
-    if texts:
-        out.append(Passage(len(out), "\n\n".join(texts), tokens))
-    return out
-
-
-def balanced_parts(items: Sequence[Passage], budget: int) -> list[list[Passage]]:
-    """Consecutive groups of about equal size, each within `budget` tokens, as few as that allows."""
-    total = sum(p.tokens for p in items)
-    count = max(1, math.ceil(total / budget))
-    while True:
-        target, groups, current, size = total / count, [], [], 0
-        for item in items:
-            if current and (size + item.tokens > budget or (size >= target and len(groups) < count - 1)):
-                groups.append(current)
-                current, size = [], 0
-            current.append(item)
-            size += item.tokens
-        groups.append(current)
-        if all(sum(p.tokens for p in g) <= budget for g in groups) or count >= len(items):
-            return groups
-        count += 1
-
-
-def halves(items: Sequence[Passage]) -> tuple[list[Passage], list[Passage]]:
-    """Two consecutive, non-empty groups of about equal tokens (at least two items given)."""
-    total, size, cut = sum(p.tokens for p in items), 0, 1
-    while cut < len(items) - 1 and (size + items[cut - 1].tokens) * 2 < total:
-        size += items[cut - 1].tokens
-        cut += 1
-    return list(items[:cut]), list(items[cut:])
-
-
-def select_passages(items: Sequence[Passage], question: str, budget: int) -> list[Passage]:
-    """The passages BM25 ranks highest for `question`, as many as fit `budget` tokens, in
-    document order."""
-    chosen, used = [], 0
-    for i in rank_passages(items, question):
-        cost = items[i].tokens + (len(SKIPPED) // 4 if chosen else 0)
-        if used + cost <= budget:
-            chosen.append(i)
-            used += cost
-    return [items[i] for i in sorted(chosen)]
-
-
-def rank_passages(items: Sequence[Passage], question: str) -> list[int]:
-    """Indices of `items`: those BM25 scores for `question` first, best first, then every other
-    in document order. Passages or a question with no searchable terms (punctuation, emoji,
-    stopwords, single letters) score nothing: document order."""
-    import bm25s
-
-    order = list(range(len(items)))
-    corpus = bm25s.tokenize([p.text for p in items], stopwords="en", show_progress=False)
-    query = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)
-    if not corpus.vocab or not query or not query[0] or not set(query[0]) & set(corpus.vocab):
-        return order
-    retriever = bm25s.BM25()
-    retriever.index(corpus, show_progress=False)
-    found, scores = retriever.retrieve(query, k=len(items), show_progress=False)
-    scored = [int(i) for i, score in zip(found[0], scores[0]) if score > 0]
-    seen = set(scored)
-    return scored + [i for i in order if i not in seen]
-
-
-def join_selected(selected: Sequence[Passage]) -> str:
-    text = ""
-    for previous, passage in zip([None, *selected], selected):
-        if previous is not None:
-            text += "\n\n" if passage.index == previous.index + 1 else SKIPPED
-        text += passage.text
-    return text
-
-
-# -- part summaries kept on disk ------------------------------------------------------------------
-
-
-class SummaryMemo:
-    """Part summaries by a key of everything that makes them (model and weights, part, request,
-    sampling), as small JSON files in `folder`; unreadable or unwritable entries are simply
-    recomputed (a notice says why)."""
-
-    def __init__(self, folder: Optional[Path], notice: Callable[[str], None] = lambda message: None):
-        self.folder, self.notice = folder, notice
-
-    @staticmethod
-    def key(*parts) -> str:
-        digest = hashlib.sha256()
-        for part in parts:
-            digest.update(str(part).encode("utf-8", "surrogatepass") + b"\0")
-        return digest.hexdigest()
-
-    def get(self, key: str) -> Optional[str]:
-        if self.folder is None:
-            return None
-        try:
-            data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        summary = data.get("summary") if isinstance(data, dict) and data.get("key") == key else None
-        return summary or None  # an empty one (kept by an earlier version) is no summary
-
-    def put(self, key: str, summary: str) -> None:
-        if self.folder is None:
-            return
-        record = {"key": key, "summary": summary, "saved": time.time()}
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with atomic_write(self.folder / f"{key}.json") as tmp:
-                Path(tmp).write_text(json.dumps(record), encoding="utf-8")
-        except OSError as error:
-            self.notice(f"could not keep a part summary: {error.strerror or error}")
 
 
 # -- the strategies -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ prefills or generates.
   string      STRING (selfextend_mlx.core.string), the paper's S = L/3 and w = 128.
   truncate    the prompt's last tokens that leave room for the answer in the model's context,
               as Ollama does with an over-long prompt.
-  retrieval   the BM25 passages `ask` fills the context with past its reach (app/longdoc.py's
+  retrieval   the BM25 passages `ask` fills the context with past its reach (app/passages.py's
               select_passages), then the question.
 
 The RoPE scalings take a factor; by default the one that covers the length, tokens / L (L the
@@ -32,7 +32,8 @@ from typing import Optional
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 
-from ..app.longdoc import MARGIN, PASSAGE_TOKENS, join_selected, passages, select_passages
+from ..app.longdoc import MARGIN
+from ..app.passages import PASSAGE_TOKENS, join_selected, passages, select_passages
 from ..core.families import family_for
 from ..core.patch import layer_attention, use_selfextend
 from ..core.string import StringConfig, apply_string, string_defaults
