@@ -21,7 +21,7 @@ from ..core.prefill import Progress
 from ..defaults import MAX_TOKENS, PREFILL_STEP
 from ..errors import InputTooLongError, SelfExtendError
 from ..loading.load import model_info
-from ..planning import QUESTION_RESERVE, check_memory, choose_strategy, plan_run
+from ..planning import QUESTION_RESERVE, check_memory, choose_strategy, largest_reach, plan_run
 from .doccache import DocumentCache
 from .documents import Document, format_documents
 from .generation import Sampling
@@ -146,44 +146,54 @@ class Session:
     # -- fitting a turn in ----------------------------------------------------------------------
     def _fit(self, question: str) -> list[int]:
         """The prompt tokens for `question`, after re-planning (a larger G, the conversation read
-        again) or dropping the oldest turns when the conversation outgrew the plan."""
+        again) or dropping the oldest turns when the conversation outgrew the plan: turns go
+        only while the conversation is past every G's reach (past the given G's, with -G), and
+        what is left is re-planned."""
         tokens = self.prompt_tokens(question)
         needed = len(tokens) + self.options.max_tokens
-        if needed <= self.plan.max_length:
+        if needed <= self.plan.max_length or self._replan(tokens, needed):
             return tokens
-        if self.options.group_size is None:
-            try:
-                plan = self._plan_for(needed, self.plan.prompt_tokens)
-            except InputTooLongError:
-                plan = None
-            if plan is not None:
-                check_memory(plan.memory)
-                self.notice(
-                    f"the conversation ({len(tokens):,} tokens + {self.options.max_tokens:,} for the answer) passes "
-                    f"the reach of {self.plan.settings.describe()} ({self.plan.max_length:,}): re-planned to "
-                    f"{plan.settings.describe()}, reading it again{self._estimate(len(tokens))}"
-                )
-                self.plan = plan
-                self.runner.drop()
-                return tokens
-        dropped = 0
-        while self.history and needed > self.plan.max_length:
+        given = self.options.group_size is not None
+        limit = self.plan.max_length if given else largest_reach(self.info.limits, self.options.window)
+        kept, dropped = list(self.history), 0
+        while self.history and needed > limit:
             self.history.pop(0)
             dropped += 1
             tokens = self.prompt_tokens(question)
             needed = len(tokens) + self.options.max_tokens
-        if needed > self.plan.max_length:
+        if needed > limit or (needed > self.plan.max_length and not self._replan(tokens, needed)):
+            self.history = kept  # a question refused costs the conversation nothing
+            within = self.plan.settings.describe() if given else "the largest G"
             raise InputTooLongError(
                 f"too long: {len(tokens)} prompt tokens + {self.options.max_tokens} answer tokens = {needed} "
-                f"> N_max {self.plan.max_length} ({self.plan.settings.describe()}, L={self.plan.trained_context}): "
+                f"> N_max {limit} ({within}, L={self.plan.trained_context}): "
                 "shorten the question or lower --max-tokens"
             )
         if dropped:
             self.notice(
                 f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to stay within the reach of "
-                f"{self.plan.settings.describe()} ({self.plan.max_length:,} tokens); the documents stay"
+                f"{'this model' if not given else self.plan.settings.describe()} ({limit:,} tokens); the documents stay"
             )
         return tokens
+
+    def _replan(self, tokens: list[int], needed: int) -> bool:
+        """Re-plan for `needed` tokens with a larger G (never with a given -G); False when no G
+        reaches them."""
+        if self.options.group_size is not None:
+            return False
+        try:
+            plan = self._plan_for(needed, self.plan.prompt_tokens)
+        except InputTooLongError:
+            return False
+        check_memory(plan.memory)
+        self.notice(
+            f"the conversation ({len(tokens):,} tokens + {self.options.max_tokens:,} for the answer) passes "
+            f"the reach of {self.plan.settings.describe()} ({self.plan.max_length:,}): re-planned to "
+            f"{plan.settings.describe()}, reading it again{self._estimate(len(tokens))}"
+        )
+        self.plan = plan
+        self.runner.drop()
+        return True
 
     def _estimate(self, tokens: int) -> str:
         last = self.last_answer
