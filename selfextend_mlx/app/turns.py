@@ -177,8 +177,7 @@ class TurnRunner:
         Whatever stops it, the cache keeps a consistent prefix."""
         if not tokens:
             return
-        if self.cache is None:
-            self.cache, self.tokens, self.origin = self._new_cache(), [], "memory"
+        self._ensure_cache()
         started, before = time.perf_counter(), len(self.tokens)
 
         def progress(done: int, total: int, seconds: float) -> None:
@@ -208,6 +207,11 @@ class TurnRunner:
             if time.perf_counter() - begun > self.step_seconds and step > MIN_STEP:
                 step = max(MIN_STEP, step // 2)
             progress(done, len(tokens), time.perf_counter() - started)
+
+    def _ensure_cache(self) -> None:
+        """An empty cache under the current plan when none is held."""
+        if self.cache is None:
+            self.cache, self.tokens, self.origin = self._new_cache(), [], "memory"
 
     def _new_cache(self) -> list:
         return make_cache(self.model, self.plan.kv_bits, self.plan.kv_group_size)
@@ -330,8 +334,7 @@ class TurnRunner:
     def _generate(
         self, last_token: int, budget: int, sampling: Sampling, stops: StopSequences, on_token, answer, on_text
     ):
-        if self.cache is None:
-            self.cache, self.tokens, self.origin = self._new_cache(), [], "memory"
+        self._ensure_cache()
         try:
             stream_answer(self.model, self.tokenizer, self.cache, last_token, budget, sampling, on_token)
         except _StopSequenceHit:
