@@ -72,7 +72,7 @@ def gguf_name(arch: str, hf: str) -> str:
     return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[stem] + "." + suffix
 
 
-def write_file(path, arch: str, weights: dict, config: dict, kind=GGMLQuantizationType.F32):
+def write_file(path, arch: str, weights: dict, config: dict, kind=GGMLQuantizationType.F32, rope_factors=None):
     table = ARCHITECTURES[arch]
     writer = GGUFWriter(str(path), arch)
     writer.add_context_length(config["max_position_embeddings"])
@@ -105,6 +105,8 @@ def write_file(path, arch: str, weights: dict, config: dict, kind=GGMLQuantizati
             writer.add_tensor(gguf_name(arch, hf), quantize(stored, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name(arch, hf), stored.astype(np.float32))
+    if rope_factors is not None:
+        writer.add_tensor("rope_freqs.weight", rope_factors.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -124,6 +126,57 @@ def test_every_architecture_loads_to_the_same_logits(tmp_path, arch):
     assert loaded_config["tie_word_embeddings"] == config["tie_word_embeddings"]
     expected = np.array(model(mx.array(TOKENS)[None]))
     np.testing.assert_allclose(np.array(loaded(mx.array(TOKENS)[None])), expected, atol=1e-4, rtol=1e-4)
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 256}  # fmt: skip
+
+
+def llama3_rope_factors(scaling: dict, base: float, dims: int) -> np.ndarray:
+    """The divisor of each rotary frequency for a llama3 rope_scaling, as llama.cpp's converter
+    stores it in rope_freqs.weight (written here from Llama 3.1's published scaling rule):
+    short wavelengths keep theirs, long ones are divided by `factor`, the band between blends."""
+    wavelength = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
+    old, low, high = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    smooth = (old / wavelength - low) / (high - low)
+    blended = 1 / ((1 - smooth) / scaling["factor"] + smooth)
+    return np.where(wavelength < old / high, 1.0, np.where(wavelength > old / low, scaling["factor"], blended))
+
+
+def test_a_llama3_rope_frequency_table_loads_as_mlx_lm_llama3_rope(tmp_path):
+    """Llama 3.1+ GGUF files keep their rope scaling as rope_freqs.weight: the loaded model
+    gives the logits of mlx-lm's Llama3RoPE model, plain and under SelfExtend."""
+    from selfextend_mlx import SelfExtendConfig, apply_selfextend, make_cache
+
+    model, weights, config = random_model("llama")
+    scaled = dict(config, rope_scaling=LLAMA3_SCALING)
+    module = importlib.import_module("mlx_lm.models.llama")
+    reference = module.Model(module.ModelArgs.from_dict(scaled))
+    reference.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    factors = llama3_rope_factors(LLAMA3_SCALING, config["rope_theta"], HEAD_DIM)
+    assert 1.0 < factors[3] < 8.0 and factors[0] == 1.0 and factors[-1] == 8.0  # all three bands
+    path = tmp_path / "llama3.gguf"
+    write_file(path, "llama", weights, config, rope_factors=factors)
+
+    loaded, _ = loader.load_gguf_model(path, dtype=mx.float32)
+    tokens = mx.array(np.random.default_rng(0).integers(0, VOCAB, 400))[None]
+    expected = np.array(reference(tokens))
+    np.testing.assert_allclose(np.array(loaded(tokens)), expected, atol=1e-4, rtol=1e-4)
+    unscaled = np.array(model(tokens))  # the same weights with plain rope: the table matters
+    assert np.abs(unscaled - expected).max() > 100 * 1e-4
+
+    se = SelfExtendConfig(group_size=4, window=64)
+    extended = [apply_selfextend(m, se) for m in (reference, loaded)]
+    logits = [np.array(m(tokens, cache=make_cache(m))) for m in extended]
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_rope_table_that_does_not_fit_is_one_line(tmp_path):
+    model, weights, config = random_model("llama")
+    path = tmp_path / "odd.gguf"
+    write_file(path, "llama", weights, config, rope_factors=np.ones(HEAD_DIM))  # twice too long
+    with pytest.raises(loader.GGUFError, match=r"rope frequency table F32 \[16\].*expected F32 \[8\]"):
+        loader.load_gguf_model(path, dtype=mx.float32)
 
 
 def test_q8_0_gemma3_file_goes_through_mx_load_and_keeps_its_blocks(tmp_path):

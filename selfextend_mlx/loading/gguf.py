@@ -228,10 +228,8 @@ def check_supported(header: GGUFHeader, path) -> None:
         )
     if (header.arch_value("expert_count") or 0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts GGUF models are not supported; {SUPPORTED}")
-    if "rope_freqs.weight" in header.tensors or "rope_factors_long.weight" in header.tensors:
-        raise GGUFError(
-            f"{path}: GGUF rope frequency tables (Llama 3.1 or Phi-3 128k-style scaling) are not supported; {SUPPORTED}"
-        )
+    if "rope_factors_long.weight" in header.tensors:
+        raise GGUFError(f"{path}: GGUF long-context rope factors (Phi-3 128k-style scaling) are not supported; {SUPPORTED}")
     scaling = header.arch_value("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise GGUFError(f"{path}: GGUF rope scaling '{scaling}' is not supported; supported: none or linear")
@@ -243,11 +241,26 @@ def check_supported(header: GGUFHeader, path) -> None:
     head_dim = header.arch_value("attention.key_length", width // heads)
     if header.arch_value("rope.dimension_count", head_dim) != head_dim:
         raise GGUFError(f"{path}: GGUF partial rotary embeddings are not supported; {SUPPORTED}")
+    _check_rope_factors(header, path, head_dim)
     if header.metadata.get("tokenizer.ggml.model") not in ("gpt2", "llama"):
         model = header.metadata.get("tokenizer.ggml.model", "none")
         raise GGUFError(
             f"{path}: GGUF tokenizer '{model}' is not supported; "
             "supported: gpt2 (byte-level BPE), llama (SentencePiece)"
+        )
+
+
+ROPE_FACTORS = "rope_freqs.weight"  # Llama 3.1+: one divisor per rotary frequency
+
+
+def _check_rope_factors(header: GGUFHeader, path, head_dim: int) -> None:
+    if ROPE_FACTORS not in header.tensors:
+        return
+    kind, shape = header.tensors[ROPE_FACTORS]
+    if header.architecture != "llama" or kind != "F32" or tuple(shape) != (head_dim // 2,):
+        raise GGUFError(
+            f"{path}: GGUF rope frequency table {kind} {list(shape)} of a {header.architecture} model is not "
+            f"supported (expected F32 [{head_dim // 2}] in a llama model, as Llama 3.1+ files have)"
         )
 
 
@@ -412,6 +425,21 @@ def _decoded(path, header: GGUFHeader, arch: Architecture, config: dict, dtype) 
     return weights, specs
 
 
+def _divide_rope_frequencies(model, header: GGUFHeader, path, config: dict) -> None:
+    """Llama 3.1+ files store their rope scaling as a table: rotary frequency i is divided by
+    factor i (llama.cpp's freq_factors). mx.fast.rope's `freqs` are the inverse frequencies
+    (angle = position / freqs), so each becomes base^(2i/d) * factor i; model_config gave
+    these layers a llama3 rope (mlx-lm's Llama3RoPE) whose table is replaced here."""
+    start, nbytes = header.locations[ROPE_FACTORS]
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    factors = mx.array(decode(data[start : start + nbytes], "F32", header.tensors[ROPE_FACTORS][1]))
+    del data
+    dims = config["head_dim"]
+    freqs = config["rope_theta"] ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims) * factors
+    for layer in model.layers:
+        layer.self_attn.rope._freqs = freqs
+
+
 def load_gguf_model(path, dtype: Optional[mx.Dtype] = None, header: Optional[GGUFHeader] = None):
     """(model, config) from a GGUF file of a supported architecture.
 
@@ -428,6 +456,8 @@ def load_gguf_model(path, dtype: Optional[mx.Dtype] = None, header: Optional[GGU
     weights, specs = read(path, header, arch, config, dtype)
 
     model = module.Model(module.ModelArgs.from_dict(config))
+    if ROPE_FACTORS in header.tensors:
+        _divide_rope_frequencies(model, header, path, config)
     if specs:
         nn.quantize(model, class_predicate=lambda p, m: specs.get(p, False))
     if config["tie_word_embeddings"]:

@@ -113,6 +113,10 @@ def model_config(header) -> dict:
         # No separate output matrix: the head shares the embedding.
         "tie_word_embeddings": arch.always_tied or "output.weight" not in header.tensors,
     }
+    if "rope_freqs.weight" in header.tensors:
+        # A neutral llama3 rope (factor 1: the plain frequencies); the loader then puts the
+        # file's frequency table in it (gguf._divide_rope_frequencies).
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     if value("rope.scaling.type", "none") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(value("rope.scaling.factor", 1.0))}
     if arch_name in ("gemma2", "gemma3"):
