@@ -243,7 +243,10 @@ def info(
             f"{format_bytes(record['kv_cache_bytes'])} at {at} tokens ({dtype_name}, "
             f"{shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim})",
         ),
-        ("weights", spec.location if spec.available else f"{record['weights']} (downloaded on first use)"),
+        (
+            "weights",
+            spec.location if spec.available else f"{record['weights']} (not here: selfextend pull {record['weights']})",
+        ),
         *(
             [("weights memory", f"{format_bytes(record['weights_bytes'])} held ({dtype_name}, from the GGUF header)")]
             if record["weights_bytes"]
@@ -302,7 +305,7 @@ def pull(
 
     if not looks_like_repo_id(repo):
         raise ModelNotFoundError(f"{repo!r} is not a Hugging Face repo id (owner/name)")
-    folder = hub_snapshot(repo, trust_remote_code=trust_remote_code)
+    folder = hub_snapshot(repo, download=True, trust_remote_code=trust_remote_code)
     typer.echo(f"{repo}: {folder}")
 
 

@@ -121,6 +121,26 @@ def test_an_empty_home_lists_nothing(tmp_path, monkeypatch, app):
     assert json.loads(CliRunner().invoke(app, ["models", "--local", "--json"]).stdout) == []
 
 
+def test_a_hub_id_not_in_the_cache_is_refused_not_downloaded(tmp_path, monkeypatch):
+    """Only `pull` downloads: -m and info with an uncached Hub id say how to get it, and never
+    reach the Hub (its endpoint here is a closed loopback port, which would read 'could not download')."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    document = tmp_path / "doc.txt"
+    document.write_text("The bakery opened in 1998.")
+    from selfextend_cli.main import app
+
+    for args in (["info", "acme/missing"], ["ask", str(document), "-q", "When?", "-m", "acme/missing"]):
+        result = CliRunner().invoke(app, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, (args, result.stderr)
+        assert "not in the Hugging Face cache: `selfextend pull acme/missing` downloads it" in lines[0], lines[0]
+
+
 def test_pull_without_a_network_is_one_clear_line(tmp_path, monkeypatch, app):
     import huggingface_hub.constants
 

@@ -137,7 +137,8 @@ def llama3_rope_factors(scaling: dict, base: float, dims: int) -> np.ndarray:
     stores it in rope_freqs.weight (written here from Llama 3.1's published scaling rule):
     short wavelengths keep theirs, long ones are divided by `factor`, the band between blends."""
     wavelength = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
-    old, low, high = scaling["original_max_position_embeddings"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     smooth = (old / wavelength - low) / (high - low)
     blended = 1 / ((1 - smooth) / scaling["factor"] + smooth)
     return np.where(wavelength < old / high, 1.0, np.where(wavelength > old / low, scaling["factor"], blended))

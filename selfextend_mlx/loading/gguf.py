@@ -229,7 +229,7 @@ def check_supported(header: GGUFHeader, path) -> None:
     if (header.arch_value("expert_count") or 0) > 0:
         raise GGUFError(f"{path}: mixture-of-experts GGUF models are not supported; {SUPPORTED}")
     if "rope_factors_long.weight" in header.tensors:
-        raise GGUFError(f"{path}: GGUF long-context rope factors (Phi-3 128k-style scaling) are not supported; {SUPPORTED}")
+        raise GGUFError(f"{path}: GGUF long-context rope factors (Phi-3 128k scaling) are not supported; {SUPPORTED}")
     scaling = header.arch_value("rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise GGUFError(f"{path}: GGUF rope scaling '{scaling}' is not supported; supported: none or linear")

@@ -1,5 +1,5 @@
-"""The Hugging Face Hub: a repo's local folder (cached or downloaded) and its config.json,
-with every failure turned into one ModelNotFoundError line."""
+"""The Hugging Face Hub: a repo's folder in the local cache, or downloaded by `selfextend pull`
+(the one command that downloads), with every failure turned into one ModelNotFoundError line."""
 
 import os
 from contextlib import contextmanager
@@ -42,7 +42,7 @@ def hub_cache_dir() -> Optional[str]:
 
 
 @contextmanager
-def _one_line_errors(repo: str, what: str, local_only: bool = False):
+def _one_line_errors(repo: str, download: bool):
     """Hub failures as one ModelNotFoundError naming `repo` and what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -68,31 +68,26 @@ def _one_line_errors(repo: str, what: str, local_only: bool = False):
                 f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
                 "download it once online, or give a local folder or .gguf file"
             ) from None
-        if local_only:
-            raise ModelNotFoundError(f"{repo} is not in the Hugging Face cache") from None
+        if not download:
+            raise ModelNotFoundError(
+                f"{repo} is not in the Hugging Face cache: `selfextend pull {repo}` downloads it"
+            ) from None
         raise ModelNotFoundError(
-            f"could not download {what} of {repo} from Hugging Face (no connection?) and it is not in the cache"
+            f"could not download {repo} from Hugging Face (no connection?) and it is not in the cache"
         ) from None
     except (HfHubHTTPError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelNotFoundError(f"could not download {what} of {repo} from Hugging Face: {first_line}") from None
+        raise ModelNotFoundError(f"could not download {repo} from Hugging Face: {first_line}") from None
 
 
-def hub_snapshot(repo: str, *, local_only: bool = False, trust_remote_code: bool = False) -> Path:
-    """The local folder of a Hub repo: from the cache, else downloaded (with a progress bar)."""
+def hub_snapshot(repo: str, *, download: bool = False, trust_remote_code: bool = False) -> Path:
+    """The folder of a Hub repo in the local cache; with `download` (only `selfextend pull`
+    asks), fetched first with a progress bar unless HF_HUB_OFFLINE forbids it."""
     from huggingface_hub import snapshot_download
 
     patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
-    with _one_line_errors(repo, "the files", local_only):
+    with _one_line_errors(repo, download):
         folder = snapshot_download(
-            repo, allow_patterns=patterns, cache_dir=hub_cache_dir(), local_files_only=offline() or local_only
+            repo, allow_patterns=patterns, cache_dir=hub_cache_dir(), local_files_only=offline() or not download
         )
     return Path(folder)
-
-
-def hub_config_path(repo: str) -> Path:
-    """A Hub repo's config.json, downloaded alone (to describe a model before fetching it)."""
-    from huggingface_hub import hf_hub_download
-
-    with _one_line_errors(repo, "config.json"):
-        return Path(hf_hub_download(repo, "config.json", cache_dir=hub_cache_dir()))

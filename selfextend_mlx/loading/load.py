@@ -15,9 +15,8 @@ from ..errors import ModelNotFoundError, UnsupportedModelError
 from ..planning import ModelLimits, ModelShape, attention_chunk_size, choose_settings
 from .config_check import read_config
 from .device import DTYPES, activation_bytes, apply_dtype, resolve_dtype
-from .hub import hub_config_path, offline
 from .registry import ModelEntry, registry_entry
-from .resolve import looks_like_repo_id, reference, resolve
+from .resolve import reference, resolve
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class ModelSpec:
     limits: ModelLimits
     shape: ModelShape
     entry: Optional[ModelEntry]
-    available: bool  # loading needs no download
+    available: bool  # on this machine (else described from the registry)
     location: Optional[str]  # the local folder or file, when available
 
     @property
@@ -120,18 +119,16 @@ def _spec_from_config(name, config, entry, available, location, where) -> ModelS
 
 
 def describe(model_ref=None) -> ModelSpec:
-    """A model's family, limits and KV geometry; downloads nothing but a Hub config.json."""
+    """A model's family, limits and KV geometry, from what is on this machine or the registry."""
     ref = reference(model_ref)
     try:
-        source = resolve(ref, local_only=True)
+        source = resolve(ref)
     except ModelNotFoundError as not_local:
         entry = registry_entry(ref)
         if entry is not None:
             shape = ModelShape(layers=entry.layers, kv_heads=entry.kv_heads, head_dim=entry.head_dim)
             return ModelSpec(entry.name, entry.family, entry.limits, shape, entry, False, None)
-        if not looks_like_repo_id(ref) or offline():
-            raise not_local
-        return _spec_from_config(ref, _read_config(hub_config_path(ref).parent), None, False, None, ref)
+        raise not_local
     name = source.entry.name if source.entry and source.model_id == source.entry.name else source.model_id
     if source.kind == "gguf":
         from .gguf import check_supported, model_config, read_header
@@ -205,7 +202,7 @@ def load(
     from ..core.patch import apply_selfextend
 
     dtype_name = resolve_dtype(dtype)
-    source = resolve(model_ref, trust_remote_code=trust_remote_code)
+    source = resolve(model_ref)
     entry = source.entry
     if source.kind == "gguf":
         from .gguf import load_gguf

