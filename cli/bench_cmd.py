@@ -50,7 +50,11 @@ def bench(
     group_size: GroupSizeOpt = None,
     window: WindowOpt = None,
     modes: Annotated[
-        str, typer.Option(metavar="MODE,...", help="Which of plain, selfextend, reference to run.")
+        str,
+        typer.Option(
+            metavar="MODE,...",
+            help="Which of plain, selfextend, reference and the eval methods linear, ntk, yarn, string to run.",
+        ),
     ] = "plain,selfextend,reference",
     decode_steps: Annotated[
         int, typer.Option(min=1, max=MAX_DECODE_STEPS, metavar="N", help="Decode steps timed at each length.")
@@ -76,13 +80,15 @@ def bench(
     that re-rotates the whole key cache at every step, as the authors' code does) run in the
     same process on the same random tokens, so the ratios between them are fair. Without
     -G/-W, SelfExtend runs at the G planning picks for the longest length (the registry's G
-    where the lengths fit the model).
+    where the lengths fit the model). The eval methods (linear, ntk, yarn, string) run as
+    `selfextend eval --methods` sets them up for each length: the plain model where they fit.
 
     Examples:
 
     \b
         selfextend bench -l 1k,2k --decode-steps 8
         selfextend bench -l 2k --modes plain,selfextend -G 4 -W 512 --json
+        selfextend bench -m tests/data/models/stories260K -l 4k --modes plain,selfextend,yarn,string
     """
     import mlx.core as mx
 
@@ -136,26 +142,36 @@ def bench(
         prefill_step=prefill_step_size,
         repeats=repeats,
         on_row=show,
+        trained_context=info.trained_context,
     )
     if json_output:
         print(json.dumps([row.as_dict() for row in rows]))
         return
-    by = {(r.length, r.mode): r for r in rows}
-    if "plain" in chosen and "selfextend" in chosen:
-        print("\nratios (SelfExtend / plain: time, peak memory, KV bytes; reference / SelfExtend decode time)")
-        for length in sizes:
-            p, s = by[(length, "plain")], by[(length, "selfextend")]
-            line = (
-                f"{length:>8}  decode {p.decode_tps / s.decode_tps:5.2f}x  "
-                f"prefill {p.prefill_tps / s.prefill_tps:5.2f}x  "
-                f"peak {s.peak_memory_bytes / p.peak_memory_bytes:5.2f}x  "
-                f"KV {s.kv_cache_bytes / p.kv_cache_bytes:5.2f}x"
-            )
-            if (length, "reference") in by:
-                r = by[(length, "reference")]
-                line += f"  | reference decode {s.decode_tps / r.decode_tps:5.2f}x slower than SelfExtend"
-            print(line)
+    _print_ratios({(r.length, r.mode): r for r in rows}, sizes, chosen)
     sys.stdout.flush()
+
+
+def _print_ratios(by: dict, sizes: list, modes: list) -> None:
+    """Each mode against plain in the same run (time, peak memory, KV bytes), and the
+    reference baseline against SelfExtend."""
+    others = [mode for mode in modes if mode not in ("plain", "reference")]
+    if "plain" not in modes or not others:
+        return
+    print("\nratios against plain (time, peak memory, KV bytes; reference / SelfExtend decode time)")
+    for length in sizes:
+        p = by[(length, "plain")]
+        for mode in others:
+            m = by[(length, mode)]
+            line = (
+                f"{length:>8} {mode:>10}  decode {p.decode_tps / m.decode_tps:5.2f}x  "
+                f"prefill {p.prefill_tps / m.prefill_tps:5.2f}x  "
+                f"peak {m.peak_memory_bytes / p.peak_memory_bytes:5.2f}x  "
+                f"KV {m.kv_cache_bytes / p.kv_cache_bytes:5.2f}x"
+            )
+            if mode == "selfextend" and (length, "reference") in by:
+                r = by[(length, "reference")]
+                line += f"  | reference decode {m.decode_tps / r.decode_tps:5.2f}x slower than SelfExtend"
+            print(line)
 
 
 def selftest(

@@ -49,6 +49,31 @@ def test_run_bench_rows_and_restores_the_model():
     assert mx.array_equal(model(random_tokens(20)[None]), plain).item()  # plain again afterwards
 
 
+def test_method_modes_run_as_eval_sets_them_up_and_the_model_comes_back(monkeypatch):
+    from selfextend_mlx.evaluation import methods
+
+    built = []
+    real = methods.scaled_rope
+
+    def spy(rope, setup, trained_context):
+        built.append((setup.method, setup.factor))
+        return real(rope, setup, trained_context)
+
+    monkeypatch.setattr(methods, "scaled_rope", spy)
+    model = tiny_model("llama")
+    ropes = [layer.self_attn.rope for layer in model.layers]
+    plain = model(random_tokens(20)[None])
+    modes = ("plain", "yarn", "linear", "string")
+    rows = run_bench(model, random_tokens(64), [16, 64], CONFIG, modes=modes, decode_steps=2, trained_context=16)
+    assert [(r.length, r.mode) for r in rows] == [(n, m) for n in (16, 64) for m in modes]
+    # at 16 tokens (the trained context) the scalings are the plain model; at 64 they stretch by 4
+    assert set(built) == {("yarn", 4.0), ("linear", 4.0)}
+    assert [layer.self_attn.rope for layer in model.layers] == ropes
+    assert mx.array_equal(model(random_tokens(20)[None]), plain).item()
+    with pytest.raises(ValueError, match="trained_context"):
+        run_bench(model, random_tokens(64), [16], CONFIG, modes=("plain", "ntk"), decode_steps=1)
+
+
 def test_peak_memory_of_a_mode_leaves_out_the_other_modes_caches():
     # The modes' caches all stay alive for the interleaved decode: a mode measured after
     # another must not be charged for the other's cache (here larger than its own working set).

@@ -1,5 +1,6 @@
-"""Speed and memory of plain attention, SelfExtend, and a reference-style SelfExtend baseline,
-measured in one process on the same model and lengths.
+"""Speed and memory of plain attention, SelfExtend, a reference-style SelfExtend baseline and
+the other long-context methods (RoPE scalings, STRING: evaluation/methods.py), measured in one
+process on the same model and lengths.
 
 The reference-style baseline does what the authors' own implementation does: it keeps keys
 unrotated, and at every step re-rotates the whole key cache twice (normal and grouped
@@ -25,8 +26,12 @@ from ..core.patch import (
 )
 from ..core.prefill import prefill
 from ..defaults import PREFILL_STEP
+from ..planning import plain_settings
+from .methods import LINEAR, NTK, PLAIN, STRING, YARN, Setup, method_setup, own_ropes
 
-MODES = ("plain", "selfextend", "reference")
+METHOD_MODES = (LINEAR, NTK, YARN, STRING)  # the eval arms that change the model, as eval sets them up
+DEFAULT_MODES = ("plain", "selfextend", "reference")
+MODES = (*DEFAULT_MODES, *METHOD_MODES)
 
 
 @dataclass
@@ -78,11 +83,18 @@ def apply_reference_baseline(model, config: SelfExtendConfig):
 # -- measuring --------------------------------------------------------------------------------
 
 
-def _use_mode(model, mode, config):
-    """Put `model` in `mode` (plain, SelfExtend or the baseline); cheap: classes are swapped."""
+def _use_mode(model, mode, config, apply_method, length: int, trained_context: int):
+    """Put `model` in `mode` for `length` tokens; cheap: classes and rope modules are swapped.
+    A method mode runs as `eval --methods` would at that length (the plain model where the
+    method says it fits)."""
     use_selfextend(model, config if mode == "selfextend" else None)
     if mode == "reference":
         apply_reference_baseline(model, config)
+    if mode in METHOD_MODES:
+        setup = method_setup(mode, length, trained_context=trained_context, context=trained_context)
+    else:
+        setup = Setup(PLAIN, plain_settings(length))  # the model's own ropes back
+    apply_method(setup, trained_context)
 
 
 def _new_cache(model, mode):
@@ -111,64 +123,80 @@ def run_bench(
     tokens: mx.array,
     lengths,
     config: SelfExtendConfig,
-    modes=MODES,
+    modes=DEFAULT_MODES,
     decode_steps=16,
     prefill_step=PREFILL_STEP,
     repeats=1,
     on_row=None,
+    trained_context=None,
 ):
-    """Measure every mode at every length, in one process on the same tokens.
+    """Measure every mode at every length, in one process on the same tokens (the method
+    modes need the model's `trained_context`).
 
     Prefill runs `repeats` times per mode (modes alternating) and keeps the fastest. Decode
     steps of the modes are interleaved one by one on their own caches, so whatever else the
     machine is doing slows them alike; a mode's decode speed is from its median step time.
     """
+    if trained_context is None and set(modes) & set(METHOD_MODES):
+        raise ValueError("the method modes need the model's trained_context")
     original = selfextend_config(model)
     rows = []
-    try:
-        for length in lengths:
-            if length > tokens.size:
-                raise ValueError(f"need {length} tokens of text, have {tokens.size}")
-            prompt = tokens[:length]
-            best, caches, next_token = {}, {}, {}
-            mx.eval(prompt)
-            mx.synchronize()
-            resident = mx.get_active_memory()
-            for _ in range(repeats):
-                for mode in modes:
-                    _use_mode(model, mode, config)
-                    cache = _new_cache(model, mode)
-                    seconds, peak, y = _prefill(model, prompt, cache, prefill_step, resident)
-                    kept = best.get(mode, (float("inf"), 0))
-                    best[mode] = (min(kept[0], seconds), max(kept[1], peak))
-                    caches[mode], next_token[mode] = cache, y
-            step_times = {mode: [] for mode in modes}
-            for step in range(decode_steps + 1):  # step 0 warms up
-                order = modes[step % len(modes) :] + modes[: step % len(modes)]
-                for mode in order:
-                    _use_mode(model, mode, config)
-                    start = time.perf_counter()
-                    y = model(next_token[mode], cache=caches[mode])[:, -1:].argmax(axis=-1)
-                    mx.eval(y)
-                    if step:
-                        step_times[mode].append(time.perf_counter() - start)
-                    next_token[mode] = y
-            for mode in modes:
-                times = sorted(step_times[mode])
-                row = BenchRow(
-                    length=length,
-                    mode=mode,
-                    prefill_tps=length / best[mode][0],
-                    decode_tps=1.0 / times[len(times) // 2],
-                    peak_memory_bytes=best[mode][1],
-                    kv_cache_bytes=int(cache_nbytes(caches[mode])),
-                )
-                rows.append(row)
-                if on_row:
-                    on_row(row)
-            caches.clear()
-    finally:
-        remove_selfextend(model)
-        if original is not None:
-            apply_selfextend(model, original)
+    with own_ropes(model) as apply_method:
+        try:
+            for length in lengths:
+                if length > tokens.size:
+                    raise ValueError(f"need {length} tokens of text, have {tokens.size}")
+
+                def switch(mode, length=length):
+                    _use_mode(model, mode, config, apply_method, length, trained_context)
+
+                for row in _measure_length(model, tokens[:length], modes, switch, decode_steps, prefill_step, repeats):
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+        finally:
+            remove_selfextend(model)
+            if original is not None:
+                apply_selfextend(model, original)
+    return rows
+
+
+def _measure_length(model, prompt, modes, switch, decode_steps, prefill_step, repeats) -> list:
+    """One length's rows; `switch(mode)` puts the model in a mode."""
+    best, caches, next_token = {}, {}, {}
+    mx.eval(prompt)
+    mx.synchronize()
+    resident = mx.get_active_memory()
+    for _ in range(repeats):
+        for mode in modes:
+            switch(mode)
+            cache = _new_cache(model, mode)
+            seconds, peak, y = _prefill(model, prompt, cache, prefill_step, resident)
+            kept = best.get(mode, (float("inf"), 0))
+            best[mode] = (min(kept[0], seconds), max(kept[1], peak))
+            caches[mode], next_token[mode] = cache, y
+    step_times = {mode: [] for mode in modes}
+    for step in range(decode_steps + 1):  # step 0 warms up
+        order = modes[step % len(modes) :] + modes[: step % len(modes)]
+        for mode in order:
+            switch(mode)
+            start = time.perf_counter()
+            y = model(next_token[mode], cache=caches[mode])[:, -1:].argmax(axis=-1)
+            mx.eval(y)
+            if step:
+                step_times[mode].append(time.perf_counter() - start)
+            next_token[mode] = y
+    rows = []
+    for mode in modes:
+        times = sorted(step_times[mode])
+        rows.append(
+            BenchRow(
+                length=prompt.size,
+                mode=mode,
+                prefill_tps=prompt.size / best[mode][0],
+                decode_tps=1.0 / times[len(times) // 2],
+                peak_memory_bytes=best[mode][1],
+                kv_cache_bytes=int(cache_nbytes(caches[mode])),
+            )
+        )
     return rows
