@@ -211,6 +211,7 @@ def info(
         "family": spec.family,
         "trained_context": spec.trained_context,
         "effective_context": spec.limits.effective_context,
+        "method": settings.method,
         "group_size": settings.group_size,
         "window": settings.window,
         "settings": settings.reason,

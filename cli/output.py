@@ -38,7 +38,7 @@ def header(session) -> str:
         context += f" (effective {effective:,}, from the registry)"
     parts += [
         context,
-        plan.settings.describe(),
+        plan.settings.describe() if plan.settings.plain else f"{plan.settings.method} {plan.settings.describe()}",
         f"N_max {plan.settings.formula()}",
         f"answer up to {plan.max_tokens:,}",
         memory,
@@ -90,6 +90,7 @@ def answer_record(session, answer) -> dict:
         else "off",
         "generation_tokens": answer.generation_tokens,
         "finish_reason": answer.finish_reason,
+        "method": plan.settings.method,
         "group_size": plan.settings.group_size,
         "requested_group_size": plan.requested_group_size,
         "window": plan.settings.window,

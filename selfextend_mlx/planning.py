@@ -3,6 +3,7 @@
 - reach: N_max = (L - W) * G + W                                         max_length()
 - the G/W choice: plain attention while input + answer fit the model's own context; past
   it the smallest G that covers them, W from the registry or the window rule   choose_settings()
+- the long-context method (plain, SelfExtend), from the measured scoreboard      choose_method()
 - what to do with a document past the largest reach (a summary: past the
   summary reach)                                            choose_strategy(), summary_reach()
 - the KV cache's size, SelfExtend's or plain                                 kv_cache_bytes()
@@ -117,6 +118,10 @@ class Settings:
     def plain(self) -> bool:
         return self.group_size == 1
 
+    @property
+    def method(self) -> str:
+        return choose_method(self)
+
     def config(self, **options):
         """The SelfExtendConfig to apply, or None when the run is plain attention."""
         from .core.config import SelfExtendConfig
@@ -130,6 +135,25 @@ class Settings:
             EXTENDS: " (the smallest G that reaches)",
             LARGEST: " (the largest G)",
         }.get(self.reason, "")
+
+
+PLAIN_METHOD, SELFEXTEND_METHOD = "plain", "selfextend"
+
+
+def choose_method(settings: Settings) -> str:
+    """The long-context method a run uses: the plain model where its context suffices,
+    SelfExtend past it.
+
+    From the scoreboard in docs/results.md ("Side by side", issue 25), which is where another
+    method would have to win for the planner to pick it: on stories260K at 8x its context,
+    SelfExtend kept perplexity at 4.4-6.6 where dynamic NTK reached 15.9, YaRN 28, linear 86
+    and STRING and plain broke (1,081 and 1,099); inside the context every RoPE scaling cost
+    perplexity (linear 69 against plain's 4.5 on the first 512 tokens) and STRING matched
+    plain. Passkey on that model tells the methods apart nowhere (every arm 0/6); Gemma 3 past
+    32k and SmolLM2 past 8k were measured plain against SelfExtend only. So no family or length
+    has a measured case for STRING, YaRN, NTK, linear, truncation or retrieval: those stay
+    `eval --methods` arms until one does, and this is the one place to change when it does."""
+    return PLAIN_METHOD if settings.plain else SELFEXTEND_METHOD
 
 
 def _check_given(limits: ModelLimits, group_size, window) -> None:

@@ -87,7 +87,7 @@ def test_planned_settings_are_shown_in_the_header(tmp_path, stories, story_text)
     result = invoke("ask", document, "-q", "Who?", "-m", stories, "-n", "4", "--progress")
     assert result.exit_code == 0, result.stderr
     header = next(line for line in result.stderr.splitlines() if line.startswith("model "))
-    assert "trained context 512" in header and "G=7 W=128 (the smallest G that reaches)" in header
+    assert "trained context 512" in header and "| selfextend G=7 W=128 (the smallest G that reaches)" in header
     assert "N_max" in header and "memory ~" in header
     short = write(tmp_path, "short.txt", story_text[:300])
     result = invoke("ask", short, "-q", "Who?", "-m", stories, "-n", "4", "--progress")
@@ -324,6 +324,7 @@ def test_past_the_largest_reach_ask_retrieves_and_summarize_maps_and_reduces(tmp
         record["selected_tokens"] < record["document_tokens"] and record["total_passages"] > record["selected_passages"]
     )
     assert record["prompt_tokens"] + 16 <= record["max_length"] <= 6272 and record["group_size"] > 1
+    assert record["method"] == "selfextend"
     record = json_of(invoke("summarize", document, "-m", stories, "-n", "16", "--json"))
     assert record["strategy"] == "map-reduce" and record["parts"] >= 2 and record["levels"] >= 2
     assert "summary" in record and "answer" not in record and record["document_tokens"] > 9000
@@ -333,7 +334,7 @@ def test_fitting_documents_say_strategy_full(tmp_path, stories):
     document = write(tmp_path, "note.txt", "Tom has a red ball.")
     record = json_of(invoke("ask", document, "-q", "What does Tom have?", "-m", stories, "-n", "4", "--json"))
     assert record["strategy"] == "full" and record["document_tokens"] > 0 and record["group_size"] == 1
-    assert set(record) >= {"prompt_tokens", "max_length", "group_size", "window"}
+    assert set(record) >= {"prompt_tokens", "max_length", "group_size", "window"} and record["method"] == "plain"
 
 
 def test_a_chat_about_a_document_past_the_largest_reach_is_one_error_line(tmp_path, stories, story_text):

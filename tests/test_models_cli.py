@@ -83,6 +83,7 @@ def test_info_on_a_local_folder(app, stories_dir):
     record = json.loads(out)
     assert code == 0 and record["local"] is True and record["path"] == str(stories_dir.resolve())
     assert (record["trained_context"], record["group_size"], record["window"]) == (512, 3, 128)
+    assert record["method"] == "selfextend"
     assert record["kv_cache_bytes"] == kv_cache_bytes(ModelShape(5, 4, 8), 1000, Settings(3, 128, "extends", 1280))
 
 

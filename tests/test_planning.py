@@ -92,6 +92,8 @@ def test_settings_rule(limits, tokens, given, expected):
     assert (settings.group_size, settings.window, settings.reason, settings.reach) == expected
     assert settings.plain == (expected[0] == 1)
     assert (settings.config() is None) == settings.plain
+    # the scoreboard has no case for another method: plain where it fits, SelfExtend past it
+    assert settings.method == ("plain" if settings.plain else "selfextend")
     if tokens is not None:
         assert settings.reach >= tokens
 

@@ -302,7 +302,7 @@ def _extension(work: Work, outcome: Answer) -> dict:
     """What the response adds to OpenAI's shape: how SelfExtend ran this request."""
     plan, settings = work.plan, work.plan.settings
     return {
-        "attention": "plain" if settings.plain else "selfextend",
+        "attention": settings.method,
         "group_size": settings.group_size,
         "window": None if settings.plain else settings.window,
         "settings": settings.reason,
