@@ -640,9 +640,7 @@ def ruler(
 def _print_ruler_tables(result: dict) -> None:
     from selfextend_mlx.evaluation.results import compare_results, comparison_table
 
-    for name, entry in result["tasks"].items():
-        typer.echo(f"{name}:")
-        typer.echo(comparison_table(compare_results([{**result, **entry, "task": "ruler"}])))
+    typer.echo(comparison_table(compare_results([result])))
 
 
 @eval_app.command("compare", cls=Command)
@@ -650,7 +648,7 @@ def compare_cmd(
     results: Annotated[
         list[Path],
         typer.Argument(
-            metavar="RESULT.json", help="JSON files written by `selfextend eval ppl/passkey/needle --json`."
+            metavar="RESULT.json", help="JSON files written by `selfextend eval ppl/passkey/needle/ruler --json`."
         ),
     ],
     as_json: JsonOpt = False,

@@ -88,3 +88,35 @@ def test_ruler_json(tmp_path):
         assert all(set(r["outputs"]) == {"plain", "selfextend", "string"} for r in entry["results"])
     bad = run("eval", "ruler", "-m", stories, "--tasks", "single,nope", "--lengths", "300")
     assert bad.exit_code != 0 and bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "nope" in bad.stderr
+    saved = tmp_path / "ruler.json"
+    saved.write_text(result.stdout)
+    table = run("eval", "compare", saved)
+    assert table.exit_code == 0, table.output
+    assert [line for line in table.stdout.splitlines() if line.endswith(":")] == ["multikey:", "vartrack:"]
+    assert "stories260K string" in table.stdout and table.stdout.count("accuracy") == 2
+
+
+def ruler_run(model: str, cells: dict) -> dict:
+    """A ruler result as `eval ruler --json` writes it; cells: task -> {(length, depth): {mode: correct}}."""
+    tasks = {}
+    for task, grid in cells.items():
+        rows = [{"length": n, "depth": d, "trials": 2, "correct": dict(c)} for (n, d), c in grid.items()]
+        tasks[task] = {"results": rows}
+    return {"task": "ruler", "model": model, "tasks": tasks}
+
+
+def test_ruler_runs_compare_per_task_and_pool_by_length():
+    from selfextend_mlx.evaluation.results import accuracy_by_length, compare_results, comparison_table
+
+    single = {(1024, 0.0): {"plain": 2, "selfextend": 2}, (1024, 1.0): {"plain": 0, "selfextend": 1}}
+    first = ruler_run("a", {"single": single, "vartrack": {(1024, 0.0): {"plain": 1, "selfextend": 2}}})
+    second = ruler_run("b", {"single": {(2048, 0.0): {"plain": 0, "selfextend": 1}}})
+    comparison = compare_results([first, second])
+    assert list(comparison["tasks"]) == ["single", "vartrack"]
+    assert set(comparison["tasks"]["single"]) == {"a plain", "a selfextend", "b plain", "b selfextend"}
+    assert set(comparison["tasks"]["vartrack"]) == {"a plain", "a selfextend"}
+    pooled = accuracy_by_length(comparison)
+    assert pooled["a plain"] == {1024: 3 / 6} and pooled["a selfextend"] == {1024: 5 / 6}
+    assert pooled["b selfextend"] == {2048: 1 / 2}
+    table = comparison_table(comparison)
+    assert table.startswith("single:") and "\n\nvartrack:" in table and "-" in table

@@ -10,7 +10,7 @@ from ..errors import EvaluationError
 from .common import SELFEXTEND, Mode
 from .retrieval import Cell, accuracy
 
-TASKS = ("ppl", "passkey", "needle")  # what `eval compare` reads
+TASKS = ("ppl", "passkey", "needle", "ruler")  # what `eval compare` reads
 
 
 def _number(value: float) -> Optional[float]:
@@ -165,11 +165,33 @@ def run_label(result: dict, mode: str) -> str:
 
 
 def compare_results(results: Sequence[dict]) -> dict:
-    """Several runs of one task side by side: a column per (run, mode)."""
+    """Several runs of one task side by side: a column per (run, mode); for ruler, that for
+    each of its tasks (`tasks`: task name -> columns)."""
     tasks = {r["task"] for r in results}
     if len(tasks) != 1:
         raise EvaluationError(f"can only compare results of one task, got {sorted(tasks)}")
     task = tasks.pop()
+    if task == "ruler":
+        names = list(dict.fromkeys(name for r in results for name in r["tasks"]))
+        by_task = {name: [{**r, **r["tasks"][name]} for r in results if name in r["tasks"]] for name in names}
+        return {"task": task, "tasks": {name: _columns(runs, task) for name, runs in by_task.items()}}
+    return {"task": task, "columns": _columns(results, task)}
+
+
+def accuracy_by_length(comparison: dict) -> dict:
+    """Column label -> {length: accuracy over every depth (and, for ruler, every task)}."""
+    tables = comparison["tasks"].values() if comparison["task"] == "ruler" else [comparison["columns"]]
+    counts = {}
+    for columns in tables:
+        for label, cells in columns.items():
+            for (length, _), (correct, trials) in cells.items():
+                total = counts.setdefault(label, {}).setdefault(length, [0, 0])
+                total[0] += correct
+                total[1] += trials
+    return {label: {n: c / t for n, (c, t) in sorted(by.items()) if t} for label, by in counts.items()}
+
+
+def _columns(results: Sequence[dict], task: str) -> dict:
     columns = {}
     for result in results:
         series = ppl_series(result) if task == "ppl" else retrieval_series(result)
@@ -183,10 +205,12 @@ def compare_results(results: Sequence[dict]) -> dict:
             while label in columns:  # two runs that look alike but differ still get their own column
                 label += "'"
             columns[label] = values
-    return {"task": task, "columns": columns}
+    return columns
 
 
 def comparison_table(comparison: dict) -> str:
+    if comparison["task"] == "ruler":
+        return "\n\n".join(f"{name}:\n{_retrieval_table(columns)}" for name, columns in comparison["tasks"].items())
     columns = comparison["columns"]
     if comparison["task"] == "ppl":
         ranges = []
@@ -197,6 +221,10 @@ def comparison_table(comparison: dict) -> str:
         lookup = {label: {(b["start"], b["end"]): b["ppl"] for b in buckets} for label, buckets in columns.items()}
         rows = [[f"{s}-{e}"] + [_format_ppl(lookup[label].get((s, e))) for label in columns] for s, e in ranges]
         return format_table(["positions"] + list(columns), rows)
+    return _retrieval_table(columns)
+
+
+def _retrieval_table(columns: dict) -> str:
     keys = []
     for cells in columns.values():
         keys += [k for k in cells if k not in keys]
