@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from starlette.applications import Starlette
@@ -169,7 +169,7 @@ class API:
             prompt = chat_prompt(engine.tokenizer, messages)
         else:
             prompt = parsed.prompt if isinstance(parsed.prompt, list) else completion_prompt(parsed.prompt)
-        return engine.prepare(
+        work = engine.prepare(
             prompt,
             max_tokens=parsed.answer_budget,
             temperature=parsed.temperature,
@@ -177,6 +177,8 @@ class API:
             seed=parsed.seed,
             stop=parsed.stop,
         )
+        extra = parsed.sampling_fields()  # top_k, min_p, repetition_penalty: mlx_lm.server's fields
+        return replace(work, sampling=replace(work.sampling, **extra)) if extra else work
 
     # -- completions ----------------------------------------------------------------------------------
     async def _complete(self, request: Request, chat: bool) -> Response:
@@ -193,7 +195,7 @@ class API:
             return self._error(request, error)
         except Exception as error:  # a bug: answered as JSON, logged in full here
             return self._internal_error(request, error)
-        reply = Reply(chat, self.name)
+        reply = Reply(chat, self.name, parsed.stream and parsed.include_usage)
         echo = self._echo(chat, parsed, work)
         if parsed.stream:
             events = self._stream(request, job, reply, echo, parsed.include_usage, started)
