@@ -377,7 +377,11 @@ def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Ca
                 CORSMiddleware,
                 allow_origins=list(options.allow_origins),
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type"],
+                # whatever headers the page asks for (the openai JS SDK sends x-stainless-*,
+                # OpenAI-Organization, OpenAI-Project...): these origins may call the API anyway
+                allow_headers=["*"],
+                expose_headers=["Retry-After"],  # so that a page can read when to retry a 503
+                max_age=600,
             )
         )
 
