@@ -1,9 +1,11 @@
 """The server under many clients (issue 26), loopback only, every loop bounded: clients that
 left hold no queue place, idle connections are closed, Retry-After follows the running job,
-and prefill steps stay short enough for a cancellation to be heard."""
+prefill steps stay short enough for a cancellation to be heard, and a huge prompt is refused
+before it is tokenized while a long one never holds up a short one."""
 
 import asyncio
 import socket
+import threading
 import time
 
 import httpx
@@ -15,8 +17,10 @@ from selfextend_mlx.app.generation import Sampling
 from selfextend_mlx.app.turns import MIN_STEP, TurnCancelled, TurnRunner
 from selfextend_mlx.loading.load import load, model_info
 from selfextend_mlx.planning import plan_run
+from selfextend_mlx.server import app as server_app
 from selfextend_mlx.server import runner as server_runner
 from selfextend_mlx.server.engine import Engine, EngineOptions, Job
+from selfextend_mlx.server.prompting import longest_token
 from selfextend_mlx.server.protocol import APIError
 
 
@@ -108,3 +112,76 @@ def test_slow_prefill_steps_shrink_so_a_cancellation_is_heard_soon(stories):
     calls = []
     with pytest.raises(TurnCancelled):
         runner(1e-9).feed(tokens, cancel=lambda: calls.append(1) or len(calls) > 5)
+
+
+# -- huge prompts ---------------------------------------------------------------------------------
+
+
+def counting_encode(tokenizer, monkeypatch, before=lambda text: None) -> list[int]:
+    """The lengths of the texts the tokenizer is asked to encode from now on (before(text)
+    runs first)."""
+    seen, original = [], tokenizer._tokenizer.encode
+
+    def encode(text, **kwargs):
+        seen.append(len(text))
+        before(text)
+        return original(text, **kwargs)
+
+    monkeypatch.setattr(tokenizer._tokenizer, "encode", encode)
+    return seen
+
+
+def test_a_prompt_too_long_for_the_reach_is_refused_before_it_is_tokenized(stories, monkeypatch):
+    model, tokenizer = stories
+    longest = longest_token(tokenizer)
+    text = shared_path("text", "tinystories_sample.txt").read_text()
+    assert len(tokenizer.encode(text)) >= len(text) / longest  # the bound holds for real text
+    seen = counting_encode(tokenizer, monkeypatch)
+    with LiveServer(model, tokenizer) as live:
+        reach = live.engine.reach()
+        huge = (text * (reach * longest // len(text) + 1))[: reach * longest]
+        started = time.perf_counter()
+        for path, body in (
+            ("/chat/completions", {"messages": [{"role": "user", "content": huge}]}),
+            ("/completions", {"prompt": huge}),
+        ):
+            reply = httpx.post(live.url + path, json=body, timeout=60)
+            assert reply.status_code == 400, reply.text
+            error = reply.json()["error"]
+            assert error["code"] == "context_length_exceeded" and error["min_prompt_tokens"] >= reach
+            assert error["max_context_length"] == reach and error["prompt_characters"] == len(huge)
+        assert time.perf_counter() - started < 10
+        assert not any(n >= len(huge) // 2 for n in seen)  # nothing that long was tokenized
+        tokens = httpx.post(live.url + "/completions", json={"prompt": [1] * reach}, timeout=60)
+        assert tokens.json()["error"]["code"] == "context_length_exceeded"
+        assert httpx.post(live.url + "/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_short_request_is_answered_while_a_long_prompt_is_tokenized(stories, monkeypatch):
+    monkeypatch.setattr(server_app, "LARGE_PROMPT_CHARS", 1000, raising=False)
+    model, tokenizer = stories
+    entered, release = threading.Event(), threading.Event()
+
+    def stall(text):
+        if len(text) > 1000:  # a long prompt tokenizes until released (30 s at most)
+            entered.set()
+            release.wait(30)
+
+    counting_encode(tokenizer, monkeypatch, stall)
+    results = {}
+    with LiveServer(model, tokenizer) as live:
+        long = {"prompt": "Once upon a time " * 100, "max_tokens": 2}
+        sender = threading.Thread(
+            target=lambda: results.update(long=httpx.post(live.url + "/completions", json=long, timeout=60))
+        )
+        sender.start()
+        try:
+            assert entered.wait(30)
+            for _ in range(3):
+                short = httpx.post(live.url + "/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+                assert short.status_code == 200, short.text
+            assert sender.is_alive() and not release.is_set()  # all while the long one was tokenized
+        finally:
+            release.set()
+            sender.join(60)
+    assert results["long"].status_code == 200, results["long"].text

@@ -30,7 +30,7 @@ from starlette.routing import Route
 from ..app.turns import Answer
 from .engine import Engine, Failed, Finished, Job, Progress, Text, Work
 from .guard import RequestGuard
-from .prompting import chat_prompt, completion_prompt
+from .prompting import chat_prompt, completion_prompt, longest_token
 from .protocol import (
     SERVER_ERROR,
     APIError,
@@ -44,6 +44,9 @@ from .protocol import (
 DEFAULT_MAX_REQUEST_BYTES = 16_000_000  # a whole book is about 1 MB of text
 KEEPALIVE_SECONDS = 10  # a comment line on a stream that waits, so that proxies keep it open
 CLIENT_CLOSED = 499  # no one reads this status: the client has gone (nginx's convention)
+# Prompts longer than this (in characters) are rendered and tokenized in a lane of their own, so
+# that a short request never waits behind a book being tokenized (a second or more a megabyte).
+LARGE_PROMPT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,11 @@ class API:
         self.names = {n.lower() for n in names}
         self.started = int(time.time())
         self.guard = RequestGuard(options.host, options.allow_hosts, options.allow_origins)
-        # Prompts are rendered and tokenized here, off the event loop, one at a time.
-        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        # Prompts are rendered and tokenized off the event loop (the tokenizer lets go of the
+        # GIL), large ones one at a time in their own lane, beside the short ones.
+        self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self.tokenizing_large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-large")
+        self.longest_token = longest_token(engine.tokenizer)  # characters: bounds a prompt's tokens from below
 
     # -- routes -------------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
@@ -161,6 +167,32 @@ class API:
             code="model_not_found",
         )
 
+    def _check_length(self, chat: bool, parsed) -> int:
+        """The prompt's length in characters (token ids: in tokens); a 400
+        context_length_exceeded, before anything is rendered or tokenized, when a prompt that
+        long is more tokens than the reach holds whatever they are (each token is at most
+        `longest_token` characters)."""
+        prompt = None if chat else parsed.prompt
+        if isinstance(prompt, list):
+            chars = at_least = len(prompt)
+        else:
+            chars = sum(len(m.text) for m in parsed.messages) if chat else len(prompt)
+            at_least = -(-chars // self.longest_token) if self.longest_token else 0
+        reach = self.engine.reach()
+        if at_least < reach:  # one token at least is left for the answer
+            return chars
+        raise APIError(
+            400,
+            f"This model's maximum context length is {reach:,} tokens with SelfExtend, and the prompt "
+            f"({chars:,} characters) is at least {at_least:,} tokens. Please shorten the prompt.",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+            prompt_characters=chars,
+            min_prompt_tokens=at_least,
+            max_context_length=reach,
+            trained_context=self.engine.info.trained_context,
+        )
+
     def _prepare(self, chat: bool, parsed) -> Work:
         """Runs in the tokenizing thread."""
         engine = self.engine
@@ -187,8 +219,10 @@ class API:
             self._authorize(request)
             parsed = parse_request(await self._body(request), ChatRequest if chat else CompletionRequest)
             self._check_model(parsed.model)
+            chars = self._check_length(chat, parsed)
+            lane = self.tokenizing_large if chars > LARGE_PROMPT_CHARS else self.tokenizing
             loop = asyncio.get_running_loop()
-            work = await loop.run_in_executor(self.tokenizing, self._prepare, chat, parsed)
+            work = await loop.run_in_executor(lane, self._prepare, chat, parsed)
             job = Job(work, loop)
             self.engine.submit(job)
         except APIError as error:
@@ -390,7 +424,8 @@ def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Ca
         try:
             yield
         finally:
-            api.tokenizing.shutdown(wait=False, cancel_futures=True)
+            for lane in (api.tokenizing, api.tokenizing_large):
+                lane.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(
         routes=routes, middleware=middleware, exception_handlers={HTTPException: not_routed}, lifespan=lifespan

@@ -33,6 +33,20 @@ class Prompt:
         return head + encode(tokenizer, self.text[len(self.prefix) :], first=False), len(head)
 
 
+def longest_token(tokenizer) -> Optional[int]:
+    """The most characters one token of `tokenizer` stands for, at least (the longest entry of
+    its vocabulary as spelled there: a byte-level entry has one character per byte, so never
+    fewer than it decodes to). A text of n characters is then at least n / this many tokens.
+    None when the vocabulary cannot be read."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        pieces = inner.convert_ids_to_tokens(list(range(len(inner))))
+    except Exception:
+        return None
+    lengths = [len(piece) for piece in pieces if piece]
+    return max(lengths) if lengths else None
+
+
 def completion_prompt(text: str) -> Prompt:
     head = _head(text)
     return Prompt(text, head, _label(head))
