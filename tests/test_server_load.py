@@ -19,6 +19,7 @@ from selfextend_mlx.loading.load import load, model_info
 from selfextend_mlx.planning import plan_run
 from selfextend_mlx.server import app as server_app
 from selfextend_mlx.server import runner as server_runner
+from selfextend_mlx.server.app import ServerOptions
 from selfextend_mlx.server.engine import Engine, EngineOptions, Job
 from selfextend_mlx.server.prompting import longest_token
 from selfextend_mlx.server.protocol import APIError
@@ -80,6 +81,23 @@ def test_idle_connections_are_closed_and_every_client_still_gets_in(stories, mon
         finally:
             for connection in idle:
                 connection.close()
+        assert httpx.get(live.base + "/health", timeout=10).status_code == 200
+
+
+def test_a_body_that_stops_coming_is_a_408_and_the_connection_is_freed(stories, monkeypatch):
+    monkeypatch.setattr(server_app, "BODY_SECONDS", 0.5, raising=False)
+    model, tokenizer = stories
+    with LiveServer(model, tokenizer) as live:
+        with socket.create_connection(live.sock.getsockname()[:2], timeout=10) as raw:
+            raw.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"pro')
+            answer = ""
+            for _ in range(20):  # the status line and headers, then the body
+                piece = raw.recv(65536).decode()
+                answer += piece
+                if not piece or "request_timeout" in answer:
+                    break
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert '"code":"request_timeout"' in answer.replace(" ", "")
         assert httpx.get(live.base + "/health", timeout=10).status_code == 200
 
 
@@ -185,3 +203,42 @@ def test_a_short_request_is_answered_while_a_long_prompt_is_tokenized(stories, m
             release.set()
             sender.join(60)
     assert results["long"].status_code == 200, results["long"].text
+
+
+def test_past_the_open_request_limit_a_503_is_json_and_health_still_answers(stories, monkeypatch):
+    model, tokenizer = stories
+    release, stalled = threading.Event(), []
+
+    def stall(text):
+        if "STALL" in text:  # both requests stay under way (tokenizing) until released
+            stalled.append(text)
+            release.wait(30)
+
+    counting_encode(tokenizer, monkeypatch, stall)
+    replies = []
+    with LiveServer(model, tokenizer, server_options=ServerOptions(max_open_requests=2)) as live:
+        idle = [socket.create_connection(live.sock.getsockname()[:2], timeout=5) for _ in range(5)]
+        body = {"prompt": "STALL once", "max_tokens": 2}
+        senders = [
+            threading.Thread(target=lambda: replies.append(httpx.post(live.url + "/completions", json=body)))
+            for _ in range(2)
+        ]
+        try:
+            for sender in senders:
+                sender.start()
+            deadline = time.monotonic() + 30
+            while len(stalled) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            busy = httpx.post(live.url + "/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
+            assert busy.status_code == 503, busy.text
+            assert busy.headers["content-type"].startswith("application/json")
+            assert busy.json()["error"]["code"] == "server_busy" and int(busy.headers["Retry-After"]) >= 1
+            assert httpx.get(live.base + "/health", timeout=10).json()["status"] == "ok"
+        finally:
+            release.set()
+            for sender in senders:
+                sender.join(60)
+            for connection in idle:
+                connection.close()
+        assert [reply.status_code for reply in replies] == [200, 200]
+        assert httpx.post(live.url + "/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200

@@ -100,6 +100,25 @@ def test_listening_beyond_localhost_warns(stories_path):
     assert warning and "other machines can reach this server" in warning[0] and "--api-key" in warning[0]
 
 
+def test_idle_connections_past_the_request_limit_lock_no_client_out(stories_path):
+    """--queue-size 0: 64 requests may be under way; 80 connections that send nothing must
+    not count (uvicorn's own limit counted them and answered a plain-text 503)."""
+    server = ServeProcess("-m", stories_path, "--queue-size", "0")
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    idle = []
+    try:
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(80)]
+        time.sleep(0.5)
+        health = httpx.get(server.url.removesuffix("/v1") + "/health", timeout=30)
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+        reply = httpx.post(server.url + "/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 200, reply.text
+    finally:
+        for connection in idle:
+            connection.close()
+        assert server.stop() == 0
+
+
 # -- a bounded load --------------------------------------------------------------------------------
 
 CLIENTS, REQUESTS = 8, 5

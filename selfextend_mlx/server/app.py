@@ -43,6 +43,7 @@ from .protocol import (
 
 DEFAULT_MAX_REQUEST_BYTES = 16_000_000  # a whole book is about 1 MB of text
 KEEPALIVE_SECONDS = 10  # a comment line on a stream that waits, so that proxies keep it open
+BODY_SECONDS = 60.0  # a request's body must have arrived within this once its headers have
 CLIENT_CLOSED = 499  # no one reads this status: the client has gone (nginx's convention)
 # Prompts longer than this (in characters) are rendered and tokenized in a lane of their own, so
 # that a short request never waits behind a book being tokenized (a second or more a megabyte).
@@ -58,6 +59,10 @@ class ServerOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allow_origins: tuple[str, ...] = ()  # browsers allowed to call the API from other origins (CORS)
     allow_hosts: tuple[str, ...] = ()  # Host names answered besides addresses, localhost and `host`
+    max_open_requests: Optional[int] = None  # requests under way at once (default: the queue size + 64)
+
+
+OPEN_REQUESTS_BEYOND_QUEUE = 64  # requests being read, tokenized or answered besides the queue's
 
 
 def model_names(engine: Engine, name: Optional[str]) -> tuple[str, list[str]]:
@@ -141,6 +146,7 @@ class API:
             )
 
     async def _body(self, request: Request) -> bytes:
+        """The whole body: a 413 past the size cap, a 408 when it is not all sent in time."""
         limit = self.options.max_request_bytes
         too_large = APIError(
             413,
@@ -151,10 +157,16 @@ class API:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        try:
+            async with asyncio.timeout(BODY_SECONDS):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise APIError(
+                408, f"the request body did not arrive within {BODY_SECONDS:.0f} s", code="request_timeout"
+            ) from None
         return bytes(body)
 
     def _check_model(self, requested: Optional[str]) -> None:
@@ -384,6 +396,37 @@ class GuardMiddleware:
         await self.app(scope, receive, send)
 
 
+class RequestLimit:
+    """At most `limit` HTTP requests under way at once (/health aside, so that it answers under
+    any load); beyond it a 503 `server_busy` JSON error with Retry-After. Only requests count:
+    a connection that has sent nothing holds no place (runner.RequestDeadline closes it)."""
+
+    def __init__(self, app, api: API, limit: int):
+        self.app, self.api, self.limit = app, api, limit
+        self.open = 0  # touched on the event loop only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        if self.open >= self.limit:
+            seconds = self.api.engine.retry_after()
+            busy = APIError(
+                503,
+                f"the server is busy: {self.open} requests are under way; retry in about {seconds} s",
+                type=SERVER_ERROR,
+                code="server_busy",
+                headers={"Retry-After": str(seconds)},
+            )
+            await self.api._error(Request(scope), busy)(scope, receive, send)
+            return
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
+
+
 def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Callable[[str], None] = print):
     api = API(engine, options, log)
 
@@ -418,6 +461,8 @@ def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Ca
                 max_age=600,
             )
         )
+    limit = options.max_open_requests or engine.options.queue_size + OPEN_REQUESTS_BEYOND_QUEUE
+    middleware.append(Middleware(RequestLimit, api=api, limit=limit))  # inside CORS: its 503s carry CORS headers
 
     @asynccontextmanager
     async def lifespan(app):

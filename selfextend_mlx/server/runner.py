@@ -29,8 +29,9 @@ REQUEST_SECONDS = 10.0  # a connection must have sent a request's headers within
 class RequestDeadline(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: a connection
     that sends nothing, or trickles its headers, is closed after REQUEST_SECONDS instead of
-    holding a place for ever (uvicorn's keep-alive timeout only starts after a response, and
-    its concurrency limit counts such connections: 80 of them locked every client out)."""
+    holding a socket for ever (uvicorn's keep-alive timeout only starts after a response).
+    Such connections hold no place in app.RequestLimit, which counts requests: when uvicorn's
+    concurrency limit counted them, 80 of them locked every client out with a plain-text 503."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -109,8 +110,8 @@ def serve(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=GRACE_SECONDS,
-        http=RequestDeadline,
-        limit_concurrency=engine.options.queue_size + 64,  # beyond this uvicorn answers 503 itself
+        http=RequestDeadline,  # no limit_concurrency: app.RequestLimit answers a JSON 503 instead, and
+        # counts requests only (uvicorn's counted idle connections too, and answered in plain text)
     )
     server = uvicorn.Server(config)
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
