@@ -53,6 +53,61 @@ def test_clients_that_left_hold_no_place_in_the_queue(stories, loop):
     assert engine.submit(Job(work, loop)) == 0  # a new client is taken at once
 
 
+def held(model, monkeypatch) -> threading.Event:
+    """Every forward pass of `model` waits (30 s at most) until the returned event is set: a
+    request the engine takes up stays running until then."""
+    release, original = threading.Event(), type(model).__call__
+
+    def waiting(self, *args, **kwargs):
+        release.wait(30)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "__call__", waiting)
+    return release
+
+
+def health(live) -> dict:
+    return httpx.get(live.base + "/health", timeout=10).json()
+
+
+def test_queued_clients_that_leave_over_http_leave_the_queue_at_once(stories, monkeypatch):
+    model, tokenizer = stories
+    release = held(model, monkeypatch)
+    gave_up = []
+
+    def impatient(stream: bool) -> None:  # gives up after 3 s in the queue
+        body = {"prompt": "Once", "max_tokens": 2, "stream": stream}
+        try:
+            with httpx.stream("POST", live.url + "/completions", json=body, timeout=httpx.Timeout(10, read=3)) as r:
+                list(r.iter_lines())
+        except httpx.ReadTimeout:
+            gave_up.append(stream)
+
+    with LiveServer(model, tokenizer, EngineOptions(queue_size=4)) as live:
+        running = {"prompt": "Once upon a time", "max_tokens": 8, "stream": True}
+        with httpx.stream("POST", live.url + "/completions", json=running, timeout=60):
+            try:
+                deadline = time.monotonic() + 10
+                while not health(live)["running"] and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                clients = [threading.Thread(target=impatient, args=(i % 2 == 0,)) for i in range(4)]
+                for client in clients:
+                    client.start()
+                while health(live)["waiting"] < 4 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert health(live)["waiting"] == 4
+                for client in clients:
+                    client.join(30)
+                left = time.monotonic()
+                while health(live)["waiting"] and time.monotonic() < left + 5:
+                    time.sleep(0.02)
+                assert health(live)["waiting"] == 0 and health(live)["running"]  # the first still runs
+                assert time.monotonic() - left < 2  # they left at once, not when it ends
+            finally:
+                release.set()
+    assert sorted(gave_up) == [False, False, True, True]
+
+
 def test_retry_after_follows_the_running_job(stories, loop):
     model, tokenizer = stories
     engine = Engine(model, tokenizer)
@@ -66,6 +121,25 @@ def test_retry_after_follows_the_running_job(stories, loop):
     assert engine.retry_after() == pytest.approx(expected, abs=1.5) and engine.retry_after() > 14
     running.prompt_done = 0  # no progress yet: at least as long again as it has run
     assert engine.retry_after() >= 120
+
+
+def test_a_busy_503_over_http_counts_the_time_the_running_request_has_taken(stories, monkeypatch):
+    model, tokenizer = stories
+    release = held(model, monkeypatch)
+    with LiveServer(model, tokenizer, EngineOptions(queue_size=0)) as live:
+        live.engine._seconds.extend([1.0, 1.0])  # past requests took a second
+        body = {"prompt": "Once upon a time", "max_tokens": 8, "stream": True}
+        with httpx.stream("POST", live.url + "/completions", json=body, timeout=60):
+            try:
+                deadline = time.monotonic() + 10
+                while not health(live)["running"] and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(3)  # this one has run 3 s and not read its prompt yet
+                busy = httpx.post(live.url + "/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=10)
+            finally:
+                release.set()
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
+    assert int(busy.headers["Retry-After"]) >= 3  # not the 1 s of the past requests
 
 
 def test_idle_connections_are_closed_and_every_client_still_gets_in(stories, monkeypatch):
