@@ -179,6 +179,10 @@ class API:
             code="model_not_found",
         )
 
+    def _lane(self, length: int) -> ThreadPoolExecutor:
+        """Where a body or prompt of `length` bytes or characters is parsed and tokenized."""
+        return self.tokenizing_large if length > LARGE_PROMPT_CHARS else self.tokenizing
+
     def _check_length(self, chat: bool, parsed) -> int:
         """The prompt's length in characters (token ids: in tokens); a 400
         context_length_exceeded, before anything is rendered or tokenized, when a prompt that
@@ -229,12 +233,12 @@ class API:
         started = time.perf_counter()
         try:
             self._authorize(request)
-            parsed = parse_request(await self._body(request), ChatRequest if chat else CompletionRequest)
+            body, loop = await self._body(request), asyncio.get_running_loop()
+            kind = ChatRequest if chat else CompletionRequest  # a large body is parsed in the large lane too
+            parsed = await loop.run_in_executor(self._lane(len(body)), parse_request, body, kind)
             self._check_model(parsed.model)
             chars = self._check_length(chat, parsed)
-            lane = self.tokenizing_large if chars > LARGE_PROMPT_CHARS else self.tokenizing
-            loop = asyncio.get_running_loop()
-            work = await loop.run_in_executor(lane, self._prepare, chat, parsed)
+            work = await loop.run_in_executor(self._lane(chars), self._prepare, chat, parsed)
             job = Job(work, loop)
             self.engine.submit(job)
         except APIError as error:
