@@ -85,6 +85,17 @@ BAD_BODIES = [
     ("a penalty", chat(presence_penalty=0.5).encode(), "presence_penalty"),
     ("json mode", chat(response_format={"type": "json_object"}).encode(), "response_format"),
     ("stream_options not an object", chat(stream_options=True).encode(), "stream_options"),
+    ("stream_options without stream", chat(stream_options={"include_usage": True}).encode(), "stream_options"),
+    ("an empty user message", b'{"messages": [{"role": "user", "content": ""}]}', "messages[0].content"),
+    (
+        "a blank user message",
+        chat(messages=[*USER, {"role": "user", "content": " \n"}]).encode(),
+        "messages[1].content",
+    ),
+    ("a user message without content", b'{"messages": [{"role": "user"}]}', "messages[0].content"),
+    ("top_k a float", chat(top_k=1.5).encode(), "top_k"),
+    ("min_p above 1", chat(min_p=1.5).encode(), "min_p"),
+    ("a negative repetition penalty", chat(repetition_penalty=-1).encode(), "repetition_penalty"),
 ]
 
 
@@ -101,6 +112,7 @@ BAD_COMPLETIONS = [
     ("an empty token list", {"prompt": []}, "prompt"),
     ("a suffix", {"prompt": "a", "suffix": "b"}, "suffix"),
     ("best_of", {"prompt": "a", "best_of": 3}, "best_of"),
+    ("stream_options without stream", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
 ]
 
 

@@ -81,6 +81,32 @@ def test_only_allowed_origins_may_call(server):
     assert httpx.get(server.url + "/models", timeout=TIMEOUT).status_code == 200
 
 
+# What the official openai JavaScript SDK (v4, v5) sends from a browser besides the body's type.
+SDK_HEADERS = (
+    "authorization,content-type,openai-beta,openai-organization,openai-project,x-stainless-arch,"
+    "x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-retry-count,"
+    "x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout"
+)
+
+
+def test_a_browser_running_the_openai_js_sdk_may_call_from_an_allowed_origin(server):
+    page = {"Origin": "http://localhost:3000"}
+    asked = {**page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": SDK_HEADERS}
+    preflight = httpx.options(server.url + "/chat/completions", headers=asked, timeout=TIMEOUT)
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    allowed = {h.strip().lower() for h in preflight.headers["access-control-allow-headers"].split(",")}
+    assert set(SDK_HEADERS.split(",")) <= allowed
+    sdk = {name: "1" for name in SDK_HEADERS.split(",") if name.startswith(("x-", "openai-"))}
+    reply = post(server, {**page, **sdk, "Content-Type": "application/json", "Authorization": "Bearer x"})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "retry-after" in reply.headers["access-control-expose-headers"].lower()
+    other = {**asked, "Origin": "http://evil.example"}
+    refused(httpx.options(server.url + "/chat/completions", headers=other, timeout=TIMEOUT), 403, "origin_not_allowed")
+
+
 def test_the_disk_store_keeps_to_the_size_limit(stories, tmp_path):
     model, tokenizer = stories
     prompt = " ".join(f"w{i}" for i in range(300))

@@ -150,6 +150,10 @@ def test_models_without_a_template_get_the_plain_layout(plain_tokenizer):
         {"role": "user", "content": "Q2"},
     ]
     assert chat_prompt(tokenizer, turns).text == "Question: Q1\nAnswer: A1\n\nQuestion: Q2\nAnswer:"
+    first = chat_prompt(tokenizer, turns[:1]).text
+    assert first == "Question: Q1\nAnswer:"  # laid out as the later turns: their prompts begin with it
+    answered = [turns[0], {"role": "assistant", "content": " A1"}, turns[2]]  # as the model wrote it
+    assert chat_prompt(tokenizer, answered).text == chat_prompt(tokenizer, turns).text
     with pytest.raises(APIError, match="no chat template"):
         chat_prompt(tokenizer, [{"role": "assistant", "content": "Hello!"}])
 

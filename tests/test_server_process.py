@@ -1,7 +1,8 @@
 """`selfextend serve` as a real process on stories260K: it prints its URL, refuses a port in use
 before loading anything, warns when it listens beyond this machine, stays right and flat in
-memory under a bounded load (8 clients x 5 requests), and stops within seconds with exit 0 on
-SIGTERM in the middle of a stream."""
+memory under a bounded load (8 clients x 5 requests), lets no idle connections lock clients
+out, and stops within seconds with exit 0 on SIGTERM in the middle of a stream or of a long
+prefill (where /health stops saying ok at once)."""
 
 import re
 import signal
@@ -100,6 +101,25 @@ def test_listening_beyond_localhost_warns(stories_path):
     assert warning and "other machines can reach this server" in warning[0] and "--api-key" in warning[0]
 
 
+def test_idle_connections_past_the_request_limit_lock_no_client_out(stories_path):
+    """--queue-size 0: 64 requests may be under way; 80 connections that send nothing must
+    not count (uvicorn's own limit counted them and answered a plain-text 503)."""
+    server = ServeProcess("-m", stories_path, "--queue-size", "0")
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    idle = []
+    try:
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(80)]
+        time.sleep(0.5)
+        health = httpx.get(server.url.removesuffix("/v1") + "/health", timeout=30)
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+        reply = httpx.post(server.url + "/completions", json={"prompt": "Once", "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 200, reply.text
+    finally:
+        for connection in idle:
+            connection.close()
+        assert server.stop() == 0
+
+
 # -- a bounded load --------------------------------------------------------------------------------
 
 CLIENTS, REQUESTS = 8, 5
@@ -184,6 +204,40 @@ def test_sigterm_during_a_stream_ends_it_and_exits_0_within_seconds(stories_path
     assert queued["reply"].status_code == 503
     assert queued["reply"].json()["error"]["code"] == "server_shutting_down"
     assert "stopped" in "".join(server.stderr)
+    assert not any("Traceback" in line for line in server.stderr)
+
+
+def test_sigterm_during_a_long_prefill_exits_within_seconds_and_health_stops_saying_ok(stories_path, stories):
+    _, tokenizer = stories
+    story = shared_path("text", "tinystories_sample.txt").read_text()
+    prompt = tokenizer.encode(story)[:6000]  # about 15 s of prefill on a 2-core CPU
+    server = ServeProcess("-m", stories_path)
+    base = server.url.removesuffix("/v1")
+    body = {"prompt": prompt, "max_tokens": 8, "stream": True}
+    with (
+        httpx.Client(base_url=base, timeout=30) as health,
+        httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as reply,
+    ):
+        assert health.get("/health").json()["status"] == "ok"
+        lines = reply.iter_lines()
+        for line in lines:
+            if line.startswith(": reading the prompt"):
+                break
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        try:  # the same keep-alive connection: a 503 "shutting down", or closed already
+            after = health.get("/health")
+            assert after.status_code == 503 and after.json()["status"] == "shutting down", after.text
+        except httpx.TransportError:
+            pass
+        rest = list(lines)
+    code = server.process.wait(20)
+    took = time.monotonic() - stopped
+    assert code == 0
+    assert took < 10, f"{took:.1f}s"
+    errors = [line for line in rest if '"error"' in line]
+    assert errors and "server_shutting_down" in errors[-1]
     assert not any("Traceback" in line for line in server.stderr)
 
 

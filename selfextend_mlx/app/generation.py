@@ -32,6 +32,8 @@ class Sampling:
     min_tokens_to_keep: int = 1
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
+    repetition_penalty: float = 0.0  # mlx-lm's sign-aware penalty over recent tokens (0 or 1: none)
+    repetition_context_size: int = 20  # how many recent tokens it looks at (mlx-lm's default)
     seed: Optional[int] = None
     stop_loops: bool = True  # end the answer once it repeats itself (see repeating_tail)
 
@@ -52,6 +54,17 @@ class Sampling:
             xtc_probability=self.xtc_probability,
             xtc_threshold=self.xtc_threshold,
             xtc_special_tokens=special,
+        )
+
+    def logits_processors(self) -> list:
+        """mlx-lm's logits processors for these settings (none without a repetition penalty).
+        The penalty sees the tokens given to the generator: the prompt's last and the answer's."""
+        from mlx_lm.sample_utils import make_logits_processors
+
+        if self.repetition_penalty in (0.0, 1.0):
+            return []
+        return make_logits_processors(
+            repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
         )
 
 
@@ -83,6 +96,7 @@ def stream_answer(model, tokenizer, cache, last_token: int, max_tokens: int, sam
         mx.array([last_token]),
         max_tokens=max_tokens,
         sampler=sampling.sampler(tokenizer),
+        logits_processors=sampling.logits_processors(),
         prompt_cache=cache,
     ):
         generated.append(response.token)

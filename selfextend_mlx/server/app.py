@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from starlette.applications import Starlette
@@ -30,7 +30,7 @@ from starlette.routing import Route
 from ..app.turns import Answer
 from .engine import Engine, Failed, Finished, Job, Progress, Text, Work
 from .guard import RequestGuard
-from .prompting import chat_prompt, completion_prompt
+from .prompting import chat_prompt, completion_prompt, longest_token
 from .protocol import (
     SERVER_ERROR,
     APIError,
@@ -43,7 +43,11 @@ from .protocol import (
 
 DEFAULT_MAX_REQUEST_BYTES = 16_000_000  # a whole book is about 1 MB of text
 KEEPALIVE_SECONDS = 10  # a comment line on a stream that waits, so that proxies keep it open
+BODY_SECONDS = 60.0  # a request's body must have arrived within this once its headers have
 CLIENT_CLOSED = 499  # no one reads this status: the client has gone (nginx's convention)
+# Prompts longer than this (in characters) are rendered and tokenized in a lane of their own, so
+# that a short request never waits behind a book being tokenized (a second or more a megabyte).
+LARGE_PROMPT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class ServerOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allow_origins: tuple[str, ...] = ()  # browsers allowed to call the API from other origins (CORS)
     allow_hosts: tuple[str, ...] = ()  # Host names answered besides addresses, localhost and `host`
+    max_open_requests: Optional[int] = None  # requests under way at once (default: the queue size + 64)
+
+
+OPEN_REQUESTS_BEYOND_QUEUE = 64  # requests being read, tokenized or answered besides the queue's
 
 
 def model_names(engine: Engine, name: Optional[str]) -> tuple[str, list[str]]:
@@ -72,8 +80,11 @@ class API:
         self.names = {n.lower() for n in names}
         self.started = int(time.time())
         self.guard = RequestGuard(options.host, options.allow_hosts, options.allow_origins)
-        # Prompts are rendered and tokenized here, off the event loop, one at a time.
-        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        # Prompts are rendered and tokenized off the event loop (the tokenizer lets go of the
+        # GIL), large ones one at a time in their own lane, beside the short ones.
+        self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self.tokenizing_large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-large")
+        self.longest_token = longest_token(engine.tokenizer)  # characters: bounds a prompt's tokens from below
 
     # -- routes -------------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
@@ -135,6 +146,7 @@ class API:
             )
 
     async def _body(self, request: Request) -> bytes:
+        """The whole body: a 413 past the size cap, a 408 when it is not all sent in time."""
         limit = self.options.max_request_bytes
         too_large = APIError(
             413,
@@ -145,10 +157,16 @@ class API:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        try:
+            async with asyncio.timeout(BODY_SECONDS):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise APIError(
+                408, f"the request body did not arrive within {BODY_SECONDS:.0f} s", code="request_timeout"
+            ) from None
         return bytes(body)
 
     def _check_model(self, requested: Optional[str]) -> None:
@@ -161,6 +179,36 @@ class API:
             code="model_not_found",
         )
 
+    def _lane(self, length: int) -> ThreadPoolExecutor:
+        """Where a body or prompt of `length` bytes or characters is parsed and tokenized."""
+        return self.tokenizing_large if length > LARGE_PROMPT_CHARS else self.tokenizing
+
+    def _check_length(self, chat: bool, parsed) -> int:
+        """The prompt's length in characters (token ids: in tokens); a 400
+        context_length_exceeded, before anything is rendered or tokenized, when a prompt that
+        long is more tokens than the reach holds whatever they are (each token is at most
+        `longest_token` characters)."""
+        prompt = None if chat else parsed.prompt
+        if isinstance(prompt, list):
+            chars = at_least = len(prompt)
+        else:
+            chars = sum(len(m.text) for m in parsed.messages) if chat else len(prompt)
+            at_least = -(-chars // self.longest_token) if self.longest_token else 0
+        reach = self.engine.reach()
+        if at_least < reach:  # one token at least is left for the answer
+            return chars
+        raise APIError(
+            400,
+            f"This model's maximum context length is {reach:,} tokens with SelfExtend, and the prompt "
+            f"({chars:,} characters) is at least {at_least:,} tokens. Please shorten the prompt.",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+            prompt_characters=chars,
+            min_prompt_tokens=at_least,
+            max_context_length=reach,
+            trained_context=self.engine.info.trained_context,
+        )
+
     def _prepare(self, chat: bool, parsed) -> Work:
         """Runs in the tokenizing thread."""
         engine = self.engine
@@ -169,7 +217,7 @@ class API:
             prompt = chat_prompt(engine.tokenizer, messages)
         else:
             prompt = parsed.prompt if isinstance(parsed.prompt, list) else completion_prompt(parsed.prompt)
-        return engine.prepare(
+        work = engine.prepare(
             prompt,
             max_tokens=parsed.answer_budget,
             temperature=parsed.temperature,
@@ -177,23 +225,27 @@ class API:
             seed=parsed.seed,
             stop=parsed.stop,
         )
+        extra = parsed.sampling_fields()  # top_k, min_p, repetition_penalty: mlx_lm.server's fields
+        return replace(work, sampling=replace(work.sampling, **extra)) if extra else work
 
     # -- completions ----------------------------------------------------------------------------------
     async def _complete(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
         try:
             self._authorize(request)
-            parsed = parse_request(await self._body(request), ChatRequest if chat else CompletionRequest)
+            body, loop = await self._body(request), asyncio.get_running_loop()
+            kind = ChatRequest if chat else CompletionRequest  # a large body is parsed in the large lane too
+            parsed = await loop.run_in_executor(self._lane(len(body)), parse_request, body, kind)
             self._check_model(parsed.model)
-            loop = asyncio.get_running_loop()
-            work = await loop.run_in_executor(self.tokenizing, self._prepare, chat, parsed)
+            chars = self._check_length(chat, parsed)
+            work = await loop.run_in_executor(self._lane(chars), self._prepare, chat, parsed)
             job = Job(work, loop)
             self.engine.submit(job)
         except APIError as error:
             return self._error(request, error)
         except Exception as error:  # a bug: answered as JSON, logged in full here
             return self._internal_error(request, error)
-        reply = Reply(chat, self.name)
+        reply = Reply(chat, self.name, parsed.stream and parsed.include_usage)
         echo = self._echo(chat, parsed, work)
         if parsed.stream:
             events = self._stream(request, job, reply, echo, parsed.include_usage, started)
@@ -348,6 +400,37 @@ class GuardMiddleware:
         await self.app(scope, receive, send)
 
 
+class RequestLimit:
+    """At most `limit` HTTP requests under way at once (/health aside, so that it answers under
+    any load); beyond it a 503 `server_busy` JSON error with Retry-After. Only requests count:
+    a connection that has sent nothing holds no place (runner.RequestDeadline closes it)."""
+
+    def __init__(self, app, api: API, limit: int):
+        self.app, self.api, self.limit = app, api, limit
+        self.open = 0  # touched on the event loop only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        if self.open >= self.limit:
+            seconds = self.api.engine.retry_after()
+            busy = APIError(
+                503,
+                f"the server is busy: {self.open} requests are under way; retry in about {seconds} s",
+                type=SERVER_ERROR,
+                code="server_busy",
+                headers={"Retry-After": str(seconds)},
+            )
+            await self.api._error(Request(scope), busy)(scope, receive, send)
+            return
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
+
+
 def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Callable[[str], None] = print):
     api = API(engine, options, log)
 
@@ -375,16 +458,23 @@ def create_app(engine: Engine, options: ServerOptions = ServerOptions(), log: Ca
                 CORSMiddleware,
                 allow_origins=list(options.allow_origins),
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type"],
+                # whatever headers the page asks for (the openai JS SDK sends x-stainless-*,
+                # OpenAI-Organization, OpenAI-Project...): these origins may call the API anyway
+                allow_headers=["*"],
+                expose_headers=["Retry-After"],  # so that a page can read when to retry a 503
+                max_age=600,
             )
         )
+    limit = options.max_open_requests or engine.options.queue_size + OPEN_REQUESTS_BEYOND_QUEUE
+    middleware.append(Middleware(RequestLimit, api=api, limit=limit))  # inside CORS: its 503s carry CORS headers
 
     @asynccontextmanager
     async def lifespan(app):
         try:
             yield
         finally:
-            api.tokenizing.shutdown(wait=False, cancel_futures=True)
+            for lane in (api.tokenizing, api.tokenizing_large):
+                lane.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(
         routes=routes, middleware=middleware, exception_handlers={HTTPException: not_routed}, lifespan=lifespan

@@ -1,7 +1,7 @@
 """A request's prompt: the text the model reads, and the leading part of it worth keeping.
 
-Chat messages go through the model's chat template (models without one get the plain
-Question:/Answer: layout of app.prompts); a text completion's prompt is used as it is.
+Chat messages go through the model's chat template (models without one get plain
+Question:/Answer: turns, every turn laid out alike); a text completion's prompt is used as it is.
 
 The reusable part, the *document prefix*, is what later requests about the same document
 start with: the system messages and the first user message up to its last paragraph break
@@ -12,7 +12,7 @@ tokens are the same whatever question follows, and the engine keeps its KV cache
 from dataclasses import dataclass
 from typing import Optional
 
-from ..app.prompts import PromptFormat, TemplateBoundError, encode, render_chat_template
+from ..app.prompts import TemplateBoundError, encode, render_chat_template
 from .protocol import bad_request
 
 _SENTINEL = "\ue000END-OF-DOCUMENT\ue000"  # private-use characters no message contains
@@ -31,6 +31,20 @@ class Prompt:
             return encode(tokenizer, self.text, first=True), 0
         head = encode(tokenizer, self.prefix, first=True)
         return head + encode(tokenizer, self.text[len(self.prefix) :], first=False), len(head)
+
+
+def longest_token(tokenizer) -> Optional[int]:
+    """The most characters one token of `tokenizer` stands for, at least (the longest entry of
+    its vocabulary as spelled there: a byte-level entry has one character per byte, so never
+    fewer than it decodes to). A text of n characters is then at least n / this many tokens.
+    None when the vocabulary cannot be read."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        pieces = inner.convert_ids_to_tokens(list(range(len(inner))))
+    except Exception:
+        return None
+    lengths = [len(piece) for piece in pieces if piece]
+    return max(lengths) if lengths else None
 
 
 def completion_prompt(text: str) -> Prompt:
@@ -91,7 +105,7 @@ def _merged(messages: list[dict]) -> list[dict]:
 def _render(tokenizer, messages: list[dict]) -> str:
     if getattr(tokenizer, "has_chat_template", False):
         return _apply_template(tokenizer, messages)
-    return _plain(tokenizer, messages)
+    return _plain(messages)
 
 
 def _apply_template(tokenizer, messages: list[dict]) -> str:
@@ -118,8 +132,11 @@ def _system_folded(messages: list[dict]) -> Optional[list[dict]]:
     return rest
 
 
-def _plain(tokenizer, messages: list[dict]) -> str:
-    """The plain layout: system text, then Question:/Answer: turns ending with a question."""
+def _plain(messages: list[dict]) -> str:
+    """The plain layout: system text, then Question:/Answer: turns ending with a question.
+    Every turn is laid out alike, the first too (no bare prompt), so that the prompt of one
+    turn is where the next turn's prompt begins and its KV cache is reused; an answer's
+    leading spaces are dropped, as the model wrote them after "Answer:"."""
     system = PARAGRAPH.join(m["content"] for m in messages if m["role"] == "system") or None
     turns = [m for m in messages if m["role"] != "system"]
     roles = [m["role"] for m in turns]
@@ -129,5 +146,8 @@ def _plain(tokenizer, messages: list[dict]) -> str:
             "message, or use /v1/completions",
             "messages",
         )
-    pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
-    return PromptFormat(tokenizer, system, use_chat_template=False).render("", pairs, turns[-1]["content"])
+    parts = [system] if system else []
+    for i in range(0, len(turns) - 1, 2):
+        parts.append(f"Question: {turns[i]['content']}\nAnswer: {turns[i + 1]['content'].lstrip()}")
+    parts.append(f"Question: {turns[-1]['content']}\nAnswer:")
+    return PARAGRAPH.join(parts)

@@ -111,6 +111,11 @@ class _Generation(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+    # mlx_lm.server's sampling fields, applied through mlx-lm's sampler and logits processors
+    top_k: Optional[int] = Field(None, ge=-1)  # 0 or -1: off
+    min_p: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(None, ge=0, le=10, allow_inf_nan=False)  # 0 or 1: off
+    repetition_context_size: Optional[int] = Field(None, ge=1, le=4096)
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Optional[Any] = ()  # a tuple of strings once validated
     stream: Optional[bool] = False
@@ -145,6 +150,19 @@ class _Generation(_Strict):
                 raise bad_request(f"{name} is not supported by this server (leave it out or 0)", name)
         if self.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+
+    def sampling_fields(self) -> dict:
+        """The sampling settings beyond temperature and top_p that the request gives, as
+        app.generation.Sampling's fields (absent ones are left to the defaults)."""
+        fields = {
+            "top_k": None if self.top_k is None else max(0, self.top_k),
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "repetition_context_size": self.repetition_context_size,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
 
     @property
     def answer_budget(self) -> Optional[int]:
@@ -165,6 +183,9 @@ class ChatRequest(_Generation):
 
     def check_supported(self) -> None:
         super().check_supported()
+        for i, message in enumerate(self.messages):
+            if message.role == "user" and not message.text.strip():
+                raise bad_request(f"messages[{i}].content: a user message must not be empty", f"messages[{i}].content")
         if self.logprobs:
             raise bad_request("logprobs are not supported by this server", "logprobs")
         for name in ("tools", "functions"):
@@ -265,8 +286,9 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 class Reply:
     """One request's response or stream, in chat or text-completion shape."""
 
-    def __init__(self, chat: bool, model: str):
+    def __init__(self, chat: bool, model: str, include_usage: bool = False):
         self.chat, self.model = chat, model
+        self.include_usage = include_usage  # then every chunk before the usage chunk has "usage": null
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
 
@@ -296,7 +318,8 @@ class Reply:
         else:
             choice = {"index": 0, "text": text or ""}
         choice.update(logprobs=None, finish_reason=finish_reason)
-        return {**self._envelope(True), "choices": [choice], **extra}
+        usage = {"usage": None} if self.include_usage else {}
+        return {**self._envelope(True), "choices": [choice], **usage, **extra}
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope(True), "choices": [], "usage": usage}

@@ -29,8 +29,9 @@ REQUEST_SECONDS = 10.0  # a connection must have sent a request's headers within
 class RequestDeadline(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: a connection
     that sends nothing, or trickles its headers, is closed after REQUEST_SECONDS instead of
-    holding a place for ever (uvicorn's keep-alive timeout only starts after a response, and
-    its concurrency limit counts such connections: 80 of them locked every client out)."""
+    holding a socket for ever (uvicorn's keep-alive timeout only starts after a response).
+    Such connections hold no place in app.RequestLimit, which counts requests: when uvicorn's
+    concurrency limit counted them, 80 of them locked every client out with a plain-text 503."""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -53,6 +54,44 @@ class RequestDeadline(H11Protocol):
         waiting = self.cycle is None or self.cycle.response_complete  # no request under way
         if waiting and not self.transport.is_closing():
             self.transport.close()
+
+
+class SignalWatch:
+    """Ctrl-C and SIGTERM acted on at once, by a thread of their own: on_signal() runs for each
+    one (it must be safe on any thread). Python runs its signal handlers on the main thread only
+    once it is back in the interpreter, and there the engine may be inside one MLX call (a
+    prefill step) for a second or more: /health went on saying ok meanwhile. The C-level
+    handler writes each signal's number to a wakeup socket this thread reads at once; the
+    Python-level handlers do nothing (they only keep the default action, exiting, away).
+    Enter and exit on the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_signal: Callable[[], None]):
+        self.on_signal = on_signal
+
+    def __enter__(self):
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in self.SIGNALS}
+        self._thread = threading.Thread(target=self._watch, name="signals", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while data := self._read.recv(64):  # b"" once __exit__ closes the other end
+            for signum in data:
+                if signum in self.SIGNALS:
+                    self.on_signal()
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._write.close()
+        self._thread.join(5)
+        self._read.close()
 
 
 def is_local(host: str) -> bool:
@@ -109,32 +148,29 @@ def serve(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=GRACE_SECONDS,
-        http=RequestDeadline,
-        limit_concurrency=engine.options.queue_size + 64,  # beyond this uvicorn answers 503 itself
+        http=RequestDeadline,  # no limit_concurrency: app.RequestLimit answers a JSON 503 instead, and
+        # counts requests only (uvicorn's counted idle connections too, and answered in plain text)
     )
     server = uvicorn.Server(config)
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
 
-    def stop(signum, frame):  # only plain assignments: it may run between any two bytecodes
+    def stop() -> None:
         if engine.stopping:
             server.force_exit = True
         engine.stopping = True
         server.should_exit = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        http.start()
-        deadline = time.monotonic() + START_SECONDS
-        while not server.started:
-            if not http.is_alive() or time.monotonic() > deadline:
-                raise SelfExtendError(f"the HTTP server did not start on {options.host}:{options.port}")
-            time.sleep(0.02)
-        on_ready(url_of(sock))
-        engine.run_forever(should_stop=lambda: not http.is_alive())
-    finally:
-        engine.stopping = True
-        server.should_exit = True
-        http.join(GRACE_SECONDS + 5)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sock.close()
+    with sock, SignalWatch(stop):  # signals are heard until the HTTP thread has finished too
+        try:
+            http.start()
+            deadline = time.monotonic() + START_SECONDS
+            while not server.started:
+                if not http.is_alive() or time.monotonic() > deadline:
+                    raise SelfExtendError(f"the HTTP server did not start on {options.host}:{options.port}")
+                time.sleep(0.02)
+            on_ready(url_of(sock))
+            engine.run_forever(should_stop=lambda: not http.is_alive())
+        finally:
+            engine.stopping = True
+            server.should_exit = True
+            http.join(GRACE_SECONDS + 5)
