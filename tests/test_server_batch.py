@@ -15,6 +15,7 @@ from conftest import shared_path
 from test_server_process import ServeProcess
 from test_server_support import LiveServer, reference_answer
 
+from selfextend_mlx.core import batch
 from selfextend_mlx.core.batch import RowCaches, batched_logits, rows_attention
 from selfextend_mlx.core.config import SelfExtendConfig
 from selfextend_mlx.core.patch import make_cache, use_selfextend
@@ -85,9 +86,12 @@ def answers(model, tokenizer, token_lists, budgets, options=EngineOptions(), **e
 # -- the batched model call -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [None, SelfExtendConfig(group_size=2, window=16)])
-def test_a_batched_step_gives_each_row_its_own_cache_s_logits(stories, story, config):
+@pytest.mark.parametrize("path", ["plain", "plain, whole module per row", "selfextend"])
+def test_a_batched_step_gives_each_row_its_own_cache_s_logits(stories, story, path, monkeypatch):
     model, tokenizer = stories
+    config = SelfExtendConfig(group_size=2, window=16) if path == "selfextend" else None
+    if path == "plain, whole module per row":  # the path of attention classes batch.py has no row code for
+        monkeypatch.setattr(batch.llama, "ATTENTION", ())
     use_selfextend(model, config)
     rows = prompts(tokenizer, story, 3, longest=60)
     caches = []
@@ -104,7 +108,7 @@ def test_a_batched_step_gives_each_row_its_own_cache_s_logits(stories, story, co
     for i, logits in enumerate(alone):
         assert mx.argmax(logits).item() == mx.argmax(together[i]).item()
         assert mx.allclose(logits[0], together[i], atol=1e-4).item()
-    assert [c.offset for c in caches[:1][0]] == [len(rows[0])] * len(model.layers)
+    assert [c.offset for c in caches[0]] == [len(rows[0])] * len(model.layers)
     use_selfextend(model, None)
 
 

@@ -17,8 +17,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import mlx.core as mx
+from mlx_lm.models.base import scaled_dot_product_attention
 
-from .patch import layer_attention
+from .families import llama
+from .families.heads import split_heads
+from .patch import layer_attention, selfextend_config_of, selfextend_rows
 
 _row_classes = {}
 
@@ -40,12 +43,33 @@ class RowCaches:
 
 
 def _rows_call(self, x, mask=None, cache=None):
+    base = self._rows_base
     if not isinstance(cache, RowCaches):
-        return self._rows_base.__call__(self, x, mask, cache)
+        return base.__call__(self, x, mask, cache)
     if x.shape[0] != len(cache):
         raise ValueError(f"{x.shape[0]} rows for {len(cache)} caches")
-    rows = [self._rows_base.__call__(self, x[i : i + 1], None, c) for i, c in enumerate(cache.caches)]
+    if selfextend_config_of(self) is not None:
+        return selfextend_rows(self, x, cache.caches)
+    if base in llama.ATTENTION:  # mlx-lm's own class, unpatched
+        return _plain_llama_rows(self, x, cache.caches)
+    rows = [base.__call__(self, x[i : i + 1], None, c) for i, c in enumerate(cache.caches)]
     return mx.concatenate(rows, axis=0)
+
+
+def _plain_llama_rows(attention, x, caches):
+    """mlx-lm's llama / qwen2 / gemma attention (those three are written alike) for a batch of
+    single-token rows: projections on all rows at once, rope, cache and attention per row with
+    the very operations of the module's own __call__."""
+    q = split_heads(attention.q_proj(x), attention.n_heads)
+    k = split_heads(attention.k_proj(x), attention.n_kv_heads)
+    v = split_heads(attention.v_proj(x), attention.n_kv_heads)
+    rows = []
+    for i, cache in enumerate(caches):
+        queries = attention.rope(q[i : i + 1], offset=cache.offset)
+        keys = attention.rope(k[i : i + 1], offset=cache.offset)
+        keys, values = cache.update_and_fetch(keys, v[i : i + 1])
+        rows.append(scaled_dot_product_attention(queries, keys, values, cache=cache, scale=attention.scale, mask=None))
+    return llama.output(attention, mx.concatenate(rows, axis=0))
 
 
 def _row_class(cls):
