@@ -8,6 +8,7 @@ the parameter tree is untouched, so quantized weights and LoRA adapters keep wor
 from functools import partial
 from typing import Optional
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import Llama3RoPE, SuScaledRoPE, YarnRoPE
@@ -25,12 +26,17 @@ _patched_classes = {}
 
 
 def _selfextend_call(self, x, mask=None, cache=None):
-    family, config = self._selfextend_family, self._selfextend_config
+    family = self._selfextend_family
     q, k, v = family.project(self, x)
+    return family.output(self, _selfextend_attend(self, q * family.scale(self), k, v, cache))
+
+
+def _selfextend_attend(self, q, k, v, cache):
+    """SelfExtend attention of projected, pre-scaled q (and k, v) with `cache`: what
+    _selfextend_call does between the projections and the output projection."""
+    config = self._selfextend_config
     start = 0 if cache is None else cache.offset
-    q_neighbor, q_grouped, neighbor_keys, grouped_keys = rotate_queries_and_keys(
-        self.rope, q * family.scale(self), k, start, config
-    )
+    q_neighbor, q_grouped, neighbor_keys, grouped_keys = rotate_queries_and_keys(self.rope, q, k, start, config)
     if cache is None:
         kv = CachedKV(grouped_keys, v, neighbor_keys, 0)
     elif is_selfextend_cache(cache):
@@ -40,16 +46,27 @@ def _selfextend_call(self, x, mask=None, cache=None):
             f"SelfExtend layers need their own cache ({type(cache).__name__} given): "
             "build it with selfextend_mlx.make_cache(model)"
         )
-    out = selfextend_attention(
+    return selfextend_attention(
         q_neighbor,
         q_grouped,
         kv,
         q_start=start,
         config=config,
-        softcap=family.softcap(self),
+        softcap=self._selfextend_family.softcap(self),
         quant=getattr(cache, "quant", None),
     )
-    return family.output(self, out)
+
+
+def selfextend_rows(attention, x, caches: list):
+    """A SelfExtend layer on a batch of rows, row i with its own caches[i]: the projections
+    run on all rows at once, the attention row by row exactly as in _selfextend_call."""
+    family = attention._selfextend_family
+    q, k, v = family.project(attention, x)
+    q = q * family.scale(attention)
+    rows = [
+        _selfextend_attend(attention, q[i : i + 1], k[i : i + 1], v[i : i + 1], cache) for i, cache in enumerate(caches)
+    ]
+    return family.output(attention, mx.concatenate(rows, axis=0))
 
 
 def _patched_class(cls, call, prefix):
