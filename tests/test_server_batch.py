@@ -151,6 +151,35 @@ def test_batched_greedy_answers_equal_one_at_a_time_answers(stories, story, grou
             assert single.text == reference_answer(model, tokenizer, tokens, config, budget)
 
 
+def test_a_repetition_penalty_applies_to_batched_rows_as_to_a_turn_alone(stories, story):
+    """Rows sample with their own logits processors: each answer is mlx-lm's with the penalty
+    (its generator fed the prompt's last token, the rest already in the cache), not the greedy one."""
+    from dataclasses import replace
+
+    from mlx_lm import generate
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tokenizer = stories
+    rows = prompts(tokenizer, story, 3)
+    engine = Engine(model, tokenizer, EngineOptions())
+    works = [engine.prepare(tokens, max_tokens=24) for tokens in rows]
+    works = [replace(w, sampling=replace(w.sampling, repetition_penalty=1.8, stop_loops=False)) for w in works]
+    results = run_engine(engine, works)
+    assert engine.largest_batch > 1
+    use_selfextend(model, None)
+    penalized = differs = 0
+    for tokens, (event, _text) in zip(rows, results):
+        cache = make_cache(model)
+        prefill(model, cache, tokens[:-1])
+        processors = make_logits_processors(repetition_penalty=1.8, repetition_context_size=20)
+        expected = generate(model, tokenizer, [tokens[-1]], max_tokens=24, prompt_cache=cache,
+                            logits_processors=processors)  # fmt: skip
+        assert isinstance(event, Finished) and event.outcome.text == expected
+        penalized += 1
+        differs += expected != reference_answer(model, tokenizer, tokens, None, 24)
+    assert penalized == 3 and differs >= 1  # the penalty changed some answer: the check can fail
+
+
 def test_requests_in_other_modes_wait_for_the_batch_and_still_answer_the_same(stories, story):
     model, tokenizer = stories
     tokens = tokenizer.encode(story)

@@ -36,6 +36,8 @@ class Decoding:
     def __init__(self, tokenizer, sampling: Sampling, budget: int, stop, answer: Answer, cache, held, pending):
         self.tokenizer, self.sampling, self.budget, self.answer = tokenizer, sampling, budget, answer
         self.sampler = sampling.sampler(tokenizer)
+        self.processors = sampling.logits_processors()
+        self.fed_first = pending  # a one-request turn's generator is given this token, then its answer
         self.detokenizer = tokenizer.detokenizer
         self.stops = StopSequences(stop)
         self.cache, self.held, self.pending = cache, list(held), pending
@@ -45,7 +47,12 @@ class Decoding:
         self.first_token_at: Optional[float] = None
 
     def sample(self, logits_row: mx.array) -> mx.array:
-        """The next token (lazy) from this request's (1, vocab) logits, as mlx-lm samples it."""
+        """The next token (lazy) from this request's (1, vocab) logits, as mlx-lm samples it
+        (its logits processors, e.g. a repetition penalty, seeing what its generator was fed)."""
+        if self.processors:
+            fed = mx.array([self.fed_first, *self.generated])
+            for processor in self.processors:
+                logits_row = processor(fed, logits_row)
         logprobs = logits_row - mx.logsumexp(logits_row, keepdims=True)
         return self.sampler(logprobs)
 
