@@ -221,6 +221,29 @@ CacheDirOpt = Annotated[
         file_okay=False,
     ),
 ]
+
+
+def byte_size(value) -> int:
+    """2G, 500M, 1.5GB or a number of bytes (k, M, G, T are powers of 1000)."""
+    from selfextend_mlx.planning import parse_size
+
+    try:
+        return parse_size(value)
+    except SelfExtendError:
+        raise typer.BadParameter(f"{value!r} is not a size: write e.g. 2G, 500M or a number of bytes") from None
+
+
+CacheMaxOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--cache-max",
+        parser=byte_size,
+        metavar="SIZE",
+        help="Keep the document cache within SIZE, e.g. 2G or 500M: past it the least recently used entries "
+        "go (default: $SELFEXTEND_CACHE_MAX or 10G).",
+        show_default=False,
+    ),
+]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the document cache.")]
 TrustRemoteCodeOpt = Annotated[
     bool,
