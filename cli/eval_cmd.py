@@ -363,8 +363,13 @@ def _encoder(tokenizer, chat_template: bool):
     if not getattr(tokenizer, "has_chat_template", False):
         raise EvaluationError("this model's tokenizer has no chat template: drop --chat-template")
 
+    from selfextend_mlx.app.prompts import render_chat_template
+
     def encode(text: str):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        # The template is the model folder's code: rendered under the bound every render has.
+        # Its text holds the special tokens it wants (as apply_chat_template tokenizes it).
+        rendered = render_chat_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(tokenizer.encode(rendered, add_special_tokens=False))
 
     return encode
 
