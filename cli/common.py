@@ -12,7 +12,7 @@ from typer.core import TyperCommand
 
 from selfextend_mlx.errors import SelfExtendError
 
-from .output import status
+from .output import status, terminal_text
 
 
 class UsageProblem(SelfExtendError):
@@ -100,7 +100,7 @@ def load_model(model_ref: Optional[str], trust_remote_code: bool = False):
         distributed.quiet_unless_primary()
     interactive = sys.stderr.isatty()
     if interactive:
-        sys.stderr.write(f"loading {model_ref or 'the default model'}...")
+        sys.stderr.write(f"loading {terminal_text(model_ref or 'the default model')}...")
         sys.stderr.flush()
     try:
         # a plain load() in a single process
