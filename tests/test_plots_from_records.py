@@ -72,3 +72,12 @@ def test_bench_draws_recorded_rows_and_refuses_others(tmp_path):
     missing = invoke("bench", "--from", tmp_path / "none.json", "--json")
     assert missing.exit_code == 1 and "no such file" in missing.stderr
     assert "add --plot FILE.png or --json" in invoke("bench", "--from", rows).stderr
+
+
+def test_bench_plot_draws_the_run_it_measured(tmp_path):
+    plot = tmp_path / "live.png"
+    model = DATA / "models" / "stories260K"
+    args = ("bench", "-m", model, "-l", "256", "--modes", "plain,selfextend", "-W", "128", "--decode-steps", "1")
+    result = invoke(*args, "--quiet", "--plot", plot)
+    assert result.exit_code == 0, result.stderr
+    assert png_size(plot) == (900, 420) and result.stderr == ""
