@@ -24,6 +24,7 @@ from .common import (
 from .options import (
     AllowRepeatsOpt,
     CacheDirOpt,
+    CacheMaxOpt,
     GroupSizeOpt,
     JsonOpt,
     KvBitsOpt,
@@ -77,6 +78,7 @@ def ask(
     prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    cache_max: CacheMaxOpt = None,
     max_input: MaxInputOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_repeats: AllowRepeatsOpt = False,
@@ -109,7 +111,7 @@ def ask(
             files,
             question,
             Output(json_output, progress, quiet),
-            Source(model, system, max_input, trust_remote_code, cache_dir, no_cache),
+            Source(model, system, max_input, trust_remote_code, cache_dir, no_cache, cache_max),
             session_options(
                 group_size=group_size,
                 window=window,
@@ -153,6 +155,7 @@ def summarize(
     prefill_step_size: PrefillStepOpt = PREFILL_STEP,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    cache_max: CacheMaxOpt = None,
     max_input: MaxInputOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_repeats: AllowRepeatsOpt = False,
@@ -176,7 +179,7 @@ def summarize(
             files_or_stdin(files, "summarize"),
             SUMMARY_REQUESTS[style],
             Output(json_output, progress, quiet),
-            Source(model, system, max_input, trust_remote_code, cache_dir, no_cache),
+            Source(model, system, max_input, trust_remote_code, cache_dir, no_cache, cache_max),
             session_options(
                 group_size=group_size,
                 window=window,
@@ -208,6 +211,7 @@ class Source:
     trust_remote_code: bool
     cache_dir: Optional[Path]
     no_cache: bool
+    cache_max: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,7 @@ def _answer_once(run: DocumentTask) -> None:
     from selfextend_mlx.app.longdoc import LongDocument  # after the documents: a bad one fails at once
     from selfextend_mlx.app.summaries import SummaryMemo
 
-    doc_cache = document_cache(source.cache_dir, source.no_cache)
+    doc_cache = document_cache(source.cache_dir, source.no_cache, source.cache_max, output.quiet)
     memo = SummaryMemo(doc_cache.directory / "summaries" if doc_cache is not None else None, status)
     long = LongDocument(
         loaded_model,

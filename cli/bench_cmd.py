@@ -7,6 +7,7 @@ before allocating anything: a mistyped length is one error line, not a crash.
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -71,6 +72,24 @@ def bench(
         typer.Option(metavar="DTYPE", help="float32, float16, bfloat16 or native (default: float32 on CPU)."),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list of rows instead of a table.")] = False,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--plot",
+            metavar="FILE.png",
+            help="Draw prefill time and decode step time against length, one line per mode.",
+            show_default=False,
+        ),
+    ] = None,
+    recorded: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from",
+            metavar="ROWS.json",
+            help="Measure nothing: read the rows of an earlier `bench --json` run (with --plot: draw them).",
+            show_default=False,
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -89,7 +108,22 @@ def bench(
         selfextend bench -l 1k,2k --decode-steps 8
         selfextend bench -l 2k --modes plain,selfextend -G 4 -W 512 --json
         selfextend bench -m tests/data/models/stories260K -l 4k --modes plain,selfextend,yarn,string
+        selfextend bench --from docs/results/bench_2026-12-04_stories260k.json --plot bench.png
     """
+    from selfextend_mlx.errors import EvaluationError
+
+    from .eval_cmd import _check_plot_path
+
+    _check_plot_path(plot)
+    if recorded is not None:
+        if not (plot or json_output):
+            raise EvaluationError("--from reads recorded rows to draw or print: add --plot FILE.png or --json")
+        rows = read_bench_rows(recorded)
+        if json_output:
+            print(json.dumps(rows))
+        if plot:
+            _plot_rows(rows, plot, quiet, recorded.stem)
+        return
     import mlx.core as mx
 
     from selfextend_mlx.evaluation.bench import MODES, run_bench
@@ -115,9 +149,9 @@ def bench(
     check_memory(modes_memory(info, max(sizes), per_mode, None, prefill_step_size, together=True))
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else 256
     tokens = mx.random.randint(0, vocab, (max(sizes),), key=mx.random.key(0))
+    described = f"G={config.group_size} W={config.window}" if config else "plain attention only"
     if not quiet:
-        settings = f"G={config.group_size} W={config.window}" if config else "plain attention only"
-        status(f"{info.model_id} | {describe_runtime(dtype)} | {settings} | trained context {info.trained_context}")
+        status(f"{info.model_id} | {describe_runtime(dtype)} | {described} | trained context {info.trained_context}")
     if not json_output:
         print(
             f"{'length':>8} {'mode':>10} {'prefill tok/s':>14} {'decode tok/s':>13} "
@@ -144,6 +178,8 @@ def bench(
         on_row=show,
         trained_context=info.trained_context,
     )
+    if plot:
+        _plot_rows([row.as_dict() for row in rows], plot, quiet, f"{Path(info.model_id).name}, {described}")
     if json_output:
         print(json.dumps([row.as_dict() for row in rows]))
         return
@@ -172,6 +208,47 @@ def _print_ratios(by: dict, sizes: list, modes: list) -> None:
                 r = by[(length, "reference")]
                 line += f"  | reference decode {m.decode_tps / r.decode_tps:5.2f}x slower than SelfExtend"
             print(line)
+
+
+ROW_FIELDS = {"length": int, "mode": str, "prefill_tps": (int, float), "decode_tps": (int, float)}
+
+
+def read_bench_rows(path: Path) -> list:
+    """The rows of a `selfextend bench --json` run, checked: a list of objects, each with a
+    length, a mode and positive prefill and decode speeds."""
+    from selfextend_mlx.errors import EvaluationError
+
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvaluationError(f"--from {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise EvaluationError(f"--from {path}: not the JSON of `selfextend bench --json` ({error})") from None
+    if not isinstance(rows, list) or not rows or not all(_is_row(row) for row in rows):
+        raise EvaluationError(
+            f"--from {path}: not the rows of `selfextend bench --json` (a list of objects with a length, a mode "
+            "and positive prefill_tps and decode_tps)"
+        )
+    return rows
+
+
+def _is_row(row) -> bool:
+    if not isinstance(row, dict):
+        return False
+    typed = all(
+        isinstance(row.get(name), kind) and not isinstance(row.get(name), bool) for name, kind in ROW_FIELDS.items()
+    )
+    return typed and row["length"] > 0 and row["prefill_tps"] > 0 and row["decode_tps"] > 0
+
+
+def _plot_rows(rows: list, plot: Path, quiet: bool, what: str = "") -> None:
+    from selfextend_mlx.evaluation.plots import plot_bench
+
+    from .eval_cmd import _wrote_plot
+
+    title = "Prefill and decode time" + (f" ({what})" if what else "")
+    plot_bench(rows, plot, title=title)
+    _wrote_plot(plot, quiet)
 
 
 def selftest(

@@ -34,7 +34,10 @@ def _store(cache_dir):
 
 @cache_app.command("list")
 def list_caches(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False):
-    """List the cached documents, newest first, with their sizes and the total.
+    """List the cached documents, newest first, with their sizes, the total and the limit.
+
+    The limit is $SELFEXTEND_CACHE_MAX (default 10G); ask, chat, summarize and serve take
+    --cache-max SIZE for one run, and each write evicts the least recently used entries past it.
 
     Example:
 
@@ -48,13 +51,22 @@ def list_caches(cache_dir: CacheDirOpt = None, json_output: JsonOpt = False):
     entries = store.entries()
     total = sum(entry.size for entry in entries)
     if json_output:
-        print_json({"directory": str(store.directory), "total_bytes": total, "entries": [e.record() for e in entries]})
+        print_json(
+            {
+                "directory": str(store.directory),
+                "count": len(entries),
+                "total_bytes": total,
+                "limit_bytes": store.max_bytes,
+                "entries": [e.record() for e in entries],
+            }
+        )
         return
+    limit = f"limit {format_bytes(store.max_bytes)}"
     if not entries:
-        print(f"no cached documents in {for_terminal(store.directory)}")
+        print(f"no cached documents in {for_terminal(store.directory)} ({limit})")
         return
     count = f"{len(entries)} cached document{'s' if len(entries) != 1 else ''}"
-    print(f"{count}, {format_bytes(total)}, in {for_terminal(store.directory)}:")
+    print(f"{count}, {format_bytes(total)} ({limit}), in {for_terminal(store.directory)}:")
     for entry in entries:
         print("  " + _line(entry))
     print("remove one with `selfextend cache rm ID`, all with `selfextend cache clear`")

@@ -12,7 +12,7 @@ from typer.core import TyperCommand
 
 from selfextend_mlx.errors import SelfExtendError
 
-from .output import status
+from .output import status, terminal_text
 
 
 class UsageProblem(SelfExtendError):
@@ -100,7 +100,7 @@ def load_model(model_ref: Optional[str], trust_remote_code: bool = False):
         distributed.quiet_unless_primary()
     interactive = sys.stderr.isatty()
     if interactive:
-        sys.stderr.write(f"loading {model_ref or 'the default model'}...")
+        sys.stderr.write(f"loading {terminal_text(model_ref or 'the default model')}...")
         sys.stderr.flush()
     try:
         # a plain load() in a single process
@@ -111,14 +111,16 @@ def load_model(model_ref: Optional[str], trust_remote_code: bool = False):
             sys.stderr.flush()
 
 
-def document_cache(cache_dir: Optional[Path], no_cache: bool):
+def document_cache(cache_dir: Optional[Path], no_cache: bool, cache_max: Optional[int] = None, quiet: bool = False):
+    """The run's document cache (None with --no-cache). Its warnings always reach stderr; the
+    line that says what a write stored and evicted does unless --quiet."""
     from selfextend_mlx.loading.distributed import ranks
 
     if no_cache or ranks() > 1:  # a sharded run's cache holds one rank's heads: never shared
         return None
     from selfextend_mlx.app.doccache import DocumentCache
 
-    return DocumentCache(cache_dir, notice=status)
+    return DocumentCache(cache_dir, notice=status, max_bytes=cache_max, report=None if quiet else status)
 
 
 def open_documents(files, *, model, max_input=None, trust_remote_code=False):

@@ -363,8 +363,13 @@ def _encoder(tokenizer, chat_template: bool):
     if not getattr(tokenizer, "has_chat_template", False):
         raise EvaluationError("this model's tokenizer has no chat template: drop --chat-template")
 
+    from selfextend_mlx.app.prompts import render_chat_template
+
     def encode(text: str):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        # The template is the model folder's code: rendered under the bound every render has.
+        # Its text holds the special tokens it wants (as apply_chat_template tokenizes it).
+        rendered = render_chat_template(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+        return list(tokenizer.encode(rendered, add_special_tokens=False))
 
     return encode
 
@@ -653,32 +658,63 @@ def compare_cmd(
     ],
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
+    by_length: Annotated[
+        bool,
+        typer.Option(
+            "--by-length",
+            help="With --plot (passkey, needle): draw accuracy against length, one line per run, depths "
+            "pooled, instead of a depth x length grid per run.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ):
     """Several runs side by side in one table: e.g. a 4-bit and an 8-bit model, or --kv-bits 4 against none.
 
-    Example (after the two --json runs of selfextend eval passkey --help):
+    Runs of one setting recorded in parts (one file a length) are joined into one column.
+
+    Examples (after the two --json runs of selfextend eval passkey --help):
 
     \b
         selfextend eval compare plain.json selfextend.json --plot passkey.png
+        selfextend eval compare docs/results/planning/passkey_4k_plain.json \\
+            docs/results/planning/passkey_4k_auto.json docs/results/planning/passkey_8k_plain.json \\
+            docs/results/planning/passkey_8k_auto.json --by-length --plot by_length.png
     """
-    from selfextend_mlx.evaluation.plots import plot_accuracy_grid, plot_perplexity
-    from selfextend_mlx.evaluation.results import compare_results, comparison_table, grid_panel, load_result
+    from selfextend_mlx.evaluation.results import compare_results, comparison_table, load_result
 
     _check_plot_path(plot)
     loaded = [load_result(path) for path in results]
     comparison = compare_results(loaded)
+    if by_length and (plot is None or comparison["task"] not in ("passkey", "needle")):
+        raise EvaluationError("--by-length draws a passkey or needle comparison: give it with --plot FILE.png")
     if plot:
-        if comparison["task"] == "ppl":
-            trained = {r.get("trained_context") for r in loaded}
-            plot_perplexity(comparison["columns"], plot, trained.pop() if len(trained) == 1 else None)
-        else:
-            panels = {label: grid_panel(cells) for label, cells in comparison["columns"].items()}
-            plot_accuracy_grid(
-                panels, plot, title=f"{comparison['task']} retrieval", size=(max(800, 400 * len(panels)), 500)
-            )
+        _plot_comparison(comparison, loaded, plot, by_length)
         _wrote_plot(plot, quiet)
     if as_json:
         print_json({"task": comparison["task"], "runs": loaded})
     else:
         typer.echo(comparison_table(comparison))
+
+
+def _plot_comparison(comparison: dict, loaded: list, plot: Path, by_length: bool) -> None:
+    from selfextend_mlx.evaluation.plots import (
+        plot_accuracy_by_length,
+        plot_accuracy_grid,
+        plot_perplexity,
+        pooled_by_length,
+    )
+    from selfextend_mlx.evaluation.results import grid_panel
+
+    trained = {r.get("trained_context") for r in loaded}
+    trained = trained.pop() if len(trained) == 1 else None
+    columns, task = comparison["columns"], comparison["task"]
+    if task == "ppl":
+        plot_perplexity(columns, plot, trained)
+    elif by_length:
+        series = {label: pooled_by_length(cells) for label, cells in columns.items()}
+        haystacks = {Path(str(r.get("haystack"))).stem for r in loaded if r.get("haystack")}
+        text = f" in {haystacks.pop()}" if len(haystacks) == 1 else ""
+        plot_accuracy_by_length(series, plot, trained, title=f"{task} retrieval{text} by length")
+    else:
+        panels = {label: grid_panel(cells) for label, cells in columns.items()}
+        plot_accuracy_grid(panels, plot, title=f"{task} retrieval", size=(max(800, 400 * len(panels)), 500))

@@ -133,7 +133,7 @@ class _OneLineErrors(TyperGroup):
             if isinstance(stop, Terminated):
                 _error("terminated", prefix="")
                 return stop.exit_code
-            return _report(error, debug)
+            return _report(error, debug, args, self)
 
 
 def _stop_inside(error: BaseException):
@@ -148,8 +148,9 @@ def _stop_inside(error: BaseException):
     return None
 
 
-def _report(error: Exception, debug: bool) -> int:
-    """One line for `error`; returns the exit code."""
+def _report(error: Exception, debug: bool, args=(), root=None) -> int:
+    """One line for `error`; returns the exit code. `args` and `root` (the command line and
+    the `selfextend` group) name the command whose help a usage error points to."""
     from selfextend_mlx.errors import SelfExtendError
 
     if _is_click(error, "NoArgsIsHelpError"):  # a bare `selfextend` or `selfextend eval`: its help
@@ -159,9 +160,8 @@ def _report(error: Exception, debug: bool) -> int:
         _error("interrupted", prefix="")
         return EXIT_INTERRUPTED
     if _is_click(error, "ClickException"):  # bad flags and arguments: click's message
-        command = f" {error.ctx.command_path}" if getattr(error, "ctx", None) else " selfextend"
-        hint = f" (see{command} --help)" if _is_click(error, "UsageError") else ""
-        _error(error.format_message().replace("\n", " ") + hint)
+        hint = f" (see {_command_path(error, args, root)} --help)" if _is_click(error, "UsageError") else ""
+        _error(_usage_message(error) + hint)
         return error.exit_code
     if debug:
         traceback.print_exc()
@@ -175,6 +175,34 @@ def _report(error: Exception, debug: bool) -> int:
     else:
         _error(f"{type(error).__name__}: {error}" + ("" if debug else f" (run with {DEBUG_FLAG} for the traceback)"))
     return 1
+
+
+def _usage_message(error) -> str:
+    """Click's message for a usage error, in the project's words where Typer's validation
+    (pydantic) phrased it."""
+    from .options import plain_validation_message
+
+    if _is_click(error, "BadParameter"):
+        error.message = plain_validation_message(error.message, error.__cause__)
+    return error.format_message().replace("\n", " ")
+
+
+def _command_path(error, args, root) -> str:
+    """The command whose --help a usage error points to: the error's own, or, where click
+    gives none or only a group's (an option missing its value: `selfextend ask doc.md -q`),
+    the deepest command the command line's words name below it."""
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None and not hasattr(ctx.command, "commands"):
+        return ctx.command_path
+    command = ctx.command if ctx is not None else root
+    path = ctx.command_path if ctx is not None else "selfextend"
+    words = [arg for arg in args if not arg.startswith("-")][path.count(" ") :]
+    for word in words:
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            break
+        command, path = sub, f"{path} {word}"
+    return path
 
 
 def _install_signal_handlers() -> dict:

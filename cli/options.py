@@ -85,6 +85,52 @@ def required_text(what: str):
     return parse
 
 
+# -- validation messages in the project's words ----------------------------------------------------
+
+PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+_BOUNDS = {"ge": "at least", "le": "at most", "gt": "more than", "lt": "less than"}
+_WORDS = {
+    "int_parsing": "{input!r} is not a whole number",
+    "int_from_float": "{input!r} is not a whole number",
+    "int_type": "{input!r} is not a whole number",
+    "float_parsing": "{input!r} is not a number",
+    "float_type": "{input!r} is not a number",
+    "bool_parsing": "{input!r} is not true or false",
+}
+
+
+def plain_validation_message(message: str, cause=None) -> str:
+    """A bad value's message as this project words it. Typer validates option values with
+    pydantic, whose messages read "Value error, ..." or "Input should be greater than or equal
+    to 1"; `cause` is the ValidationError behind `message`, when there is one."""
+    first = _first_validation_error(cause)
+    if first is not None:
+        message = _reworded(first) or first.get("msg", message)
+    for prefix in PYDANTIC_PREFIXES:
+        message = message.removeprefix(prefix)
+    if message.startswith("Input should be") and first is not None:
+        message = f"{first.get('input')!r} should be" + message.removeprefix("Input should be")
+    return message
+
+
+def _first_validation_error(cause):
+    try:
+        errors = cause.errors(include_url=False) if cause is not None and hasattr(cause, "errors") else None
+    except (TypeError, ValueError):
+        return None
+    return errors[0] if errors else None
+
+
+def _reworded(error: dict):
+    kind, value, ctx = error.get("type", ""), error.get("input"), error.get("ctx") or {}
+    if kind in _WORDS:
+        return _WORDS[kind].format(input=value)
+    bound = next((key for key in _BOUNDS if key in ctx), None)
+    if bound is not None and kind.endswith(("than", "than_equal")):
+        return f"{value} must be {_BOUNDS[bound]} {ctx[bound]}"
+    return None
+
+
 # -- options: one name per concept -------------------------------------------------------------------
 
 
@@ -219,6 +265,29 @@ CacheDirOpt = Annotated[
         help="Document cache folder (default: $SELFEXTEND_CACHE_DIR or the platform's cache folder).",
         show_default=False,
         file_okay=False,
+    ),
+]
+
+
+def byte_size(value) -> int:
+    """2G, 500M, 1.5GB or a number of bytes (k, M, G, T are powers of 1000)."""
+    from selfextend_mlx.planning import parse_size
+
+    try:
+        return parse_size(value)
+    except SelfExtendError:
+        raise typer.BadParameter(f"{value!r} is not a size: write e.g. 2G, 500M or a number of bytes") from None
+
+
+CacheMaxOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--cache-max",
+        parser=byte_size,
+        metavar="SIZE",
+        help="Keep the document cache within SIZE, e.g. 2G or 500M: past it the least recently used entries "
+        "go (default: $SELFEXTEND_CACHE_MAX or 10G).",
+        show_default=False,
     ),
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the document cache.")]

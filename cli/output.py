@@ -9,8 +9,22 @@ from pathlib import Path
 
 
 def status(message: str) -> None:
-    """A status line on stderr: stdout stays clean for answers and JSON."""
-    print(message, file=sys.stderr, flush=True)
+    """A status line on stderr: stdout stays clean for answers and JSON. What it names (a file,
+    a model's metadata, a folder) is untrusted: control characters, newlines included, are
+    shown escaped (documents.for_terminal), as in every error line."""
+    print(terminal_text(message), file=sys.stderr, flush=True)
+
+
+def log_lines(message: str) -> None:
+    """The server's log: a record of several lines (a traceback) keeps its lines, each one
+    escaped as status() escapes a line."""
+    print("\n".join(terminal_text(line) for line in str(message).split("\n")), file=sys.stderr, flush=True)
+
+
+def terminal_text(text) -> str:
+    from selfextend_mlx.app.documents import for_terminal
+
+    return for_terminal(str(text))
 
 
 def write_out(text: str) -> None:

@@ -9,6 +9,7 @@ from selfextend_mlx.defaults import MAX_TOKENS, PREFILL_STEP
 from .common import document_cache, load_model
 from .options import (
     CacheDirOpt,
+    CacheMaxOpt,
     GroupSizeOpt,
     KvBitsOpt,
     ModelOpt,
@@ -17,7 +18,7 @@ from .options import (
     TrustRemoteCodeOpt,
     WindowOpt,
 )
-from .output import status
+from .output import log_lines, status
 
 ENV_API_KEY = "SELFEXTEND_API_KEY"
 
@@ -138,6 +139,7 @@ def serve(
     ] = None,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
+    cache_max: CacheMaxOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ):
     """Serve a model through the OpenAI API, SelfExtend included: for Open WebUI, `llm`, editors, scripts.
@@ -181,7 +183,9 @@ def serve(
         cache_bytes=cache_size,
         queue_size=queue_size,
     )
-    engine = Engine(loaded_model, tokenizer, engine_options, doc_cache=document_cache(cache_dir, no_cache), log=status)
+    engine = Engine(
+        loaded_model, tokenizer, engine_options, doc_cache=document_cache(cache_dir, no_cache, cache_max), log=log_lines
+    )
     server_options = ServerOptions(
         host=host,
         port=port,
@@ -193,12 +197,15 @@ def serve(
     )
 
     def ready(url: str) -> None:
-        from .output import display_name
+        from .output import display_name, terminal_text
 
         key = ", API key required" if api_key else ""
-        print(f"serving {display_name(engine.info.model_id)} at {url} (OpenAI API{key}); Ctrl-C to stop", flush=True)
+        print(
+            f"serving {terminal_text(display_name(engine.info.model_id))} at {url} (OpenAI API{key}); Ctrl-C to stop",
+            flush=True,
+        )
 
-    run_server(engine, server_options, log=status, on_ready=ready, sock=sock)
+    run_server(engine, server_options, log=log_lines, on_ready=ready, sock=sock)
     status("stopped")
 
 

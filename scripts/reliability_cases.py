@@ -1,5 +1,6 @@
 """Run issue 12's hostile and unlucky inputs (and round 2's, issues 28 and 29: the cases named
-"28." and "29.") against the installed `selfextend` and print the
+"28." and "29."; round 3, issues 27 and 28 on the command line: "27." and
+"28.7"-"28.8") against the installed `selfextend` and print the
 table docs/reliability.md keeps: each case, what happened (exit code, the last line of
 stderr, seconds), and whether that is the promised behaviour.
 
@@ -453,6 +454,52 @@ ROUND_2 = [
     ),
 ]
 CASES += ROUND_2
+# Round 3 (issues 27 and 28, the command line's part): usage errors, the cache limit, the
+# eval template bound, escaped status lines.
+ROUND_3 = [
+    Case(
+        "27.1 ask doc -q with no question",
+        DOC + "selfextend ask doc.txt -q",
+        lambda r: r.one_line_error(2) and r.stderr.strip().endswith("(see selfextend ask --help)"),
+        owner="CLI part",
+    ),
+    Case(
+        "27.2 summarize --style bulets",
+        DOC + "selfextend summarize doc.txt --style bulets",
+        lambda r: r.one_line_error(2) and "Value error" not in r.stderr and "'bulets' is not one of" in r.stderr,
+        owner="CLI part",
+    ),
+    Case(
+        "27.3 -G 0 and -G abc",
+        DOC + "selfextend ask doc.txt -q x -G 0; selfextend ask doc.txt -q x -G abc",
+        lambda r: "Input should be" not in r.stderr and "'abc' is not a whole number" in r.stderr,
+        owner="CLI part",
+    ),
+    Case(
+        "27.4 two documents with --cache-max 1M (one entry fits)",
+        "head -c 3000 $STORY > a.txt; tail -c 3000 $STORY > b.txt; "
+        "for f in a.txt b.txt; do selfextend ask $f -q x -m $T -n 2 --cache-max 1M --no-progress; done; "
+        "ls cache | grep -c safetensors >&2",
+        lambda r: r.code == 0 and "removed 1 least recently used entry" in r.stderr and r.last_error == "1",
+        owner="CLI part",
+        timeout=120,
+    ),
+    Case(
+        "28.7 eval --chat-template with nested loops of 100,000",
+        "selfextend eval passkey -m tpl --chat-template --lengths 300 --depths 0.5 --trials 1",
+        lambda r: r.one_line_error() and "chat template ran for more than" in r.stderr and r.seconds < 60,
+        owner="CLI part",
+        setup=TEMPLATE_FOLDER,
+    ),
+    Case(
+        "28.8 a model folder named with ESC[2J and a newline (the header names it)",
+        DOC + 'm="$(printf \'m\\033[2J\\nx\')"; cp -r $T "$m"; '
+        "selfextend ask doc.txt -q x -m \"$m\" -n 2 --no-progress 2>&1 >/dev/null | od -c | grep -c '033' >&2",
+        lambda r: r.last_error == "0",
+        owner="CLI part",
+    ),
+]
+CASES += ROUND_3
 
 
 def main() -> int:

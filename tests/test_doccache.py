@@ -23,6 +23,7 @@ from selfextend_mlx.app.doccache import (
 )
 from selfextend_mlx.errors import SelfExtendError
 from selfextend_mlx.loading.load import load
+from selfextend_mlx.planning import format_bytes
 
 CONFIG = SelfExtendConfig(group_size=4, window=64)
 TOKENS = list(range(3, 203))  # 200 tokens
@@ -377,3 +378,19 @@ def test_a_folder_of_other_files_is_not_made_a_cache(model, tmp_path):
     assert "is not a selfextend document cache" in line and "\n" not in line
     saved(DocumentCache(tmp_path / "new"), model)  # a new folder becomes one
     assert (tmp_path / "new" / MARKER).is_file()
+
+
+def test_each_write_is_reported_with_what_it_evicted_and_the_total(model, tmp_path):
+    lines = []
+    store = DocumentCache(tmp_path, report=lines.append)
+    saved(store, model)
+    size = store.total_bytes()
+    store.max_bytes = int(size * 1.5)  # room for one entry
+    saved(store, model, ids=[9, *TOKENS])
+    first, second = lines
+    assert first.startswith("cache: wrote ") and "removed" not in first
+    assert "removed 1 least recently used entry" in second and len(store.entries()) == 1
+    assert second.endswith(f"of {format_bytes(store.max_bytes)})")
+    store.max_bytes = 10  # smaller than any entry: the newest stays, and the line says why
+    saved(store, model, ids=[8, *TOKENS])
+    assert lines[-1].endswith("the newest entry is kept even past the limit)") and len(store.entries()) == 1

@@ -18,7 +18,8 @@ notice says so (a tag there would hide the user's files from backups).
 The store holds at most `max_bytes` (SELFEXTEND_CACHE_MAX, default 10 GB): after each write
 the least recently used entries (a load counts as a use) go until the rest fits, the newest
 always kept. Every writer (ask, chat, summarize, the server) goes through save(), so this is
-the one size rule of the document cache.
+the one size rule of the document cache. Each write is reported through `report` in one line:
+its size, what was evicted, and the store's total against its limit.
 """
 
 import errno
@@ -124,12 +125,42 @@ class CacheEntry:
         return {"id": self.id, "path": str(self.path), "bytes": self.size, "modified": self.modified, **fields}
 
 
+@dataclass(frozen=True)
+class Eviction:
+    """What one write left in the store: the entry's size, what went to make room, the total."""
+
+    written: int
+    removed: int  # entries evicted
+    removed_bytes: int
+    total: int
+    limit: int
+
+    def describe(self) -> str:
+        from ..planning import format_bytes
+
+        line = f"cache: wrote {format_bytes(self.written)} for this document"
+        if self.removed:
+            plural = "entries" if self.removed != 1 else "entry"
+            line += f", removed {self.removed} least recently used {plural} ({format_bytes(self.removed_bytes)})"
+        line += f" (cache now {format_bytes(self.total)} of {format_bytes(self.limit)}"
+        if self.total > self.limit:
+            line += ": the newest entry is kept even past the limit"
+        return line + ")"
+
+
 class DocumentCache:
     def __init__(
-        self, directory: Optional[Path] = None, notice: Optional[Callable[[str], None]] = None, max_bytes=None
+        self,
+        directory: Optional[Path] = None,
+        notice: Optional[Callable[[str], None]] = None,
+        max_bytes=None,
+        report: Optional[Callable[[str], None]] = None,
     ):
+        """`notice`: warnings (an unusable entry, a failed write); `report`: the line each
+        write is described in (Eviction.describe)."""
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.notice = notice or (lambda message: None)
+        self.report = report or (lambda message: None)
         self.max_bytes = cache_limit(max_bytes)
 
     def path_for(self, key: str) -> Path:
@@ -179,19 +210,23 @@ class DocumentCache:
             reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
             self.notice(f"could not save the document cache in {self.directory}: {reason}; the answer does not need it")
             return None
-        self._evict(keep=path)
+        self.report(self._evict(keep=path).describe())
         return path
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self, keep: Path) -> Eviction:
         """The size rule: beyond max_bytes, the least recently used entries go, never `keep`."""
         entries = sorted(self._entries(), key=lambda entry: entry.modified)
         total = sum(entry.size for entry in entries)
+        written = next((entry.size for entry in entries if entry.path == keep), 0)
+        removed = removed_bytes = 0
         for entry in entries:
             if total <= self.max_bytes:
                 break
             if entry.path != keep:
                 _remove(entry.path)
                 total -= entry.size
+                removed, removed_bytes = removed + 1, removed_bytes + entry.size
+        return Eviction(written, removed, removed_bytes, total, self.max_bytes)
 
     def _mark(self) -> None:
         """Make the folder (if needed) and mark it as a store, atomically."""

@@ -116,3 +116,67 @@ def plot_accuracy_grid(
 
 def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def pooled_by_length(cells: Mapping) -> dict:
+    """{(length, depth): (correct, trials)} -> {length: (correct, trials)}, depths pooled."""
+    pooled: dict = {}
+    for (length, _), (correct, trials) in cells.items():
+        done, tried = pooled.get(length, (0, 0))
+        pooled[length] = (done + correct, tried + trials)
+    return dict(sorted(pooled.items()))
+
+
+def plot_accuracy_by_length(
+    series: Mapping[str, Mapping[int, tuple]],
+    path,
+    trained_context: Optional[int] = None,
+    title: str = "Retrieval accuracy by length",
+    size=DEFAULT_SIZE,
+) -> Path:
+    """Accuracy against prompt length, one line per label; `series[label]` = {length: (correct, trials)}."""
+    fig, axes = _figure(size)
+    ax = axes[0][0]
+    lengths = sorted({length for points in series.values() for length in points})
+    for index, (label, points) in enumerate(series.items()):
+        xs = [n for n in sorted(points) if points[n][1]]
+        ys = [points[n][0] / points[n][1] for n in xs]
+        ax.plot(xs, ys, marker="o", linewidth=2, label=label, linestyle="-" if index == 0 else "--")
+    if trained_context:
+        ax.axvline(trained_context, color="grey", linestyle=":", label=f"trained context ({_short(trained_context)})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_short(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("accuracy (all depths and trials)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_bench(rows: Sequence[Mapping], path, title: str = "Prefill and decode time", size=(900, 420)) -> Path:
+    """`selfextend bench --json` rows: the prefill time of the whole input and one decode
+    step's time, against the input's length, one line per mode."""
+    fig, axes = _figure(size, ncols=2)
+    prefill, decode = axes[0]
+    modes = list(dict.fromkeys(row["mode"] for row in rows))
+    for mode in modes:
+        mine = sorted((row for row in rows if row["mode"] == mode), key=lambda row: row["length"])
+        xs = [row["length"] for row in mine]
+        prefill.plot(xs, [row["length"] / row["prefill_tps"] for row in mine], marker="o", label=mode)
+        decode.plot(xs, [1000 / row["decode_tps"] for row in mine], marker="o", label=mode)
+    lengths = sorted({row["length"] for row in rows})
+    for ax, label in ((prefill, "prefill of the whole input (s)"), (decode, "one decode step (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [_short(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("input length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
