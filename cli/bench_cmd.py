@@ -107,7 +107,7 @@ def bench(
     \b
         selfextend bench -l 1k,2k --decode-steps 8
         selfextend bench -l 2k --modes plain,selfextend -G 4 -W 512 --json
-        selfextend bench -m tests/data/models/stories260K -l 4k --modes plain,selfextend,yarn,string
+        selfextend bench -l 16k --modes plain,selfextend,yarn,string --decode-steps 4
         selfextend bench --from docs/results/bench_2026-12-04_stories260k.json --plot bench.png
     """
     from selfextend_mlx.errors import EvaluationError

@@ -38,7 +38,7 @@ eval_app = typer.Typer(
     help="Measure a model on long inputs: perplexity by position, passkey, needle and RULER-style retrieval, "
     "SelfExtend side by side with plain, RoPE scaling (linear, ntk, yarn), STRING, truncation and retrieval "
     "(--methods). Every command has --json (stdout), progress on stderr (--quiet to hide it) "
-    "and (but ruler) --plot FILE.png.\n\n"
+    "and --plot FILE.png.\n\n"
     "Examples:\n\n\b\n"
     "    selfextend eval passkey --lengths 1k,2k --depths 0.5 --trials 1 --compare\n"
     "    selfextend eval passkey --lengths 1k --depths 0.5 --trials 1 --methods plain,selfextend,yarn,string\n"
@@ -605,6 +605,7 @@ def ruler(
     max_tokens: AnswerOpt = 48,
     chunk_size: ChunkOpt = PREFILL_STEP,
     as_json: JsonOpt = False,
+    plot: PlotOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
@@ -616,16 +617,20 @@ def ruler(
     \b
         selfextend eval ruler --tasks single,multikey --lengths 300 --depths 0.5 --trials 1 -n 8 --compare
         selfextend eval ruler --tasks vartrack --lengths 512 --depths 0 -k 1 -n 8 --methods plain,string,yarn --json
+        selfextend eval ruler --tasks single --lengths 300 --depths 0.5 -k 1 -n 8 --compare --plot ruler.png
+
+    --plot draws accuracy against length, one line per method, every task and depth pooled.
     """
     from selfextend_mlx.evaluation.results import ruler_result
     from selfextend_mlx.evaluation.retrieval import build_cells
     from selfextend_mlx.evaluation.ruler import haystack_units, parse_tasks, ruler_prompt
 
+    _check_plot_path(plot)
     task_list = parse_tasks(tasks)
     length_list, depth_list = _retrieval_grid(lengths, depths, None)
     units = haystack_units(_read_text(haystack) if haystack is not None else "")
     options = locals()
-    loaded, tokenizer, info, modes = _load_for("ruler", {**options, "plot": None}, length_list)
+    loaded, tokenizer, info, modes = _load_for("ruler", options, length_list)
     encode = _encoder(tokenizer, chat_template)
     by_task = {
         name: build_cells(
@@ -636,6 +641,11 @@ def ruler(
     _run_grid("ruler", options, loaded, tokenizer, [c for cells in by_task.values() for c in cells], modes, encode)
     header = _header("ruler", info, modes, kv_bits)
     result = ruler_result(header, by_task, [m.name for m in modes], seed=seed, haystack=str(haystack or ""))
+    if plot:
+        from selfextend_mlx.evaluation.results import compare_results
+
+        _plot_comparison(compare_results([result]), [result], plot, by_length=True)
+        _wrote_plot(plot, quiet)
     if as_json:
         print_json(result)
     else:
@@ -663,7 +673,7 @@ def compare_cmd(
         typer.Option(
             "--by-length",
             help="With --plot (passkey, needle): draw accuracy against length, one line per run, depths "
-            "pooled, instead of a depth x length grid per run.",
+            "pooled, instead of a depth x length grid per run (ruler is always drawn so, its tasks pooled).",
         ),
     ] = False,
     quiet: QuietOpt = False,
@@ -685,7 +695,7 @@ def compare_cmd(
     _check_plot_path(plot)
     loaded = [load_result(path) for path in results]
     comparison = compare_results(loaded)
-    if by_length and (plot is None or comparison["task"] not in ("passkey", "needle")):
+    if by_length and (plot is None or comparison["task"] not in ("passkey", "needle", "ruler")):
         raise EvaluationError("--by-length draws a passkey or needle comparison: give it with --plot FILE.png")
     if plot:
         _plot_comparison(comparison, loaded, plot, by_length)
@@ -697,24 +707,24 @@ def compare_cmd(
 
 
 def _plot_comparison(comparison: dict, loaded: list, plot: Path, by_length: bool) -> None:
-    from selfextend_mlx.evaluation.plots import (
-        plot_accuracy_by_length,
-        plot_accuracy_grid,
-        plot_perplexity,
-        pooled_by_length,
-    )
-    from selfextend_mlx.evaluation.results import grid_panel
+    from selfextend_mlx.evaluation.plots import plot_accuracy_by_length, plot_accuracy_grid, plot_perplexity
+    from selfextend_mlx.evaluation.results import accuracy_by_length, grid_panel
 
     trained = {r.get("trained_context") for r in loaded}
     trained = trained.pop() if len(trained) == 1 else None
-    columns, task = comparison["columns"], comparison["task"]
+    task = comparison["task"]
+    haystacks = {Path(str(r.get("haystack"))).stem for r in loaded if r.get("haystack")}
+    text = f" in {haystacks.pop()}" if len(haystacks) == 1 else ""
+    if task == "ruler":
+        title = f"RULER tasks ({', '.join(comparison['tasks'])}){text} by length"
+        plot_accuracy_by_length(accuracy_by_length(comparison), plot, trained, title=title)
+        return
+    columns = comparison["columns"]
     if task == "ppl":
         plot_perplexity(columns, plot, trained)
     elif by_length:
-        series = {label: pooled_by_length(cells) for label, cells in columns.items()}
-        haystacks = {Path(str(r.get("haystack"))).stem for r in loaded if r.get("haystack")}
-        text = f" in {haystacks.pop()}" if len(haystacks) == 1 else ""
-        plot_accuracy_by_length(series, plot, trained, title=f"{task} retrieval{text} by length")
+        title = f"{task} retrieval{text} by length"
+        plot_accuracy_by_length(accuracy_by_length(comparison), plot, trained, title=title)
     else:
         panels = {label: grid_panel(cells) for label, cells in columns.items()}
         plot_accuracy_grid(panels, plot, title=f"{task} retrieval", size=(max(800, 400 * len(panels)), 500))

@@ -94,6 +94,9 @@ def test_ruler_json(tmp_path):
     assert table.exit_code == 0, table.output
     assert [line for line in table.stdout.splitlines() if line.endswith(":")] == ["multikey:", "vartrack:"]
     assert "stories260K string" in table.stdout and table.stdout.count("accuracy") == 2
+    plot = tmp_path / "ruler.png"
+    drawn = run("eval", "compare", saved, "--plot", plot)
+    assert drawn.exit_code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", drawn.output
 
 
 def ruler_run(model: str, cells: dict) -> dict:
@@ -116,7 +119,7 @@ def test_ruler_runs_compare_per_task_and_pool_by_length():
     assert set(comparison["tasks"]["single"]) == {"a plain", "a selfextend", "b plain", "b selfextend"}
     assert set(comparison["tasks"]["vartrack"]) == {"a plain", "a selfextend"}
     pooled = accuracy_by_length(comparison)
-    assert pooled["a plain"] == {1024: 3 / 6} and pooled["a selfextend"] == {1024: 5 / 6}
-    assert pooled["b selfextend"] == {2048: 1 / 2}
+    assert pooled["a plain"] == {1024: (3, 6)} and pooled["a selfextend"] == {1024: (5, 6)}
+    assert pooled["b selfextend"] == {2048: (1, 2)}
     table = comparison_table(comparison)
     assert table.startswith("single:") and "\n\nvartrack:" in table and "-" in table

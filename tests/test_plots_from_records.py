@@ -9,7 +9,8 @@ import cli_support
 from cli_support import invoke
 from conftest import DATA
 
-from selfextend_mlx.evaluation.plots import plot_accuracy_by_length, plot_bench, pooled_by_length
+from selfextend_mlx.evaluation.plots import plot_accuracy_by_length, plot_bench
+from selfextend_mlx.evaluation.results import pooled_by_length
 
 isolated_cache = cli_support.isolated_cache
 PLANNING = DATA.parent.parent / "docs" / "results" / "planning"

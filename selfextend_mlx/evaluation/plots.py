@@ -118,15 +118,6 @@ def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def pooled_by_length(cells: Mapping) -> dict:
-    """{(length, depth): (correct, trials)} -> {length: (correct, trials)}, depths pooled."""
-    pooled: dict = {}
-    for (length, _), (correct, trials) in cells.items():
-        done, tried = pooled.get(length, (0, 0))
-        pooled[length] = (done + correct, tried + trials)
-    return dict(sorted(pooled.items()))
-
-
 def plot_accuracy_by_length(
     series: Mapping[str, Mapping[int, tuple]],
     path,

@@ -2,7 +2,7 @@
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -178,17 +178,26 @@ def compare_results(results: Sequence[dict]) -> dict:
     return {"task": task, "columns": _columns(results, task)}
 
 
+def pooled_by_length(cells: Mapping) -> dict:
+    """{(length, depth): (correct, trials)} -> {length: (correct, trials)}, depths pooled."""
+    pooled: dict = {}
+    for (length, _), (correct, trials) in cells.items():
+        done, tried = pooled.get(length, (0, 0))
+        pooled[length] = (done + correct, tried + trials)
+    return dict(sorted(pooled.items()))
+
+
 def accuracy_by_length(comparison: dict) -> dict:
-    """Column label -> {length: accuracy over every depth (and, for ruler, every task)}."""
+    """Column label -> {length: (correct, trials)}, every depth (and, for ruler, every task) pooled."""
     tables = comparison["tasks"].values() if comparison["task"] == "ruler" else [comparison["columns"]]
-    counts = {}
+    series: dict = {}
     for columns in tables:
         for label, cells in columns.items():
-            for (length, _), (correct, trials) in cells.items():
-                total = counts.setdefault(label, {}).setdefault(length, [0, 0])
-                total[0] += correct
-                total[1] += trials
-    return {label: {n: c / t for n, (c, t) in sorted(by.items()) if t} for label, by in counts.items()}
+            total = series.setdefault(label, {})
+            for length, (correct, trials) in pooled_by_length(cells).items():
+                done, tried = total.get(length, (0, 0))
+                total[length] = (done + correct, tried + trials)
+    return {label: dict(sorted(by.items())) for label, by in series.items()}
 
 
 def _columns(results: Sequence[dict], task: str) -> dict:
