@@ -11,20 +11,15 @@ temporary document cache), streams every answer and prints the figures as a Mark
 
 import argparse
 import json
-import re
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from serve_process import Server
 
 ROOT = Path(__file__).resolve().parents[1]
-SELFEXTEND = Path(sys.executable).with_name("selfextend")
 BOOK = ROOT.parent / "shared" / "text" / "austen-emma.txt"
 QUESTIONS = [
     "Who is Emma's father?",
@@ -40,26 +35,6 @@ QUESTIONS = [
     "Who visits Hartfield?",
     "What does Mr. Woodhouse worry about?",
 ]
-
-
-class Server:
-    def __init__(self, model, cache_dir, extra=()):
-        command = [str(SELFEXTEND), "serve", "--port", "0", "--cache-dir", str(cache_dir), *extra]
-        if model:
-            command += ["-m", model]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
-        line = self.process.stdout.readline()
-        match = re.search(r"at (http://\S+/v1)", line)
-        if not match:
-            self.process.kill()
-            sys.exit(f"the server did not start: {line!r} {''.join(self.log)}")
-        self.url = match.group(1)
-
-    def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
 
 
 def ask(url, document, question, max_tokens) -> dict:
@@ -110,7 +85,7 @@ def main():
     start = text.index("Emma Woodhouse, handsome")
     document = text[start : start + 4 * args.tokens]  # about 4 characters a token in English
     with tempfile.TemporaryDirectory() as cache_dir:
-        server = Server(args.model, cache_dir)
+        server = Server(args.model, ["--cache-dir", str(cache_dir)])
         try:
             first = ask(server.url, document, QUESTIONS[0], args.max_tokens)
             follow = ask(server.url, document, QUESTIONS[1], args.max_tokens)
@@ -120,7 +95,7 @@ def main():
             }
         finally:
             server.stop()
-        restarted = Server(args.model, cache_dir)
+        restarted = Server(args.model, ["--cache-dir", str(cache_dir)])
         try:
             from_disk = ask(restarted.url, document, QUESTIONS[2], args.max_tokens)
         finally:

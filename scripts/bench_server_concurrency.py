@@ -11,19 +11,13 @@ caches. Prints a Markdown table.
 """
 
 import argparse
-import re
-import signal
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
+from serve_process import Server
 
-SELFEXTEND = Path(sys.executable).with_name("selfextend")
 TOPICS = [
     "a dog who finds a red ball",
     "a girl who plants a tree",
@@ -42,27 +36,6 @@ TOPICS = [
     "a train that goes to the moon",
     "a tree that talks to the wind",
 ]
-
-
-class Server:
-    def __init__(self, model):
-        command = [str(SELFEXTEND), "serve", "--port", "0", "--no-cache"] + (["-m", model] if model else [])
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
-        line = self.process.stdout.readline()
-        match = re.search(r"at (http://\S+/v1)", line)
-        if not match:
-            self.process.kill()
-            sys.exit(f"the server did not start: {line!r} {''.join(self.log)}")
-        self.url = match.group(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
 
 
 def chat(url, topic, max_tokens) -> dict:
@@ -85,7 +58,7 @@ def chat(url, topic, max_tokens) -> dict:
 
 def measure(model, topics, max_tokens, concurrent: bool) -> dict:
     """The chats on a fresh, warmed-up server: one at a time, or all at once."""
-    with Server(model) as server:
+    with Server(model, ["--no-cache"]) as server:
         chat(server.url, "a warm-up", max_tokens)
         started = time.perf_counter()
         if concurrent:
