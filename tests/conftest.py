@@ -34,3 +34,17 @@ def shared_path(*parts) -> Path:
 @pytest.fixture
 def stories_dir():
     return shared_path("models", "stories260K")
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """(model, tokenizer) of stories260K, loaded plain once per test module (a module may
+    define its own `stories`, as cli_support's path)."""
+    from selfextend_mlx.loading.load import load
+
+    return load(str(shared_path("models", "stories260K")), selfextend=False)
+
+
+@pytest.fixture(scope="module")
+def story():
+    return shared_path("text", "tinystories_sample.txt").read_text()

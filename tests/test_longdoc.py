@@ -9,15 +9,9 @@ from selfextend_mlx.app.longdoc import LongDocument
 from selfextend_mlx.app.passages import SKIPPED, Passage, balanced_parts, join_selected, passages, select_passages
 from selfextend_mlx.app.session import SessionOptions
 from selfextend_mlx.app.summaries import SummaryMemo
-from selfextend_mlx.loading.load import load
 from selfextend_mlx.planning import FULL, MAP_REDUCE, RETRIEVAL, fill_reach, largest_reach
 
 NEEDLE = "The secret word of the old lighthouse keeper is marmalade."
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
 
 
 @pytest.fixture(scope="module")

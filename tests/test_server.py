@@ -23,16 +23,6 @@ from selfextend_mlx.server.prompting import completion_prompt
 ANSWER = 24  # tokens: short enough that no answer is cut as a repetition loop
 
 
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
-
-
-@pytest.fixture(scope="module")
-def story():
-    return shared_path("text", "tinystories_sample.txt").read_text()
-
-
 @pytest.fixture
 def server(stories):
     model, tokenizer = stories

@@ -20,22 +20,11 @@ from selfextend_mlx.core.batch import RowCaches, batched_logits, rows_attention
 from selfextend_mlx.core.config import SelfExtendConfig
 from selfextend_mlx.core.patch import make_cache, use_selfextend
 from selfextend_mlx.core.prefill import prefill
-from selfextend_mlx.loading.load import load
 from selfextend_mlx.planning import ENV_MAX_MEMORY
 from selfextend_mlx.server.engine import Engine, EngineOptions, Failed, Finished, Job, Text, fits_with
 from selfextend_mlx.server.prompting import completion_prompt
 
 SECONDS = 120  # any one engine run in these tests ends well within this
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
-
-
-@pytest.fixture(scope="module")
-def story():
-    return shared_path("text", "tinystories_sample.txt").read_text()
 
 
 def prompts(tokenizer, story, count, *, longest=200):

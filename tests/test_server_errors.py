@@ -9,17 +9,11 @@ import pytest
 from conftest import shared_path
 from test_server_support import LiveServer
 
-from selfextend_mlx.loading.load import load
 from selfextend_mlx.planning import ENV_MAX_MEMORY
 from selfextend_mlx.server.app import ServerOptions
 
 LIMIT = 64_000  # bytes: the request-size cap of the server under test
 USER = [{"role": "user", "content": "Once upon a time"}]
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,15 @@ import json
 
 import httpx
 import pytest
-from conftest import shared_path
 from test_server_support import LiveServer
 
 from selfextend_mlx.app.doccache import DocumentCache
-from selfextend_mlx.loading.load import load
 from selfextend_mlx.server.app import ServerOptions
 from selfextend_mlx.server.engine import EngineOptions
 from selfextend_mlx.server.guard import RequestGuard, host_name
 
 BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
 
 
 @pytest.fixture(scope="module")

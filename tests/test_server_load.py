@@ -15,7 +15,7 @@ from test_server_support import LiveServer
 
 from selfextend_mlx.app.generation import Sampling
 from selfextend_mlx.app.turns import MIN_STEP, TurnCancelled, TurnRunner
-from selfextend_mlx.loading.load import load, model_info
+from selfextend_mlx.loading.load import model_info
 from selfextend_mlx.planning import plan_run
 from selfextend_mlx.server import app as server_app
 from selfextend_mlx.server import runner as server_runner
@@ -23,11 +23,6 @@ from selfextend_mlx.server.app import ServerOptions
 from selfextend_mlx.server.engine import Engine, EngineOptions, Job
 from selfextend_mlx.server.prompting import longest_token
 from selfextend_mlx.server.protocol import APIError
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
 
 
 @pytest.fixture

@@ -5,17 +5,9 @@ cache of its earlier turns."""
 
 import httpx
 import pytest
-from conftest import shared_path
 from test_server_support import LiveServer, sse_events
 
-from selfextend_mlx.loading.load import load
-
 ANSWER = 24
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from selfextend_mlx.app.session import Session, SessionOptions
 from selfextend_mlx.core.cache import cache_nbytes
 from selfextend_mlx.core.patch import selfextend_config
 from selfextend_mlx.errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
-from selfextend_mlx.loading.load import load
 from selfextend_mlx.planning import ENV_MAX_MEMORY, estimate_memory, max_length
 
 CHATML = (
@@ -29,11 +28,6 @@ NO_SYSTEM = (
 )
 # A template that repeats the last question before everything: no stable document prefix.
 QUESTION_FIRST = "Q: {{ messages[-1]['content'][-20:] }}\n" + CHATML
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
 
 
 @pytest.fixture(scope="module")

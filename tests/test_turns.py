@@ -20,7 +20,7 @@ from selfextend_mlx.app.session import Session, SessionOptions
 from selfextend_mlx.app.turns import TurnCancelled, TurnRunner
 from selfextend_mlx.core.prefill import prefill
 from selfextend_mlx.errors import SettingsError
-from selfextend_mlx.loading.load import load, model_info
+from selfextend_mlx.loading.load import model_info
 from selfextend_mlx.planning import plan_run
 from selfextend_mlx.server.engine import EngineOptions
 
@@ -28,11 +28,6 @@ CHATML = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def stories():
-    return load(str(shared_path("models", "stories260K")), selfextend=False)
 
 
 @pytest.fixture(scope="module")
