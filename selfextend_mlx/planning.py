@@ -8,6 +8,7 @@
   summary reach)                                            choose_strategy(), summary_reach()
 - the KV cache's size, SelfExtend's or plain                                 kv_cache_bytes()
 - the memory a run needs, and the check against the machine       estimate_memory(), check_memory()
+- the memory of runs alive at once (bench's modes, the server's batch)        memory_together()
 - attention's query chunk, so its score block stays within a budget     attention_chunk_size()
 - a run's whole plan: settings, memory, KV quantization group, answer budget     plan_run()
 - the plans of measurement runs: eval's modes, bench's modes side by side
@@ -580,16 +581,23 @@ def modes_memory(
     together: bool = False,
 ) -> MemoryEstimate:
     """The memory of measuring `modes` (Settings) over `tokens` tokens: the hungriest one when
-    they run one after another (eval), their KV caches added up when they are all kept alive
-    at once (bench's interleaved decode), next to the weights and the largest prefill step."""
+    they run one after another (eval), all of them alive at once (`memory_together`) for bench's
+    interleaved decode."""
     per_mode = [estimate_memory(model.shape, model.weights_bytes, tokens, s, kv_bits, prefill_step) for s in modes]
     if not together:
         return max(per_mode, key=lambda estimate: estimate.total)
+    return memory_together(per_mode)
+
+
+def memory_together(estimates: list, extra_kv_bytes: int = 0) -> MemoryEstimate:
+    """The memory of runs of one model kept alive at once (bench's modes, the server's batch):
+    the weights once, every KV cache (and `extra_kv_bytes` of cached prompts) added up, and the
+    largest prefill step, since runs are prefilled one at a time."""
     return MemoryEstimate(
-        weights=model.weights_bytes,
-        kv_cache=sum(estimate.kv_cache for estimate in per_mode),
-        prefill=max(estimate.prefill for estimate in per_mode),
-        machine=per_mode[0].machine,
+        weights=estimates[0].weights,
+        kv_cache=sum(estimate.kv_cache for estimate in estimates) + extra_kv_bytes,
+        prefill=max(estimate.prefill for estimate in estimates),
+        machine=estimates[0].machine,
     )
 
 

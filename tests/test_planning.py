@@ -20,6 +20,7 @@ from selfextend_mlx.planning import (
     MAP_REDUCE,
     RETRIEVAL,
     UNKNOWN_LENGTH,
+    MemoryEstimate,
     ModelLimits,
     Settings,
     choose_settings,
@@ -29,6 +30,7 @@ from selfextend_mlx.planning import (
     kv_group_size,
     largest_reach,
     max_length,
+    memory_together,
     parse_size,
     smallest_group_size,
     summary_reach,
@@ -217,3 +219,13 @@ def test_every_reach_is_shown_with_the_context_it_is_over():
         parts = f"({context:,} - {settings.window:,}) x {settings.group_size} + {settings.window:,}"
         assert settings.formula() == f"{settings.reach:,} = {parts}"
     assert choose_settings(SMOLLM2, 3000).formula() == "5,120"  # plain: the context itself
+
+
+def test_memory_together_counts_weights_once_and_every_kv_cache():
+    """Runs alive at once (the server's batch, bench's modes) share the weights, keep a KV cache
+    each and are prefilled one at a time; the prompts cached beside them add to the caches."""
+    small = MemoryEstimate(weights=100, kv_cache=10, prefill=7, machine=1000)
+    large = MemoryEstimate(weights=100, kv_cache=30, prefill=3, machine=1000)
+    both = memory_together([small, large], extra_kv_bytes=5)
+    assert (both.weights, both.kv_cache, both.prefill, both.machine) == (100, 45, 7, 1000)
+    assert memory_together([small]) == small

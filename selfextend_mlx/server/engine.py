@@ -29,7 +29,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
@@ -42,7 +42,7 @@ from ..core.patch import make_cache
 from ..defaults import MAX_TOKENS, PREFILL_STEP
 from ..errors import InputTooLongError, InsufficientMemoryError, SelfExtendError
 from ..loading.load import model_info
-from ..planning import Plan, check_memory, choose_settings, largest_reach, plan_run
+from ..planning import Plan, check_memory, choose_settings, largest_reach, memory_together, plan_run
 from .batch import Decoding, batch_key
 from .prompt_cache import PromptCacheStore
 from .prompting import Prompt
@@ -503,11 +503,10 @@ class _Active:
 
 
 def fits_with(plan: Plan, others: list, extra_bytes: int = 0) -> bool:
-    """Whether `plan` passes the memory pre-flight with the KV caches of `others` (plans of
-    requests running beside it) and `extra_bytes` more counted; weights count once."""
-    kv = plan.memory.kv_cache + sum(other.memory.kv_cache for other in others) + extra_bytes
+    """Whether `plan` passes the memory pre-flight alive beside `others` (plans of requests
+    running with it) with `extra_bytes` of cached prompts counted."""
     try:
-        check_memory(replace(plan.memory, kv_cache=kv))
+        check_memory(memory_together([plan.memory] + [other.memory for other in others], extra_bytes))
     except InsufficientMemoryError:
         return False
     return True
