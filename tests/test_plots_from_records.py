@@ -82,3 +82,12 @@ def test_bench_plot_draws_the_run_it_measured(tmp_path):
     result = invoke(*args, "--quiet", "--plot", plot)
     assert result.exit_code == 0, result.stderr
     assert png_size(plot) == (900, 420) and result.stderr == ""
+
+
+def test_a_legend_of_methods_names_the_model_once():
+    from selfextend_mlx.evaluation.plots import _shared_model
+
+    assert _shared_model(["SmolLM2 plain", "SmolLM2 yarn"], "passkey") == (["plain", "yarn"], "passkey: SmolLM2")
+    two_models = ["SmolLM2 plain", "Gemma plain"]
+    assert _shared_model(two_models, "passkey") == (two_models, "passkey")
+    assert _shared_model(["plain"], "passkey") == (["plain"], "passkey")

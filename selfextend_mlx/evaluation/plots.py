@@ -118,6 +118,20 @@ def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
+NUDGE = 0.012  # vertical offset between lines of an accuracy plot
+NUDGE_SPREAD = 0.09  # at most this far apart, the lowest line to the highest
+
+
+def _shared_model(labels: list, title: str) -> tuple:
+    """Labels without the model name they all start with ("SmolLM2 plain", "SmolLM2 yarn"), which
+    goes into the title instead, so a legend of methods reads at a glance."""
+    heads = {label.rsplit(" ", 1)[0] for label in labels if " " in label}
+    if len(labels) < 2 or len(heads) != 1 or not all(" " in label for label in labels):
+        return labels, title
+    head = heads.pop()
+    return [label[len(head) + 1 :] for label in labels], f"{title}: {head}"
+
+
 def plot_accuracy_by_length(
     series: Mapping[str, Mapping[int, tuple]],
     path,
@@ -129,18 +143,26 @@ def plot_accuracy_by_length(
     fig, axes = _figure(size)
     ax = axes[0][0]
     lengths = sorted({length for points in series.values() for length in points})
-    for index, (label, points) in enumerate(series.items()):
+    labels, title = _shared_model(list(series), title)
+    for index, points in enumerate(series.values()):
         xs = [n for n in sorted(points) if points[n][1]]
-        ys = [points[n][0] / points[n][1] for n in xs]
-        ax.plot(xs, ys, marker="o", linewidth=2, label=label, linestyle="-" if index == 0 else "--")
+        nudge = (index - (len(series) - 1) / 2) * min(
+            NUDGE, NUDGE_SPREAD / max(1, len(series) - 1)
+        )  # equal accuracies would hide each other's lines
+        ys = [points[n][0] / points[n][1] + nudge for n in xs]
+        ax.plot(xs, ys, marker="o", linewidth=2, label=labels[index], linestyle="-" if index == 0 else "--")
     if trained_context:
         ax.axvline(trained_context, color="grey", linestyle=":", label=f"trained context ({_short(trained_context)})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [_short(n) for n in lengths])
     ax.minorticks_off()
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylim(-0.08, 1.08)
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("accuracy (all depths and trials)")
+    ax.set_ylabel(
+        "accuracy (all depths and trials; lines nudged apart)"
+        if len(series) > 1
+        else "accuracy (all depths and trials)"
+    )
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
