@@ -2,6 +2,9 @@
 test, loaded weights shared between runs, and the runner. Test modules import the fixtures they
 use by name (the autouse ones as well, so they apply there)."""
 
+import json
+import shutil
+
 import pytest
 from conftest import shared_path
 from typer.testing import CliRunner
@@ -55,3 +58,16 @@ def write(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
     return str(path)
+
+
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # minutes unbounded
+
+
+def stories_with_template(tmp_path, template):
+    """A copy of stories260K whose tokenizer_config.json carries `template` as its chat template."""
+    folder = tmp_path / "model"
+    shutil.copytree(shared_path("models", "stories260K"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

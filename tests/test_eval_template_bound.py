@@ -1,13 +1,11 @@
 """`selfextend eval --chat-template` renders the model folder's chat template under the same
 bound as every other render (issue 28): a hostile template is one line, in bounded time."""
 
-import json
-import shutil
 import time
 
 import cli_support
 import pytest
-from cli_support import invoke
+from cli_support import NESTED_LOOPS, invoke, stories_with_template
 from conftest import shared_path
 
 import selfextend_mlx.app.prompts as prompts
@@ -15,17 +13,7 @@ from selfextend_cli.eval_cmd import _encoder
 from selfextend_mlx.loading.load import load
 
 isolated_cache, load_each_model_once = cli_support.isolated_cache, cli_support.load_each_model_once  # autouse fixtures
-NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 PLAIN = "{% for m in messages %}<s><{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-
-
-def model_folder(tmp_path, template):
-    folder = tmp_path / "model"
-    shutil.copytree(shared_path("models", "stories260K"), folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
 
 
 NEEDLE = ["needle", "--haystack", shared_path("text", "tinystories_sample.txt"), "--needle", "The code is 48213."]
@@ -35,7 +23,7 @@ NEEDLE += ["--question", "What is the code?", "--answer", "48213"]
 @pytest.mark.parametrize("task", [["passkey", "--trials", "1"], NEEDLE], ids=["passkey", "needle"])
 def test_a_hostile_template_stops_eval_in_one_line(tmp_path, monkeypatch, task):
     monkeypatch.setattr(prompts, "TEMPLATE_SECONDS", 1.0)
-    folder = model_folder(tmp_path, NESTED_LOOPS)
+    folder = stories_with_template(tmp_path, NESTED_LOOPS)
     started = time.monotonic()
     result = invoke("eval", *task, "-m", folder, "--chat-template", "--lengths", "300", "--depths", "0.5")
     took = time.monotonic() - started
@@ -46,7 +34,7 @@ def test_a_hostile_template_stops_eval_in_one_line(tmp_path, monkeypatch, task):
 
 
 def test_the_bounded_render_gives_the_tokens_apply_chat_template_gave(tmp_path):
-    _, tokenizer = load(str(model_folder(tmp_path, PLAIN)), selfextend=False)
+    _, tokenizer = load(str(stories_with_template(tmp_path, PLAIN)), selfextend=False)
     text = "Once upon a time there was a cat."
     expected = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     assert _encoder(tokenizer, True)(text) == list(expected)

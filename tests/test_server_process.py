@@ -174,6 +174,17 @@ def test_eight_clients_get_right_answers_and_memory_stays_flat(stories_path, sto
 # -- stopping -----------------------------------------------------------------------------------------
 
 
+def assert_shut_down_soon(server, stopped: float, rest: list) -> None:
+    """After SIGTERM at `stopped`: exit 0 within seconds, the open stream's last error says the
+    server is shutting down (`rest`: its lines after the signal)."""
+    code = server.process.wait(20)
+    took = time.monotonic() - stopped
+    assert code == 0
+    assert took < 10, f"{took:.1f}s"
+    errors = [line for line in rest if '"error"' in line]
+    assert errors and "server_shutting_down" in errors[-1]
+
+
 def test_sigterm_during_a_stream_ends_it_and_exits_0_within_seconds(stories_path):
     server = ServeProcess("-m", stories_path)
     story = shared_path("text", "tinystories_sample.txt").read_text()[:3000]
@@ -195,12 +206,7 @@ def test_sigterm_during_a_stream_ends_it_and_exits_0_within_seconds(stories_path
         server.process.send_signal(signal.SIGTERM)
         rest = list(lines)
     waiting.join(30)
-    code = server.process.wait(20)
-    took = time.monotonic() - stopped
-    assert code == 0
-    assert took < 10, f"{took:.1f}s"
-    errors = [line for line in rest if '"error"' in line]
-    assert errors and "server_shutting_down" in errors[-1]
+    assert_shut_down_soon(server, stopped, rest)
     assert queued["reply"].status_code == 503
     assert queued["reply"].json()["error"]["code"] == "server_shutting_down"
     assert "stopped" in "".join(server.stderr)
@@ -232,12 +238,7 @@ def test_sigterm_during_a_long_prefill_exits_within_seconds_and_health_stops_say
         except httpx.TransportError:
             pass
         rest = list(lines)
-    code = server.process.wait(20)
-    took = time.monotonic() - stopped
-    assert code == 0
-    assert took < 10, f"{took:.1f}s"
-    errors = [line for line in rest if '"error"' in line]
-    assert errors and "server_shutting_down" in errors[-1]
+    assert_shut_down_soon(server, stopped, rest)
     assert not any("Traceback" in line for line in server.stderr)
 
 

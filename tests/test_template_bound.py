@@ -2,13 +2,11 @@
 bounded in time and output, and past the bound the user reads one line (the CLI exits
 non-zero, the server answers 400 and keeps serving)."""
 
-import json
-import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import shared_path
+from cli_support import NESTED_LOOPS, stories_with_template
 
 import selfextend_mlx.app.prompts as prompts
 from selfextend_mlx.app.prompts import PromptFormat, TemplateBoundError
@@ -16,24 +14,13 @@ from selfextend_mlx.loading.load import load
 from selfextend_mlx.server.prompting import chat_prompt
 from selfextend_mlx.server.protocol import APIError
 
-NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 HUGE_OUTPUT = "{{ 'x' * 100000000 }}"
 PLAIN = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 USER = [{"role": "user", "content": "hi"}]
 
 
-def model_folder(tmp_path, template):
-    """stories260K with `template` as its chat template."""
-    folder = tmp_path / "model"
-    shutil.copytree(shared_path("models", "stories260K"), folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
-
 def with_template(tmp_path, template):
-    _, tokenizer = load(str(model_folder(tmp_path, template)), selfextend=False)
+    _, tokenizer = load(str(stories_with_template(tmp_path, template)), selfextend=False)
     assert tokenizer.has_chat_template
     return tokenizer
 
@@ -57,7 +44,7 @@ def test_a_real_template_renders_as_before(tmp_path):
 
 
 def test_the_cli_says_one_line_for_a_hanging_template(tmp_path):
-    folder = model_folder(tmp_path, NESTED_LOOPS)
+    folder = stories_with_template(tmp_path, NESTED_LOOPS)
     done = subprocess.run(
         [sys.executable, "-m", "selfextend_cli", "ask", "-q", "hi", "-m", str(folder), "-n", "2", "--no-cache"],
         input="A short story.",
