@@ -60,7 +60,9 @@ def write(tmp_path, name, data):
     return str(path)
 
 
-NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # minutes unbounded
+NESTED_LOOPS = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # minutes without the bound
+)
 
 
 def stories_with_template(tmp_path, template):

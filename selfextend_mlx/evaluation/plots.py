@@ -144,11 +144,10 @@ def plot_accuracy_by_length(
     ax = axes[0][0]
     lengths = sorted({length for points in series.values() for length in points})
     labels, title = _shared_model(list(series), title)
+    step = min(NUDGE, NUDGE_SPREAD / max(1, len(series) - 1))  # equal accuracies would hide each other's lines
     for index, points in enumerate(series.values()):
         xs = [n for n in sorted(points) if points[n][1]]
-        nudge = (index - (len(series) - 1) / 2) * min(
-            NUDGE, NUDGE_SPREAD / max(1, len(series) - 1)
-        )  # equal accuracies would hide each other's lines
+        nudge = (index - (len(series) - 1) / 2) * step
         ys = [points[n][0] / points[n][1] + nudge for n in xs]
         ax.plot(xs, ys, marker="o", linewidth=2, label=labels[index], linestyle="-" if index == 0 else "--")
     if trained_context:
