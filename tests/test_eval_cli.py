@@ -215,8 +215,9 @@ def test_needle_and_compare_of_saved_runs(stories, story_text, tmp_path):
         saved[-1].write_text(result.stdout)
     table = run("eval", "compare", *saved, "--plot", tmp_path / "cmp.png")
     assert table.exit_code == 0, table.output
-    header = table.stdout.splitlines()[0]
-    assert "stories260K plain" in header and "stories260K selfextend" in header and "accuracy" in table.stdout
+    title, header = table.stdout.splitlines()[:2]
+    assert title == "model: stories260K" and "accuracy" in table.stdout
+    assert {"plain", "selfextend"} <= set(header.split())
     assert png_size(tmp_path / "cmp.png")[1] == 500
 
 
@@ -228,8 +229,8 @@ def test_compare_ppl_runs_in_one_table(ppl_compare, tmp_path):
     result = run("eval", "compare", tmp_path / "a.json", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert "stories260K kv8 selfextend G4/W128" in lines[0]
-    assert lines[2].split()[0] == "0-256" and len(lines) == 5
+    assert lines[0] == "model: stories260K" and "kv8 selfextend G4/W128" in lines[1]
+    assert lines[3].split()[0] == "0-256" and len(lines) == 6
 
 
 @pytest.mark.parametrize(

@@ -92,8 +92,14 @@ def test_ruler_json(tmp_path):
     saved.write_text(result.stdout)
     table = run("eval", "compare", saved)
     assert table.exit_code == 0, table.output
-    assert [line for line in table.stdout.splitlines() if line.endswith(":")] == ["multikey:", "vartrack:"]
-    assert "stories260K string" in table.stdout and table.stdout.count("accuracy") == 2
+    lines = table.stdout.splitlines()
+    assert lines[0] == "model: stories260K" and [line for line in lines if line.endswith(":")] == [
+        "multikey:",
+        "vartrack:",
+    ]
+    assert (
+        lines[2].split() == ["length", "depth", "plain", "selfextend", "string"] and table.stdout.count("accuracy") == 2
+    )
     plot = tmp_path / "ruler.png"
     drawn = run("eval", "compare", saved, "--plot", plot)
     assert drawn.exit_code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", drawn.output

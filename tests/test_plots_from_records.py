@@ -47,7 +47,10 @@ def test_compare_draws_the_recorded_planning_grid_by_length(tmp_path):
     assert png_size(plot) == (800, 500) and plot.stat().st_size < 150_000
     assert f"plot written to {plot}" in result.stderr
     accuracy = result.stdout.splitlines()[-1].split()
-    assert accuracy[0] == "accuracy" and sorted(accuracy[1:]) == ["100%", "50%"]
+    assert accuracy[0] == "accuracy" and sorted(zip(accuracy[1::2], accuracy[2::2])) == [
+        ("18/36", "50%"),
+        ("36/36", "100%"),
+    ]
 
 
 def test_by_length_needs_a_retrieval_plot(tmp_path):
@@ -84,10 +87,18 @@ def test_bench_plot_draws_the_run_it_measured(tmp_path):
     assert png_size(plot) == (900, 420) and result.stderr == ""
 
 
-def test_a_legend_of_methods_names_the_model_once():
-    from selfextend_mlx.evaluation.plots import _shared_model
+def test_a_table_or_legend_of_methods_names_the_model_once():
+    from selfextend_mlx.evaluation.results import compare_results, comparison_table, shared_model
 
-    assert _shared_model(["SmolLM2 plain", "SmolLM2 yarn"], "passkey") == (["plain", "yarn"], "passkey: SmolLM2")
+    labels = ["SmolLM2 plain", "SmolLM2 selfextend G3/W1024", "SmolLM2 kv8 yarn"]
+    assert shared_model(labels) == ("SmolLM2", ["plain", "selfextend G3/W1024", "kv8 yarn"])
     two_models = ["SmolLM2 plain", "Gemma plain"]
-    assert _shared_model(two_models, "passkey") == (two_models, "passkey")
-    assert _shared_model(["plain"], "passkey") == (["plain"], "passkey")
+    assert shared_model(two_models) == (None, two_models)
+    assert shared_model(["plain"]) == (None, ["plain"])
+    row = {"length": 4096, "depth": 0.5, "trials": 1}
+    run = {"task": "passkey", "model": "SmolLM2", "results": [dict(row, correct={"plain": 1, "yarn": 0})]}
+    longer = {"task": "passkey", "model": "SmolLM2", "mode": "plain", "results": [dict(row, length=8192, correct=0)]}
+    table = comparison_table(compare_results([run, longer])).splitlines()
+    assert table[0] == "model: SmolLM2" and table[1].split() == ["length", "depth", "plain", "yarn"]
+    # plain's two runs join into one column of two cells; yarn has one: the counts say so
+    assert table[-1].split() == ["accuracy", "1/2", "50%", "0/1", "0%"]

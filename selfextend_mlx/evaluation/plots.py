@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from ..errors import EvaluationError  # noqa: E402
+from .results import shared_model  # noqa: E402
 
 DEFAULT_SIZE = (800, 500)  # pixels
 _DPI = 100
@@ -122,16 +123,6 @@ NUDGE = 0.012  # vertical offset between lines of an accuracy plot
 NUDGE_SPREAD = 0.09  # at most this far apart, the lowest line to the highest
 
 
-def _shared_model(labels: list, title: str) -> tuple:
-    """Labels without the model name they all start with ("SmolLM2 plain", "SmolLM2 yarn"), which
-    goes into the title instead, so a legend of methods reads at a glance."""
-    heads = {label.rsplit(" ", 1)[0] for label in labels if " " in label}
-    if len(labels) < 2 or len(heads) != 1 or not all(" " in label for label in labels):
-        return labels, title
-    head = heads.pop()
-    return [label[len(head) + 1 :] for label in labels], f"{title}: {head}"
-
-
 def plot_accuracy_by_length(
     series: Mapping[str, Mapping[int, tuple]],
     path,
@@ -143,7 +134,8 @@ def plot_accuracy_by_length(
     fig, axes = _figure(size)
     ax = axes[0][0]
     lengths = sorted({length for points in series.values() for length in points})
-    labels, title = _shared_model(list(series), title)
+    head, labels = shared_model(series)
+    title = f"{title}: {head}" if head else title
     step = min(NUDGE, NUDGE_SPREAD / max(1, len(series) - 1))  # equal accuracies would hide each other's lines
     for index, points in enumerate(series.values()):
         xs = [n for n in sorted(points) if points[n][1]]

@@ -129,9 +129,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _accuracy_text(cells: dict) -> str:
+    """Counts with the share: columns of joined runs can cover different cells, and a bare
+    percentage would hide that one column's 50% is of 4 cells and another's 100% of 3."""
     correct = sum(c for c, _ in cells.values())
     trials = sum(t for _, t in cells.values())
-    return f"{correct / trials:.0%}" if trials else "-"
+    return f"{correct}/{trials} {correct / trials:.0%}" if trials else "-"
 
 
 def load_result(path) -> dict:
@@ -162,6 +164,17 @@ def run_label(result: dict, mode: str) -> str:
     name = Path(str(result.get("model") or "model")).name
     kv = f" kv{result['kv_bits']}" if result.get("kv_bits") else ""
     return f"{name}{kv} {mode_label(result, mode)}"
+
+
+def shared_model(labels: Sequence[str]) -> tuple:
+    """(the model name every label starts with or None, the labels without it): "SmolLM2 plain",
+    "SmolLM2 yarn" -> ("SmolLM2", ["plain", "yarn"]), so tables and legends of methods read at a glance."""
+    labels = list(labels)
+    heads = {label.split(" ", 1)[0] for label in labels}  # run_label puts the model's name first
+    if len(labels) < 2 or len(heads) != 1 or not all(" " in label for label in labels):
+        return None, labels
+    head = heads.pop()
+    return head, [label[len(head) + 1 :] for label in labels]
 
 
 def compare_results(results: Sequence[dict]) -> dict:
@@ -218,9 +231,20 @@ def _columns(results: Sequence[dict], task: str) -> dict:
 
 
 def comparison_table(comparison: dict) -> str:
+    """The side-by-side table; a model name common to every column is said once, above it."""
+    tables = comparison["tasks"].values() if comparison["task"] == "ruler" else [comparison["columns"]]
+    head, _ = shared_model([label for columns in tables for label in columns])
+    title = f"model: {head}\n" if head else ""
+    return title + _table(comparison, lambda label: label[len(head) + 1 :] if head else label)
+
+
+def _table(comparison: dict, short) -> str:
     if comparison["task"] == "ruler":
-        return "\n\n".join(f"{name}:\n{_retrieval_table(columns)}" for name, columns in comparison["tasks"].items())
-    columns = comparison["columns"]
+        return "\n\n".join(
+            f"{name}:\n{_retrieval_table({short(k): v for k, v in columns.items()})}"
+            for name, columns in comparison["tasks"].items()
+        )
+    columns = {short(label): values for label, values in comparison["columns"].items()}
     if comparison["task"] == "ppl":
         ranges = []
         for buckets in columns.values():
