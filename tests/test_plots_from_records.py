@@ -88,6 +88,7 @@ def test_bench_plot_draws_the_run_it_measured(tmp_path):
 
 
 def test_a_table_or_legend_of_methods_names_the_model_once():
+    from selfextend_mlx.evaluation.plots import titled_legend
     from selfextend_mlx.evaluation.results import compare_results, comparison_table, shared_model
 
     labels = ["SmolLM2 plain", "SmolLM2 selfextend G3/W1024", "SmolLM2 kv8 yarn"]
@@ -95,6 +96,8 @@ def test_a_table_or_legend_of_methods_names_the_model_once():
     two_models = ["SmolLM2 plain", "Gemma plain"]
     assert shared_model(two_models) == (None, two_models)
     assert shared_model(["plain"]) == (None, ["plain"])
+    assert titled_legend("Perplexity", labels[:2]) == ("Perplexity: SmolLM2", ["plain", "selfextend G3/W1024"])
+    assert titled_legend("Perplexity", two_models) == ("Perplexity", two_models)
     row = {"length": 4096, "depth": 0.5, "trials": 1}
     run = {"task": "passkey", "model": "SmolLM2", "results": [dict(row, correct={"plain": 1, "yarn": 0})]}
     longer = {"task": "passkey", "model": "SmolLM2", "mode": "plain", "results": [dict(row, length=8192, correct=0)]}

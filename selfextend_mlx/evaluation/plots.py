@@ -48,6 +48,15 @@ class _PlainLogFormatter(LogFormatter):
         return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def titled_legend(title: str, labels) -> tuple:
+    """(the title, the legend's labels): a model common to every label named once, in the title."""
+    head, short = shared_model(labels)
+    return (f"{title}: {head}" if head else title), short
+
+
 def plot_perplexity(
     series: Mapping[str, Sequence[Mapping]],
     path,
@@ -58,13 +67,15 @@ def plot_perplexity(
     """One curve per label; each bucket ({'start', 'end', 'ppl'}) drawn flat over its range."""
     fig, axes = _figure(size)
     ax = axes[0][0]
-    for label, buckets in series.items():
+    title, labels = titled_legend(title, series)
+    for index, (label, buckets) in enumerate(zip(labels, series.values())):
         xs, ys = [], []
         for bucket in buckets:
             if bucket["ppl"] is not None and math.isfinite(bucket["ppl"]):
                 xs += [bucket["start"], bucket["end"]]
                 ys += [bucket["ppl"], bucket["ppl"]]
-        ax.plot(xs, ys, label=label, linewidth=2)
+        # methods equal to plain draw the same curve: dashes keep the one underneath visible
+        ax.plot(xs, ys, label=label, linewidth=2, linestyle=LINE_STYLES[index % len(LINE_STYLES)])
     if trained_context:
         ax.axvline(trained_context, color="grey", linestyle="--", label=f"trained context ({trained_context})")
     ax.set_yscale("log")
@@ -134,8 +145,7 @@ def plot_accuracy_by_length(
     fig, axes = _figure(size)
     ax = axes[0][0]
     lengths = sorted({length for points in series.values() for length in points})
-    head, labels = shared_model(series)
-    title = f"{title}: {head}" if head else title
+    title, labels = titled_legend(title, series)
     step = min(NUDGE, NUDGE_SPREAD / max(1, len(series) - 1))  # equal accuracies would hide each other's lines
     for index, points in enumerate(series.values()):
         xs = [n for n in sorted(points) if points[n][1]]
