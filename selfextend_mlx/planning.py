@@ -146,14 +146,19 @@ def choose_method(settings: Settings) -> str:
     SelfExtend past it.
 
     From the scoreboard in docs/results.md ("Side by side", issue 25), which is where another
-    method would have to win for the planner to pick it: on stories260K at 8x its context,
-    SelfExtend kept perplexity at 4.4-6.6 where dynamic NTK reached 15.9, YaRN 28, linear 86
-    and STRING and plain broke (1,081 and 1,099); inside the context every RoPE scaling cost
-    perplexity (linear 69 against plain's 4.5 on the first 512 tokens) and STRING matched
-    plain. Passkey on that model tells the methods apart nowhere (every arm 0/6); Gemma 3 past
-    32k and SmolLM2 past 8k were measured plain against SelfExtend only. So no family or length
-    has a measured case for STRING, YaRN, NTK, linear, truncation or retrieval: those stay
-    `eval --methods` arms until one does, and this is the one place to change when it does."""
+    method would have to win for the planner to pick it:
+    - stories260K at 8x its context: SelfExtend kept perplexity at 4.4-6.6 where dynamic NTK
+      reached 15.9, YaRN 28, linear 86, and STRING and plain broke (1,081 and 1,099); inside the
+      context every RoPE scaling cost perplexity (linear 69 against plain's 4.5).
+    - SmolLM2-135M at 1.5x its context (Emma to 12k): the planned SelfExtend 22.0 on the last 2k,
+      dynamic NTK 22.0, YaRN 22.2, STRING 22.5, linear 28.1, plain 36.1; inside 8k SelfExtend
+      is within 0.7% of plain (equal to 6k), NTK within 0.7%, YaRN up to 1.1% and STRING 3.6%
+      worse, linear 20-30%. NTK ties SelfExtend; it does not beat it.
+    - SmolLM2 passkey at 12k and 16k: SelfExtend, YaRN and retrieval keep the key; STRING at 12k
+      but not 16k (past L + S - w); plain and the kept tail lose it.
+    So no family or length has a measured case for another method: ties go to SelfExtend, which
+    is the exact plain model on every distance below W. The others stay `eval --methods` arms
+    until one wins a cell, and this is the one place to change when it does."""
     return PLAIN_METHOD if settings.plain else SELFEXTEND_METHOD
 
 
