@@ -147,9 +147,10 @@ def choose_method(settings: Settings) -> str:
 
     From the scoreboard in docs/results.md ("Side by side", issue 25), which is where another
     method would have to win for the planner to pick it:
-    - stories260K at 8x its context: SelfExtend kept perplexity at 4.4-6.6 where dynamic NTK
-      reached 15.9, YaRN 28, linear 86, and STRING and plain broke (1,081 and 1,099); inside the
-      context every RoPE scaling cost perplexity (linear 69 against plain's 4.5).
+    - stories260K at 8x and 12x its context (4k, 6k): SelfExtend kept perplexity at 4.4-6.7
+      where dynamic NTK reached 16 and 34, YaRN 28 and 65, linear 86 and 99, and STRING and
+      plain broke (past 1,000); inside the context every RoPE scaling cost perplexity (linear
+      69-84 against plain's 4.5).
     - SmolLM2-135M at 1.5x its context (Emma to 12k): the planned SelfExtend 22.0 on the last 2k,
       dynamic NTK 22.0, YaRN 22.2, STRING 22.5, linear 28.1, plain 36.1; inside 8k SelfExtend
       is within 0.7% of plain (equal to 6k), NTK within 0.7%, YaRN up to 1.1% and STRING 3.6%
