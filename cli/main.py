@@ -347,11 +347,21 @@ def run() -> None:
     if ours:
         os.environ.pop(_CTRL_C_AFTER_EXEC, None)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _import_mlx_while_ctrl_c_is_quiet()
     try:
         app(prog_name="selfextend")
     except SystemExit as done:
         _leave(done.code)
     _leave(0)
+
+
+def _import_mlx_while_ctrl_c_is_quiet() -> None:
+    """mlx.core is a nanobind extension: a KeyboardInterrupt raised while it initializes (its
+    enums are built by Python code) is a fatal nanobind error, printed with a traceback. So it is
+    loaded here, where Ctrl-C still just exits, not later by the command's own imports, where
+    Ctrl-C raises KeyboardInterrupt. CI met it as "Critical nanobind error: enum_create". It
+    costs a fraction of a second, even for --help."""
+    import mlx.core  # noqa: F401
 
 
 def _leave(code) -> None:

@@ -512,6 +512,26 @@ def test_ctrl_c_while_the_command_starts_gives_no_traceback(tmp_path):
         assert process.returncode == 130 and stderr.splitlines()[-1] == "interrupted", (delay, stderr)
 
 
+def test_mlx_is_loaded_before_ctrl_c_can_raise_inside_it():
+    # A KeyboardInterrupt while the nanobind extension mlx.core initializes is a fatal nanobind
+    # error with a traceback (CI met it, once in a few hundred starts, in the test above); so
+    # mlx.core must be loaded before the command's handlers make Ctrl-C raise.
+    probe = (
+        "import sys\n"
+        "import selfextend_cli.main as main\n"
+        "install = main._install_signal_handlers\n"
+        "def report_then_install():\n"
+        "    print('mlx.core loaded:', 'mlx.core' in sys.modules, file=sys.stderr)\n"
+        "    return install()\n"
+        "main._install_signal_handlers = report_then_install\n"
+        "sys.argv = ['selfextend', '--version']\n"
+        "main.run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "mlx.core loaded: True" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize(
     "stop, code, line",
     [(KeyboardInterrupt(), 130, "interrupted"), (main_module.Terminated(signal.SIGTERM), 143, "terminated")],
