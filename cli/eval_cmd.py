@@ -118,19 +118,21 @@ def register(app: typer.Typer) -> None:
 
 @contextmanager
 def _progress(label: str, total: int, progress: bool, quiet: bool):
-    """Yield `advance(n)` driving the project's stderr progress bar (counts are tokens): a live
+    """Yield `advance(n, computed=True)` driving the project's stderr progress bar (counts are tokens): a live
     bar on a terminal, a line every 10% in a log. The run is many prompts of their own, so the
     time left is from the average rate, without a cost growing over the whole count."""
     if quiet or not progress:
         yield lambda n: None
         return
-    bar, started, done = ProgressBar(label, min_tokens=0, growing=False), time.perf_counter(), 0
+    bar, started, done, skipped = ProgressBar(label, min_tokens=0, growing=False), time.perf_counter(), 0, 0
     bar(0, total, 0.0)
 
-    def advance(n: int):
-        nonlocal done
+    def advance(n: int, computed: bool = True):
+        nonlocal done, skipped
         done = min(done + n, total)
-        bar(done, total, time.perf_counter() - started)
+        if not computed:  # reused or left out: done, but no measure of the rate
+            skipped = min(skipped + n, done)
+        bar(done, total, time.perf_counter() - started, skipped)
 
     yield advance
 

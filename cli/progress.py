@@ -30,14 +30,18 @@ class ProgressBar:
         self.interactive = sys.stderr.isatty()
         self.steps: list[tuple[int, float]] = []  # (tokens done, seconds) after each step
         self.logged = -1  # the last tenth written to a log
+        self.skipped = 0  # tokens counted done that took no computing
 
-    def __call__(self, done: int, total: int, elapsed: float) -> None:
+    def __call__(self, done: int, total: int, elapsed: float, skipped: int = 0) -> None:
+        """`skipped`: how many of the `done` tokens took no computing (reused or left out): the
+        bar counts them, the rate and the time left do not."""
         if total < self.min_tokens or total <= 0:  # a question's few tokens take no visible time
             return
         if done == 0:
-            self.steps, self.logged = [], -1
-        elif not self.steps or done > self.steps[-1][0]:
-            self.steps.append((done, elapsed))
+            self.steps, self.logged, self.skipped = [], -1, 0
+        elif not self.steps or done - skipped > self.steps[-1][0]:
+            self.steps.append((done - skipped, elapsed))
+        self.skipped = skipped
         finished = done >= total
         if self.interactive:
             sys.stderr.write(f"\r\x1b[2K{self.line(done, total, elapsed)}" + ("\n" if finished else ""))
@@ -81,6 +85,7 @@ class ProgressBar:
         if not self.steps:
             return None
         done = self.steps[-1][0]
+        total -= self.skipped  # the tokens still to compute, counted like the steps
         if recent:
             start, steps = self.steps[-recent - 1], self.steps[-recent:]
             per_token, per_position = fit_step_costs(steps, self.growing, start)

@@ -249,6 +249,21 @@ def test_time_left_is_a_range_that_holds_the_truth_when_the_machine_slows_down()
     assert "about " in steady.line(steps[10][0], total, steps[10][1])  # agreeing fits: one figure
 
 
+def test_skipped_tokens_count_as_done_but_not_in_the_rate_or_the_time_left():
+    """A kept tail (truncate) or a reused prefix: 27k of 32k tokens done at once, then 10 tokens
+    a second. The bar said "11,442,570 tok/s  about 0s left" there before skipped was kept apart."""
+    total = 32_000
+    bar = progress.ProgressBar("passkey", min_tokens=0, growing=False)
+    bar(0, total, 0.0)
+    bar(27_000, total, 0.01, skipped=27_000)
+    for step in range(1, 6):
+        bar(27_000 + 200 * step, total, 0.01 + 20.0 * step, skipped=27_000)
+    line = bar.line(28_000, total, 100.01)
+    assert "28,000/32,000 tokens  10 tok/s" in line, line
+    assert bar.seconds_left(total) == pytest.approx(400, rel=0.01)  # 4,000 tokens at 10 a second
+    assert "done in" in bar.line(total, total, 500.0)
+
+
 def test_fit_step_costs_recovers_the_costs_and_stays_sane_on_noise():
     a, b = progress.fit_step_costs(quadratic_run(startup=0.0))
     assert a == pytest.approx(1e-3, rel=1e-6) and b == pytest.approx(2e-6, rel=1e-6)

@@ -278,10 +278,18 @@ def test_prefix_reuse_between_prompts_answers_like_fresh_caches(stories):
             Counting.seen += x.shape[1]
             return model(x, cache=cache)
 
-    fed = []
-    run_cells(Counting(), tokenizer, cells, [mode], 6, chunk_size=128, on_tokens=fed.append)
+    fed, fed_computed = [], []
+
+    def on_tokens(n, computed=True):
+        fed.append(n)
+        if computed:
+            fed_computed.append(n)
+
+    run_cells(Counting(), tokenizer, cells, [mode], 6, chunk_size=128, on_tokens=on_tokens)
     assert sum(fed) == sum(len(p.tokens) for c in cells for p in c.prompts)
     assert Counting.seen < 0.8 * sum(fed)  # the shared filler was not fed again
+    answers = sum(len(c.prompts) for c in cells) * 6  # at most 6 answer tokens fed a prompt
+    assert sum(fed_computed) <= Counting.seen <= sum(fed_computed) + answers  # the reused part is not computed
     for cell in cells:
         fresh = [tokenizer.decode(greedy_generate(model, p.tokens, new_cache(model), 6, 128)) for p in cell.prompts]
         assert cell.outputs["selfextend"] == fresh
@@ -308,7 +316,9 @@ def test_a_planned_mode_that_plans_plain_attention_takes_the_plain_answers(stori
             return model(x, cache=cache)
 
         counting.layers, counting.model_info = model.layers, model.model_info
-        run_cells(counting, tokenizer, cells, modes, 6, chunk_size=128, on_tokens=fed.append)
+        run_cells(
+            counting, tokenizer, cells, modes, 6, chunk_size=128, on_tokens=lambda n, computed=True: fed.append(n)
+        )
         assert sum(fed) == len(modes) * sum(len(cell.prompts[0].tokens) for cell in cells)  # progress counts all
         return cells, sum(seen)
 

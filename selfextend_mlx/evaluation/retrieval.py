@@ -70,7 +70,7 @@ def run_cells(
     max_tokens: int,
     kv_bits: Optional[int] = None,
     chunk_size: int = PREFILL_STEP,
-    on_tokens: Optional[Callable[[int], None]] = None,
+    on_tokens: Optional[Callable[..., None]] = None,
     encode: Optional[Callable[[str], list]] = None,
 ) -> None:
     """Fill each cell's `correct`, `outputs`, `settings` and `setups` for every mode.
@@ -82,7 +82,8 @@ def run_cells(
     of rebuilding it: at five depths (deepest first) that saves about a third of the prefill.
     A cell that a mode runs as the same computation as a mode before it (equal Setup keys: a
     planned mode inside the context is plain attention, as is yarn there) takes that mode's
-    answers. `on_tokens(n)` hears of prompt tokens done, chunk by chunk. `encode` makes a
+    answers. `on_tokens(n, computed=...)` hears of prompt tokens done, chunk by chunk, and of
+    those reused or left out (computed=False). `encode` makes a
     prompt method's new prompt (default: the tokenizer's).
     """
     info = model_info(model)
@@ -132,7 +133,7 @@ def _take_answers(cell: Cell, name: str, on_tokens) -> bool:
         return False
     cell.outputs[name], cell.correct[name] = list(cell.outputs[same[0]]), cell.correct[same[0]]
     if on_tokens is not None:
-        on_tokens(sum(len(p.tokens) for p in cell.prompts))
+        on_tokens(sum(len(p.tokens) for p in cell.prompts), computed=False)
     return True
 
 
@@ -141,7 +142,7 @@ def _greedy_answer(runner: TurnRunner, prompt: Sequence[int], on_tokens, skipped
     (and of the `skipped` tokens of the original prompt a prompt method left out)."""
     progress = None
     if on_tokens is not None:
-        on_tokens(runner.rewind(prompt[:-1]) + skipped)
+        on_tokens(runner.rewind(prompt[:-1]) + skipped, computed=False)
         progress = chunk_progress(on_tokens)
     answer = runner.answer(prompt, GREEDY, on_progress=progress)
     if on_tokens is not None:
