@@ -122,7 +122,7 @@ def _progress(label: str, total: int, progress: bool, quiet: bool):
     bar on a terminal, a line every 10% in a log. The run is many prompts of their own, so the
     time left is from the average rate, without a cost growing over the whole count."""
     if quiet or not progress:
-        yield lambda n: None
+        yield lambda n, computed=True: None
         return
     bar, started, done, skipped = ProgressBar(label, min_tokens=0, growing=False), time.perf_counter(), 0, 0
     bar(0, total, 0.0)
