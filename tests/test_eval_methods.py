@@ -127,6 +127,27 @@ def test_truncate_keeps_the_last_tokens_and_retrieval_finds_the_needle():
     assert method_prompt(truncated, short, words.encode, count) == short.tokens  # it fits: unchanged
 
 
+class WordsAndNewlines(Words):
+    """Words, and a token per newline: the blank lines between short paragraphs cost tokens,
+    as they do in a real tokenizer."""
+
+    def encode(self, text):
+        return super().encode(text) + [1000] * text.count("\n")
+
+
+def test_retrieval_fits_its_budget_and_keeps_a_key_at_depth_0():
+    """The passkey filler is short paragraphs: counted without their blank lines, the chosen
+    passages came out past the budget, and the cut from the front took the intro and the key
+    with it (a 32k passkey at depth 0 on SmolLM2)."""
+    words = WordsAndNewlines()
+    count = lambda text: len(words.encode(text))  # noqa: E731
+    prompt = passkey_prompt(words.encode, 3000, 0.0, "48213")
+    retrieval = Setup("retrieval", plain_settings(L), keep=500)
+    text = retrieved_text(prompt, 500, count)
+    assert count(text) <= 500 and text.startswith(prompt.intro) and "The pass key is 48213." in text
+    assert method_prompt(retrieval, prompt, words.encode, count) == words.encode(text)  # not cut
+
+
 def test_parse_methods_rejects_in_one_error():
     assert parse_methods("plain, YaRN,string") == ["plain", "yarn", "string"]
     for text, message in (("plain,rope", "unknown rope"), ("", "empty"), ("yarn,yarn", "more than once")):

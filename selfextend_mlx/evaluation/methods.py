@@ -250,9 +250,16 @@ def method_prompt(setup: Setup, prompt, encode, count) -> list:
 def retrieved_text(prompt, budget: int, count) -> str:
     """The prompt's intro, the passages BM25 ranks highest for its question as many as fill
     `budget` tokens with the question (in document order, gaps marked), then the question on
-    a line of its own."""
+    a line of its own. Fewer passages while the whole comes out longer than `budget`: cut
+    from the front instead (as method_prompt would), it would lose the intro and a key at
+    depth 0, as a 32k passkey did."""
     body = prompt.text[len(prompt.intro) : len(prompt.text) - len(prompt.question)]
     room = max(0, int((budget - count(prompt.intro) - count(prompt.question)) * (1 - MARGIN)))
     # `ask`'s passages, smaller where the context is small, so that several fit
     pieces = passages(body, count, size=max(1, min(PASSAGE_TOKENS, room // 4)))
-    return prompt.intro + join_selected(select_passages(pieces, prompt.question, room)) + "\n" + prompt.question
+    while True:
+        text = prompt.intro + join_selected(select_passages(pieces, prompt.question, room)) + "\n" + prompt.question
+        over = count(text) - budget
+        if over <= 0 or room == 0:
+            return text
+        room = max(0, room - over)
