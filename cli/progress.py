@@ -39,7 +39,7 @@ class ProgressBar:
             return
         if done == 0:
             self.steps, self.logged, self.skipped = [], -1, 0
-        elif not self.steps or done - skipped > self.steps[-1][0]:
+        elif done - skipped > (self.steps[-1][0] if self.steps else 0):  # a step that computed
             self.steps.append((done - skipped, elapsed))
         self.skipped = skipped
         finished = done >= total

@@ -256,6 +256,7 @@ def test_skipped_tokens_count_as_done_but_not_in_the_rate_or_the_time_left():
     bar = progress.ProgressBar("passkey", min_tokens=0, growing=False)
     bar(0, total, 0.0)
     bar(27_000, total, 0.01, skipped=27_000)
+    assert "estimating time left" in bar.line(27_000, total, 0.01)  # nothing computed yet: no guess
     for step in range(1, 6):
         bar(27_000 + 200 * step, total, 0.01 + 20.0 * step, skipped=27_000)
     line = bar.line(28_000, total, 100.01)
