@@ -70,10 +70,12 @@ class ProgressBar:
         return f"{self.label} [{bar}] {done:,}/{total:,} tokens{speed}  {timing}"
 
     def rate(self, elapsed: float, finished: bool) -> float:
-        """Tokens per second: of the whole read once it is done, else of the latest step."""
+        """Tokens per second: of the whole read once it is done, else of the latest step; over
+        many prompts (not `growing`), of all the computed ones so far, since a step there can be
+        one prompt's last token, read with its whole answer."""
         if not self.steps:
             return 0.0
-        if finished or len(self.steps) == 1:
+        if finished or len(self.steps) == 1 or not self.growing:
             done, seconds = self.steps[-1]
             return done / seconds if seconds > 0 else 0.0
         (d0, t0), (d1, t1) = self.steps[-2], self.steps[-1]

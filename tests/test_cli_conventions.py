@@ -265,6 +265,24 @@ def test_skipped_tokens_count_as_done_but_not_in_the_rate_or_the_time_left():
     assert "done in" in bar.line(total, total, 500.0)
 
 
+def test_over_many_prompts_the_rate_is_of_all_computed_tokens_not_the_last_step():
+    """eval's bar over many prompts: each prompt's last token is a step of its own, read with the
+    answer (seconds for one token); prompts another method already answered follow, skipped.
+    A 4k RULER log said "0 tok/s" from 36,740 tokens on, the last step's rate."""
+    total, done, seconds = 40_000, 0, 0.0
+    bar = progress.ProgressBar("ruler", min_tokens=0, growing=False)
+    bar(0, total, 0.0)
+    for _prompt in range(4):
+        for _chunk in range(8):  # 500 tokens a chunk at 100 tok/s
+            done, seconds = done + 500, seconds + 5.0
+            bar(done, total, seconds)
+        done, seconds = done + 1, seconds + 5.0  # the last token, with a 5 s answer
+        bar(done, total, seconds)
+    bar(done + 16_000, total, seconds + 0.01, skipped=16_000)
+    line = bar.line(done + 16_000, total, seconds + 0.01)
+    assert f"{done + 16_000:,}/40,000 tokens  89 tok/s" in line, line  # 16,004 tokens in 180 s
+
+
 def test_fit_step_costs_recovers_the_costs_and_stays_sane_on_noise():
     a, b = progress.fit_step_costs(quadratic_run(startup=0.0))
     assert a == pytest.approx(1e-3, rel=1e-6) and b == pytest.approx(2e-6, rel=1e-6)
