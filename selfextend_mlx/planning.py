@@ -155,9 +155,9 @@ def choose_method(settings: Settings) -> str:
       dynamic NTK 22.0, YaRN 22.2, STRING 22.5, linear 28.1, plain 36.1; inside 8k SelfExtend
       is within 0.7% of plain (equal to 6k), NTK within 0.7%, YaRN up to 1.1% and STRING 3.6%
       worse, linear 20-30%. NTK ties SelfExtend; it does not beat it.
-    - SmolLM2 passkey at 12k and 16k: SelfExtend, YaRN and retrieval keep the key; STRING at 12k
-      but not 16k (past L + S - w); dynamic NTK at 12k (16k not run); plain, the kept tail and
-      (at 12k) linear lose it.
+    - SmolLM2 passkey at 12k, 16k and 32k: SelfExtend and retrieval keep the key at all three;
+      YaRN at 12k and 16k but not 32k (factor 4); STRING and dynamic NTK at 12k only (STRING
+      is past L + S - w from 11k); plain, the kept tail and linear lose it from 12k on.
     So no family or length has a measured case for another method: ties go to SelfExtend, which
     is the exact plain model on every distance below W. The others stay `eval --methods` arms
     until one wins a cell, and this is the one place to change when it does."""
