@@ -158,6 +158,8 @@ def choose_method(settings: Settings) -> str:
     - SmolLM2 passkey at 12k, 16k and 32k: SelfExtend and retrieval keep the key at all three;
       YaRN at 12k and 16k but not 32k (factor 4); STRING and dynamic NTK at 12k only (STRING
       is past L + S - w from 11k); plain, the kept tail and linear lose it from 12k on.
+    - SmolLM2 RULER at 4k, inside the context, where STRING is meant to help: it loses multikey
+      and multivalue, which plain (every other method there) passes.
     So no family or length has a measured case for another method: ties go to SelfExtend, which
     is the exact plain model on every distance below W. The others stay `eval --methods` arms
     until one wins a cell, and this is the one place to change when it does."""
