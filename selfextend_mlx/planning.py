@@ -160,6 +160,10 @@ def choose_method(settings: Settings) -> str:
       is past L + S - w from 11k); plain, the kept tail and linear lose it from 12k on.
     - SmolLM2 RULER at 4k, inside the context, where STRING is meant to help: it loses multikey
       and multivalue, which plain (every other method there) passes.
+    - Gemma 3 270M at 40k (L 32k): SelfExtend, STRING, retrieval and the kept tail keep a
+      mid-prompt key; YaRN, dynamic NTK and linear lose it; SelfExtend has the lowest
+      perplexity past 32k (22.4 and 28.7 against 22.5-29.6) and STRING is 1-1.5% above plain
+      inside 32k.
     So no family or length has a measured case for another method: ties go to SelfExtend, which
     is the exact plain model on every distance below W. The others stay `eval --methods` arms
     until one wins a cell, and this is the one place to change when it does."""
