@@ -14,16 +14,16 @@ passkey() {  # passkey NAME LENGTHS DEPTHS FLAGS...
     --lengths "$lengths" --depths "$depths" --trials 1 --seed 0 "$@" --json --no-progress \
     > "$OUT/passkey_$name.json"
 }
+ppl_40k() {  # ppl_40k NAME FLAGS...: perplexity on Emma to 40k by position
+  local name=$1; shift
+  /usr/bin/time -f "ppl $name: %e s, %M KB peak" nice -n 19 python -m cli eval ppl -m "$GEMMA" \
+    -f tests/data/text/austen-emma.txt --tokens 40k --buckets 4k,8k,16k,24k,32k,36k "$@" \
+    --json --no-progress > "$OUT/ppl_$name.json"
+}
 passkey 4k_plain 4k 0.5 --plain
 passkey 40k_compare 40k 0.5 --compare
-/usr/bin/time -f "ppl 40k: %e s, %M KB peak" nice -n 19 python -m cli eval ppl -m "$GEMMA" \
-  -f tests/data/text/austen-emma.txt --tokens 40k --buckets 4k,8k,16k,24k,32k,36k --compare \
-  --json --no-progress > "$OUT/ppl_emma_40k.json"
+ppl_40k emma_40k --compare
 passkey 40k_compare_ends 40k 0,1 --compare
 # the other methods of `eval --methods` on the same 40k prompt and text (issue 25)
 for m in yarn ntk string truncate retrieval linear; do passkey "40k_$m" 40k 0.5 --methods "$m"; done
-for m in yarn ntk string; do
-  /usr/bin/time -f "ppl 40k $m: %e s, %M KB peak" nice -n 19 python -m cli eval ppl -m "$GEMMA" \
-    -f tests/data/text/austen-emma.txt --tokens 40k --buckets 4k,8k,16k,24k,32k,36k --methods "$m" \
-    --json --no-progress > "$OUT/ppl_emma_40k_$m.json"
-done
+for m in yarn ntk string; do ppl_40k "emma_40k_$m" --methods "$m"; done
